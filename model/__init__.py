@@ -1,0 +1,76 @@
+"""InternVL 1.5 in plain PyTorch: `load_pretrained(path)` reads an official checkpoint directory."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import torch
+
+from .config import PRESETS, InternVLConfig, LLMConfig, VisionConfig, preset
+from .internvl import InternVL, ModelOutput
+from .weights import assign_tensor, check_checkpoint, iter_checkpoint
+
+__all__ = ["InternVL", "InternVLConfig", "LLMConfig", "VisionConfig", "ModelOutput", "PRESETS", "preset",
+           "build_model", "load_config", "load_pretrained"]
+
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+
+
+def _added_token_id(path: str, token: str) -> int | None:
+    """The id of an added token from the tokenizer files of a checkpoint directory (no tokenizer needed)."""
+    added = os.path.join(path, "added_tokens.json")
+    if os.path.exists(added):
+        with open(added) as f:
+            ids = json.load(f)
+        if token in ids:
+            return int(ids[token])
+    tok_cfg = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(tok_cfg):
+        with open(tok_cfg) as f:
+            for i, entry in json.load(f).get("added_tokens_decoder", {}).items():
+                if entry.get("content") == token:
+                    return int(i)
+    return None
+
+
+def load_config(path: str) -> InternVLConfig:
+    """config.json of an official directory, plus the <IMG_CONTEXT> id from its tokenizer files."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{path}: no config.json (expected an official InternVL 1.5 directory)")
+    with open(cfg_file) as f:
+        config = InternVLConfig.from_official(json.load(f), source=cfg_file)
+    config.img_context_token_id = _added_token_id(path, IMG_CONTEXT_TOKEN)
+    if config.img_context_token_id is None:
+        raise ValueError(f"{path}: no {IMG_CONTEXT_TOKEN} token in added_tokens.json or tokenizer_config.json")
+    return config
+
+
+def build_model(config: InternVLConfig, device: str | torch.device = "meta", dtype: torch.dtype | None = None
+                ) -> InternVL:
+    """An InternVL with random (or, on "meta", unallocated) weights."""
+    with torch.device(device):
+        model = InternVL(config)
+    return model.to(dtype) if dtype is not None else model
+
+
+def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                    prepare: Callable[[InternVL], None] | None = None) -> InternVL:
+    """Load an official InternVL 1.5 directory strictly: every tensor present, expected and of the right shape.
+
+    The model is built on the meta device and filled one tensor at a time, so no second copy is ever held.
+    `prepare(model)` runs on the meta model before filling (QLoRA swaps in 4-bit layers there).
+    """
+    config = load_config(path)
+    model = build_model(config, "meta")
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    files = check_checkpoint(path, config, expected)
+    if prepare is not None:
+        prepare(model)
+    for name, tensor in iter_checkpoint(path, config, files):
+        assign_tensor(model, name, tensor.to(device=device, dtype=dtype))
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:  # a prepare() that added parameters must initialise them itself
+        raise RuntimeError(f"parameters left uninitialised after loading {path}: {leftover}")
+    return model.eval()

@@ -1,0 +1,236 @@
+"""Model configuration: plain dataclasses, the size presets, and config.json in the official layout.
+
+Every architectural value of a loaded model comes from its config.json (`InternVLConfig.from_official`); the
+presets exist to build the released architectures on the meta device (shapes, parameter counts, memory
+estimates, GPU benchmarks with random weights) and a tiny model for tests and the demo.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+# Official LLM class name -> decoder family. Anything else is refused with a clear error.
+LLM_FAMILIES = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3"}
+FAMILY_ARCHITECTURE = {v: k for k, v in LLM_FAMILIES.items()}
+TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat"}
+
+
+@dataclass
+class VisionConfig:
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    image_size: int = 448
+    patch_size: int = 14
+    norm_type: str = "layer_norm"  # "layer_norm" (InternViT-300M) or "rms_norm" (InternViT-6B)
+    qk_normalization: bool = False
+    qkv_bias: bool = True
+    eps: float = 1e-6
+    drop_path_rate: float = 0.0
+    initializer_factor: float = 1.0  # initial value of the layer scales ls1 / ls2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class LLMConfig:
+    family: str = "internlm2"  # "internlm2" or "phi3"
+    vocab_size: int = 92553
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    intermediate_size: int = 8192
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    # None, {"type": "dynamic", "factor": f} (InternLM2) or {"type": "su", "short_factor": [...], "long_factor": [...]}
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 32768
+    original_max_position_embeddings: int | None = None  # Phi-3 su: the short/long switch point
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def architecture(self) -> str:
+        return FAMILY_ARCHITECTURE[self.family]
+
+
+@dataclass
+class InternVLConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    template: str = "internlm2-chat"
+    ps_version: str = "v2"  # the official class default is v1: always read it from config.json
+    downsample_ratio: float = 0.5
+    select_layer: int = -1
+    force_image_size: int = 448
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    system_message: str | None = None
+    img_context_token_id: int | None = None  # resolved from the tokenizer files when loading a directory
+    # The config.json this came from, kept so that an export changes only what it must.
+    official: dict | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_image_token(self) -> int:
+        return int((self.vision.grid * self.downsample_ratio) ** 2)
+
+    @classmethod
+    def from_official(cls, d: dict, source: str = "config.json") -> "InternVLConfig":
+        """Read an official InternVLChatConfig dict (nested llm_config / vision_config)."""
+        for key in ("llm_config", "vision_config"):
+            if key not in d:
+                raise ValueError(f"{source}: no '{key}' (not an InternVL chat config.json)")
+        lc, vc = d["llm_config"], d["vision_config"]
+        arch = (lc.get("architectures") or [None])[0]
+        if arch not in LLM_FAMILIES:
+            raise ValueError(
+                f"{source}: unknown LLM architecture {arch!r} in llm_config.architectures; "
+                f"supported: {sorted(LLM_FAMILIES)}")
+        family = LLM_FAMILIES[arch]
+        if d.get("ps_version", "v1") not in ("v1", "v2"):
+            raise ValueError(f"{source}: ps_version must be 'v1' or 'v2', got {d['ps_version']!r}")
+        vision = VisionConfig(
+            hidden_size=vc["hidden_size"], num_layers=vc["num_hidden_layers"],
+            num_heads=vc["num_attention_heads"], intermediate_size=vc["intermediate_size"],
+            image_size=vc.get("image_size", 448), patch_size=vc.get("patch_size", 14),
+            # absent norm_type means the class default, rms_norm (InternViT-6B)
+            norm_type=vc.get("norm_type", "rms_norm"), qk_normalization=bool(vc.get("qk_normalization", False)),
+            qkv_bias=bool(vc.get("qkv_bias", False)), eps=vc.get("layer_norm_eps", 1e-6),
+            drop_path_rate=vc.get("drop_path_rate", 0.0),
+            initializer_factor=vc.get("initializer_factor", 1.0))
+        if vision.norm_type not in ("layer_norm", "rms_norm"):
+            raise ValueError(f"{source}: vision_config.norm_type must be layer_norm or rms_norm, got {vision.norm_type!r}")
+        rope_scaling = lc.get("rope_scaling")
+        if rope_scaling is not None:
+            kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+            allowed = {"internlm2": ("dynamic", "linear"), "phi3": ("su", "longrope")}[family]
+            if kind not in allowed:
+                raise ValueError(f"{source}: llm_config.rope_scaling type {kind!r} is not supported for {arch} "
+                                 f"(supported: {allowed})")
+        llm = LLMConfig(
+            family=family, vocab_size=lc["vocab_size"], hidden_size=lc["hidden_size"],
+            num_layers=lc["num_hidden_layers"], num_heads=lc["num_attention_heads"],
+            num_kv_heads=lc.get("num_key_value_heads") or lc["num_attention_heads"],
+            intermediate_size=lc["intermediate_size"], rms_norm_eps=lc.get("rms_norm_eps", 1e-5),
+            rope_theta=float(lc.get("rope_theta", 10000.0)), rope_scaling=rope_scaling,
+            max_position_embeddings=lc.get("max_position_embeddings", 32768),
+            original_max_position_embeddings=lc.get("original_max_position_embeddings"),
+            bos_token_id=lc.get("bos_token_id", 1), eos_token_id=lc.get("eos_token_id", 2),
+            pad_token_id=lc.get("pad_token_id", 2))
+        if family == "phi3" and rope_scaling is not None and llm.original_max_position_embeddings is None:
+            raise ValueError(f"{source}: Phi-3 su rope scaling needs llm_config.original_max_position_embeddings")
+        return cls(
+            vision=vision, llm=llm, template=d.get("template") or TEMPLATES[family],
+            ps_version=d.get("ps_version", "v1"), downsample_ratio=d.get("downsample_ratio", 0.5),
+            select_layer=d.get("select_layer", -1), force_image_size=d.get("force_image_size") or vision.image_size,
+            dynamic_image_size=d.get("dynamic_image_size", True), use_thumbnail=d.get("use_thumbnail", True),
+            min_dynamic_patch=d.get("min_dynamic_patch", 1), max_dynamic_patch=d.get("max_dynamic_patch", 12),
+            system_message=d.get("system_message"), official=copy.deepcopy(d))
+
+    def to_official(self) -> dict:
+        """config.json dict: the source config with our values written over it (or a fresh one for presets)."""
+        d = copy.deepcopy(self.official) if self.official else {
+            "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+            "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                         "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                         "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
+            "llm_config": {}, "vision_config": {}, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "use_backbone_lora": 0, "use_llm_lora": 0, "pad2square": False}
+        v, l = self.vision, self.llm
+        d["vision_config"].update({
+            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": v.hidden_size,
+            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
+            "intermediate_size": v.intermediate_size, "image_size": v.image_size, "patch_size": v.patch_size,
+            "num_channels": 3, "norm_type": v.norm_type, "qk_normalization": v.qk_normalization,
+            "qkv_bias": v.qkv_bias, "layer_norm_eps": v.eps, "drop_path_rate": v.drop_path_rate,
+            "initializer_factor": v.initializer_factor, "hidden_act": "gelu", "use_flash_attn": True})
+        d["llm_config"].update({
+            "architectures": [l.architecture], "model_type": l.family, "vocab_size": l.vocab_size,
+            "hidden_size": l.hidden_size, "num_hidden_layers": l.num_layers, "num_attention_heads": l.num_heads,
+            "num_key_value_heads": l.num_kv_heads, "intermediate_size": l.intermediate_size,
+            "rms_norm_eps": l.rms_norm_eps, "rope_theta": l.rope_theta, "rope_scaling": l.rope_scaling,
+            "max_position_embeddings": l.max_position_embeddings, "hidden_act": "silu",
+            "bos_token_id": l.bos_token_id, "eos_token_id": l.eos_token_id, "pad_token_id": l.pad_token_id,
+            "tie_word_embeddings": False, "bias": False})
+        if l.original_max_position_embeddings is not None:
+            d["llm_config"]["original_max_position_embeddings"] = l.original_max_position_embeddings
+        d.update({
+            "template": self.template, "ps_version": self.ps_version, "downsample_ratio": self.downsample_ratio,
+            "select_layer": self.select_layer, "force_image_size": self.force_image_size,
+            "dynamic_image_size": self.dynamic_image_size, "use_thumbnail": self.use_thumbnail,
+            "min_dynamic_patch": self.min_dynamic_patch, "max_dynamic_patch": self.max_dynamic_patch,
+            "hidden_size": l.hidden_size})
+        if self.system_message is not None:
+            d["system_message"] = self.system_message
+        return d
+
+
+# --- size presets: the released architectures (SPEC §1) and a tiny one for tests and the demo ---
+
+_VIT_300M = VisionConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+                         norm_type="layer_norm", qk_normalization=False, qkv_bias=True, initializer_factor=1.0)
+_VIT_6B = VisionConfig(hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800,
+                       norm_type="rms_norm", qk_normalization=True, qkv_bias=False, initializer_factor=0.1)
+
+# April-2024 Phi-3-mini-128k LongRoPE factors (SPEC §1.4). A loaded checkpoint always uses its own config values.
+_PHI3_LONG = [1.0299999713897705, 1.0499999523162842, 1.0499999523162842, 1.0799999237060547, 1.2299998998641968,
+              1.2299998998641968, 1.2999999523162842, 1.4499999284744263, 1.5999999046325684, 1.6499998569488525,
+              1.8999998569488525, 2.859999895095825, 3.68999981880188, 5.419999599456787, 5.489999771118164,
+              5.489999771118164, 9.09000015258789, 11.579999923706055, 15.65999984741211, 15.769999504089355,
+              15.789999961853027, 18.360000610351562, 21.989999771118164, 23.079999923706055, 30.009998321533203,
+              32.35000228881836, 32.590003967285156, 35.56000518798828, 39.95000457763672, 53.840003967285156,
+              56.20000457763672, 57.95000457763672, 59.29000473022461, 59.77000427246094, 59.920005798339844,
+              61.190006256103516, 61.96000671386719, 62.50000762939453, 63.3700065612793, 63.48000717163086,
+              63.48000717163086, 63.66000747680664, 63.850006103515625, 64.08000946044922, 64.760009765625,
+              64.80001068115234, 64.81001281738281, 64.81001281738281]
+_PHI3_SHORT = ([1.05] * 3 + [1.1] * 2 + [1.15, 1.2, 1.25, 1.3, 1.35, 1.5] + [2.0] * 21 + [2.05] * 3 + [2.1] * 3
+               + [2.15] * 2 + [2.35, 2.55] + [2.6] * 2 + [2.75] + [2.85] * 2 + [2.95])
+
+PRESETS: dict[str, InternVLConfig] = {
+    "2b": InternVLConfig(
+        vision=_VIT_300M, template="internlm2-chat", img_context_token_id=92546,
+        llm=LLMConfig(family="internlm2", vocab_size=92553, hidden_size=2048, num_layers=24, num_heads=16,
+                      num_kv_heads=8, intermediate_size=8192, rope_theta=1e6,
+                      rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=32768)),
+    "4b": InternVLConfig(
+        vision=_VIT_300M, template="phi3-chat", img_context_token_id=32013,
+        llm=LLMConfig(family="phi3", vocab_size=32020, hidden_size=3072, num_layers=32, num_heads=32,
+                      num_kv_heads=32, intermediate_size=8192, rope_theta=1e4,
+                      rope_scaling={"type": "su", "short_factor": _PHI3_SHORT, "long_factor": _PHI3_LONG},
+                      max_position_embeddings=131072, original_max_position_embeddings=4096,
+                      eos_token_id=32000, pad_token_id=32000)),
+    "26b": InternVLConfig(
+        vision=_VIT_6B, template="internlm2-chat", img_context_token_id=92546,
+        llm=LLMConfig(family="internlm2", vocab_size=92553, hidden_size=6144, num_layers=48, num_heads=48,
+                      num_kv_heads=8, intermediate_size=16384, rope_theta=1e6,
+                      rope_scaling={"type": "dynamic", "factor": 3.0}, max_position_embeddings=32768)),
+    # Same shapes as the test fixtures: fast on a CPU, every code path of the 26B (rms_norm + q/k norm, GQA).
+    "tiny": InternVLConfig(
+        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, norm_type="rms_norm",
+                            qk_normalization=True, qkv_bias=False, initializer_factor=0.1),
+        llm=LLMConfig(family="internlm2", vocab_size=521, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 2.0}),
+        template="internlm2-chat", max_dynamic_patch=6),
+}
+
+
+def preset(name: str, **overrides) -> InternVLConfig:
+    """A fresh copy of a named preset, with top-level fields optionally replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown size preset {name!r}; choose from {sorted(PRESETS)}")
+    return replace(copy.deepcopy(PRESETS[name]), **overrides)

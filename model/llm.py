@@ -1,0 +1,173 @@
+"""One Llama-family decoder for InternLM2 and Phi-3 (SPEC §3.7).
+
+The two differ in parameter layout (handled by model/weights.py), in the FFN's gate/up being fused (Phi-3) or
+separate (InternLM2), and in RoPE scaling: InternLM2's dynamic NTK and Phi-3's 'su' LongRoPE.
+Internally the fused attention projection is always Q|K|V, head-major.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LLMConfig
+from .norm import RMSNorm
+
+
+def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, kv_len: int, dtype: torch.dtype):
+    """cos, sin [B, L, head_dim] for `position_ids` [B, L]; angles in float32, cast to the activation dtype.
+
+    kv_len is the attended length (cached + new), which InternLM2's dynamic NTK scaling keys on.
+    """
+    hd = cfg.head_dim
+    exponents = torch.arange(0, hd, 2, device=position_ids.device).float() / hd
+    base, scale, positions = cfg.rope_theta, 1.0, position_ids.float()
+    kind = (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type"))
+    if cfg.family == "phi3" and kind in ("su", "longrope"):
+        # Factors switch on the largest position of the whole batch, recomputed every call.
+        orig = cfg.original_max_position_embeddings
+        long = int(position_ids.max()) + 1 > orig
+        factors = torch.tensor(cfg.rope_scaling["long_factor" if long else "short_factor"],
+                               dtype=torch.float32, device=position_ids.device)
+        inv_freq = 1.0 / (factors * base ** exponents)
+        ratio = cfg.max_position_embeddings / orig
+        scale = math.sqrt(1 + math.log(ratio) / math.log(orig)) if ratio > 1.0 else 1.0
+    else:
+        if kind == "dynamic" and kv_len > cfg.max_position_embeddings:
+            # Official InternLM2 keeps this base for later shorter calls too (stateful); we key on each call's
+            # own length, which is identical for a single forward and for growing generation.
+            f = cfg.rope_scaling["factor"]
+            base = base * ((f * kv_len / cfg.max_position_embeddings) - (f - 1)) ** (hd / (hd - 2))
+        elif kind == "linear":
+            positions = positions / cfg.rope_scaling["factor"]
+        inv_freq = 1.0 / (base ** exponents)
+    freqs = positions[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotation; x [B, heads, L, hd], cos/sin [B, L, hd]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values per layer, grown by concatenation (generation only)."""
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[i] is not None:
+            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
+        self.k[i], self.v[i] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
+        self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        b, n, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        gqa = self.num_kv_heads != self.num_heads
+        if mask is None:  # causal, nothing padded; a single new token attends to the whole cache
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.out(out.transpose(1, 2).reshape(b, n, q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x). Phi-3 fuses gate|up into one matrix (gate first)."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.fused = cfg.family == "phi3"
+        if self.fused:
+            self.gate_up = nn.Linear(d, 2 * i, bias=False)
+        else:
+            self.gate = nn.Linear(d, i, bias=False)
+            self.up = nn.Linear(d, i, bias=False)
+        self.down = nn.Linear(i, d, bias=False)
+
+    def forward(self, x):
+        if self.fused:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, mask, cache=None):
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask, cache)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """Boolean [B, 1, q_len, kv_len] causal + padding mask, or None when nothing is padded (is_causal path)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    keys = attention_mask.bool()[:, None, None, :kv_len]
+    offset = kv_len - q_len  # queries are the last q_len positions
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=keys.device).tril(offset)
+    mask = causal[None, None] & keys
+    # A query with no visible key (a left-padding row) would give NaN; let it see everything, its output is unused.
+    return mask | ~mask.any(-1, keepdim=True)
+
+
+class Decoder(nn.Module):
+    """Embeddings, decoder layers and final norm; the output head is applied by the caller (see loss.py)."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+
+    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache: KVCache | None = None):
+        b, n, _ = inputs_embeds.shape
+        kv_len = n + (cache.length if cache is not None else 0)
+        cos, sin = rope_cos_sin(self.cfg, position_ids, kv_len, inputs_embeds.dtype)
+        mask = attention_mask_4d(attention_mask, n, kv_len)
+        h = inputs_embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)
+        return self.norm(h)

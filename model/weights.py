@@ -1,0 +1,221 @@
+"""THE official <-> internal parameter mapping, and safetensors IO.
+
+One table (NAMES) maps internal module paths to official ones per LLM family; FUSED holds the only tensor that
+changes layout (InternLM2's per-kv-group `wqkv`). The loader, the exporter (convert.py) and LoRA target
+resolution all go through the functions below, in both directions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from .config import InternVLConfig
+
+_VIT_AND_PROJECTOR = [
+    ("vit.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("vit.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("vit.patch_embed", "vision_model.embeddings.patch_embedding"),
+    ("vit.layers.{i}", "vision_model.encoder.layers.{i}"),  # below a layer the names are the official ones
+    ("projector.norm", "mlp1.0"),
+    ("projector.fc1", "mlp1.1"),
+    ("projector.fc2", "mlp1.3"),
+]
+_LM, _LL = "language_model.model", "language_model.model.layers.{i}"
+
+# (internal module path, official module path); "{i}" is a layer index.
+NAMES: dict[str, list[tuple[str, str]]] = {
+    "internlm2": _VIT_AND_PROJECTOR + [
+        ("llm.embed", f"{_LM}.tok_embeddings"),
+        ("llm.layers.{i}.attn_norm", f"{_LL}.attention_norm"),
+        ("llm.layers.{i}.attn.qkv", f"{_LL}.attention.wqkv"),
+        ("llm.layers.{i}.attn.out", f"{_LL}.attention.wo"),
+        ("llm.layers.{i}.mlp_norm", f"{_LL}.ffn_norm"),
+        ("llm.layers.{i}.mlp.gate", f"{_LL}.feed_forward.w1"),
+        ("llm.layers.{i}.mlp.up", f"{_LL}.feed_forward.w3"),
+        ("llm.layers.{i}.mlp.down", f"{_LL}.feed_forward.w2"),
+        ("llm.norm", f"{_LM}.norm"),
+        ("llm.head", "language_model.output"),
+    ],
+    "phi3": _VIT_AND_PROJECTOR + [
+        ("llm.embed", f"{_LM}.embed_tokens"),
+        ("llm.layers.{i}.attn_norm", f"{_LL}.input_layernorm"),
+        ("llm.layers.{i}.attn.qkv", f"{_LL}.self_attn.qkv_proj"),
+        ("llm.layers.{i}.attn.out", f"{_LL}.self_attn.o_proj"),
+        ("llm.layers.{i}.mlp_norm", f"{_LL}.post_attention_layernorm"),
+        ("llm.layers.{i}.mlp.gate_up", f"{_LL}.mlp.gate_up_proj"),
+        ("llm.layers.{i}.mlp.down", f"{_LL}.mlp.down_proj"),
+        ("llm.norm", f"{_LM}.norm"),
+        ("llm.head", "language_model.lm_head"),
+    ],
+}
+
+
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(\d+)") + r"(?=\.|$)")
+
+
+_RULES = {family: [(_compile(a), a, _compile(b), b) for a, b in pairs] for family, pairs in NAMES.items()}
+
+
+def _translate(name: str, family: str, to_official: bool) -> str | None:
+    for internal_re, internal, official_re, official in _RULES[family]:
+        src_re, dst = (internal_re, official) if to_official else (official_re, internal)
+        m = src_re.match(name)
+        if m:
+            out = dst.replace("{i}", m.group(1)) if m.groups() else dst
+            return out + name[m.end():]
+    return None
+
+
+def to_official_name(internal: str, family: str) -> str:
+    """Internal parameter or module name -> official one (KeyError if the table has no rule for it)."""
+    out = _translate(internal, family, to_official=True)
+    if out is None:
+        raise KeyError(f"no official name for internal {internal!r} ({family})")
+    return out
+
+
+def to_internal_name(official: str, family: str) -> str | None:
+    """Official parameter or module name -> internal one, or None if the table does not know it."""
+    return _translate(official, family, to_official=False)
+
+
+# --- the fused layout that differs: InternLM2 wqkv rows are [q x G, k, v] per kv head, internal rows are Q|K|V ---
+
+def _wqkv_to_internal(w: torch.Tensor, cfg: InternVLConfig) -> torch.Tensor:
+    h, kv, hd = cfg.llm.num_heads, cfg.llm.num_kv_heads, cfg.llm.head_dim
+    g = h // kv
+    w = w.reshape(kv, g + 2, hd, *w.shape[1:])
+    q, k, v = w[:, :g], w[:, g], w[:, g + 1]
+    return torch.cat([q.reshape(h * hd, *w.shape[3:]), k.reshape(kv * hd, *w.shape[3:]),
+                      v.reshape(kv * hd, *w.shape[3:])])
+
+
+def _wqkv_to_official(w: torch.Tensor, cfg: InternVLConfig) -> torch.Tensor:
+    h, kv, hd = cfg.llm.num_heads, cfg.llm.num_kv_heads, cfg.llm.head_dim
+    g = h // kv
+    rest = w.shape[1:]
+    q, k, v = w.split([h * hd, kv * hd, kv * hd])
+    grouped = torch.cat([q.reshape(kv, g, hd, *rest), k.reshape(kv, 1, hd, *rest), v.reshape(kv, 1, hd, *rest)],
+                        dim=1)
+    return grouped.reshape(-1, *rest)
+
+
+# family -> internal parameter suffix -> (official -> internal, internal -> official)
+FUSED: dict[str, dict[str, tuple[Callable, Callable]]] = {
+    "internlm2": {"attn.qkv.weight": (_wqkv_to_internal, _wqkv_to_official)},
+    "phi3": {},
+}
+
+
+def _fused(internal: str, family: str):
+    if internal.startswith("llm."):
+        for suffix, fns in FUSED[family].items():
+            if internal.endswith("." + suffix):
+                return fns
+    return None
+
+
+def to_internal_tensor(internal: str, tensor: torch.Tensor, cfg: InternVLConfig) -> torch.Tensor:
+    fns = _fused(internal, cfg.llm.family)
+    return fns[0](tensor, cfg) if fns else tensor
+
+
+def to_official_tensor(internal: str, tensor: torch.Tensor, cfg: InternVLConfig) -> torch.Tensor:
+    fns = _fused(internal, cfg.llm.family)
+    return fns[1](tensor, cfg) if fns else tensor
+
+
+def to_official_state_dict(state_dict: dict[str, torch.Tensor], cfg: InternVLConfig) -> dict[str, torch.Tensor]:
+    """Internal state dict -> official names and layouts (what convert.py writes)."""
+    fam = cfg.llm.family
+    return {to_official_name(k, fam): to_official_tensor(k, v, cfg) for k, v in state_dict.items()}
+
+
+# --- reading official checkpoints ---
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Official tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+        missing = sorted({f for f in files.values() if not os.path.exists(f)})
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
+        return files
+    if os.path.exists(single):
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def check_checkpoint(path: str, cfg: InternVLConfig, expected: dict[str, torch.Size]) -> dict[str, str]:
+    """Strict key/shape check from the file headers alone, before any tensor is read.
+
+    `expected` maps internal names to shapes. Returns official name -> file. Raises one error listing every
+    missing, unexpected and wrongly shaped tensor.
+    """
+    files = checkpoint_files(path)
+    fam = cfg.llm.family
+    seen, unexpected, wrong = set(), [], []
+    by_file: dict[str, list[str]] = {}
+    for k, fname in files.items():
+        by_file.setdefault(fname, []).append(k)
+    for fname, keys in by_file.items():
+        with safe_open(fname, "pt") as f:
+            present = set(f.keys())
+            for k in keys:
+                if k not in present:
+                    raise KeyError(f"{fname}: the index lists {k!r} but the shard does not hold it")
+                internal = to_internal_name(k, fam)
+                if internal is None or internal not in expected:
+                    unexpected.append(k)
+                    continue
+                seen.add(internal)
+                shape = torch.Size(f.get_slice(k).get_shape())
+                if shape != expected[internal]:
+                    wrong.append(f"{k}: checkpoint {list(shape)} vs model {list(expected[internal])}")
+    missing = [to_official_name(n, fam) for n in expected if n not in seen]
+    if missing or unexpected or wrong:
+        parts = [f"{path} does not match the model built from its config.json:"]
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected tensors ({len(unexpected)}): {unexpected}")
+        if wrong:
+            parts.append(f"wrong shapes ({len(wrong)}): {wrong}")
+        raise ValueError("\n".join(parts))
+    return files
+
+
+def iter_checkpoint(path: str, cfg: InternVLConfig, files: dict[str, str] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(internal name, tensor in the internal layout), one tensor at a time, in file order."""
+    files = files or checkpoint_files(path)
+    by_file: dict[str, list[str]] = {}
+    for k, fname in files.items():
+        by_file.setdefault(fname, []).append(k)
+    for fname, keys in by_file.items():
+        with safe_open(fname, "pt") as f:
+            for k in keys:
+                internal = to_internal_name(k, cfg.llm.family)
+                yield internal, to_internal_tensor(internal, f.get_tensor(k), cfg)
+
+
+def assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put a loaded tensor in place. A module may take it itself (`assign_weight`, e.g. a 4-bit base layer)."""
+    module_name, _, param_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hasattr(module, "assign_weight"):
+        module.assign_weight(param_name, tensor)
+        return
+    old = getattr(module, param_name)
+    setattr(module, param_name, torch.nn.Parameter(tensor, requires_grad=old.requires_grad))
