@@ -1,0 +1,371 @@
+"""model/: parity with the official outputs stored in tests/fixtures, presets, key mapping, loss, errors."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from model import build_model, load_pretrained, preset
+from model.internvl import pixel_shuffle
+from model.loss import chunked_cross_entropy, plain_cross_entropy
+from model.weights import _wqkv_to_internal, to_internal_name, to_official_name, to_official_state_dict
+from tests.fixture_inputs import FIXTURES, fixture_pixels
+
+ATOL = 1e-4
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module", params=["internlm2", "phi3"])
+def case(request):
+    d = os.path.join(FIXTURES, request.param)
+    ref = load_file(os.path.join(d, "reference.safetensors"))
+    with open(os.path.join(d, "reference.json")) as f:
+        info = json.load(f)
+    model = load_pretrained(d, dtype=torch.float32)
+    return dict(name=request.param, dir=d, ref=ref, info=info, model=model, pixels=fixture_pixels(request.param))
+
+
+def close(a, b, atol=ATOL):
+    diff = (a.float() - b.float()).abs().max().item()
+    assert diff <= atol, f"max abs diff {diff} > {atol}"
+    return diff
+
+
+@torch.no_grad()
+def test_vit_and_features_match_official(case):
+    m, ref, pv = case["model"], case["ref"], case["pixels"]
+    vit = m.vit(pv)
+    close(vit[:, ref["vit_token_index"]], ref["vit_last_hidden_state_sel"])
+    close(vit.double().mean(-1), ref["vit_last_hidden_state_token_mean"])
+    close(vit.double().pow(2).mean(-1).sqrt(), ref["vit_last_hidden_state_token_rms"])
+    feats = m.extract_feature(pv)
+    assert feats.shape == (pv.shape[0], 256, m.config.llm.hidden_size)
+    close(feats[:, ref["vision_features_token_index"]], ref["vision_features_sel"])
+    close(feats.double().mean(-1), ref["vision_features_token_mean"])
+    close(feats.double().pow(2).mean(-1).sqrt(), ref["vision_features_token_rms"])
+
+
+@torch.no_grad()
+def test_logits_and_loss_match_official(case):
+    m, ref, pv = case["model"], case["ref"], case["pixels"]
+    args = (ref["input_ids"], pv, ref["image_flags"], ref["attention_mask"], ref["position_ids"])
+    logits = m(*args).logits
+    assert logits.dtype == torch.float32
+    close(logits[ref["logits_sel_batch"], ref["logits_sel_position"]], ref["logits_sel"])
+    real = ~torch.isnan(ref["logits_token_logsumexp"])
+    close(logits.double().logsumexp(-1)[real], ref["logits_token_logsumexp"][real])
+    close(logits.double().mean(-1)[real], ref["logits_token_mean"][real])
+    out = m(*args, labels=ref["labels"])
+    assert out.logits is None
+    assert out.n_supervised == case["info"]["samples"][0]["num_supervised_labels"]
+    close(out.loss, ref["loss"])
+    close(plain_cross_entropy(logits, ref["labels"]), ref["loss"])
+
+
+@torch.no_grad()
+def test_text_only_llm_logits_match_official(case):
+    close(case["model"](case["ref"]["text_input_ids"]).logits, case["ref"]["text_logits"])
+
+
+@torch.no_grad()
+def test_greedy_generation_matches_official(case):
+    m, ref, pv = case["model"], case["ref"], case["pixels"]
+    ids, step_logits = m.generate(ref["chat_input_ids"], pv, attention_mask=ref["chat_attention_mask"],
+                                  max_new_tokens=8, output_logits=True)
+    assert ids.tolist() == ref["greedy_ids"].tolist()
+    close(step_logits[0], ref["greedy_step_logits"])
+    # chat semantics: stop at the template terminator; the official chat produced these ids
+    chat = m.generate(ref["chat_input_ids"], pv, max_new_tokens=8, eos_token_id=case["info"]["chat"]["eos_token_id"])
+    assert chat.tolist() == ref["chat_output_ids"].tolist()
+    # stopping: with an eos that greedy emits at step 3, generation ends there
+    stop = int(ref["greedy_ids"][0, 3])
+    if stop not in ref["greedy_ids"][0, :3].tolist():
+        short = m.generate(ref["chat_input_ids"], pv, max_new_tokens=8, eos_token_id=stop)
+        assert short.tolist() == ref["greedy_ids"][:, :4].tolist()
+
+
+@torch.no_grad()
+def test_padded_batch_equals_samples_alone(case):
+    """Right-padded batch of an image sample and a text-only sample (dummy tile, flag 0) vs each alone.
+
+    The text sample is made longer than Phi-3's original_max_position_embeddings (1024 here) so both rows use
+    the long RoPE factors alone too: the official su switch is batch-global (see the test below).
+    """
+    m, ref, pv = case["model"], case["ref"], case["pixels"]
+    a_ids, a_lab = ref["input_ids"][0], ref["labels"][0]
+    b_ids = ref["text_input_ids"][0].repeat(60)[:1100]
+    b_lab = b_ids.clone()
+    b_lab[:5] = -100
+    dummy = pv[:1] * 0 + 1.0  # any tile: its features must be dropped
+    n = max(len(a_ids), len(b_ids))
+    ids = torch.zeros(2, n, dtype=torch.long)
+    lab = torch.full((2, n), -100)
+    mask = torch.zeros(2, n, dtype=torch.long)
+    pos = torch.zeros(2, n, dtype=torch.long)
+    for r, (x, y) in enumerate([(a_ids, a_lab), (b_ids, b_lab)]):
+        ids[r, :len(x)], lab[r, :len(x)], mask[r, :len(x)], pos[r, :len(x)] = x, y, 1, torch.arange(len(x))
+    pixels = torch.cat([pv, dummy])
+    flags = torch.cat([ref["image_flags"], torch.zeros(1, dtype=torch.long)])
+    batch = m(ids, pixels, flags, mask, pos).logits
+    alone_a = m(a_ids[None], pv, ref["image_flags"]).logits[0]
+    alone_b = m(b_ids[None], dummy, torch.zeros(1, dtype=torch.long)).logits[0]
+    close(batch[0, :len(a_ids)], alone_a, 1e-5)
+    close(batch[1, :len(b_ids)], alone_b, 1e-5)
+    loss = m(ids, pixels, flags, mask, pos, labels=lab)
+    la = m(a_ids[None], pv, ref["image_flags"], labels=a_lab[None])
+    lb = m(b_ids[None], dummy, torch.zeros(1, dtype=torch.long), labels=b_lab[None])
+    assert loss.n_supervised == la.n_supervised + lb.n_supervised
+    expected = (la.loss * la.n_supervised + lb.loss * lb.n_supervised) / loss.n_supervised
+    close(loss.loss, expected, 1e-5)
+
+
+@torch.no_grad()
+def test_phi3_su_factor_switch_is_batch_global():
+    """Official Phi-3: one row past original_max_position_embeddings switches every row to the long factors."""
+    m = load_pretrained(os.path.join(FIXTURES, "phi3"), dtype=torch.float32)
+    short = torch.arange(3, 40)[None]
+    alone = m(short).logits
+    batch = torch.zeros(2, 1100, dtype=torch.long)
+    batch[0], batch[1, :short.shape[1]] = torch.arange(1100) % 400, short
+    mask = torch.zeros_like(batch)
+    mask[0], mask[1, :short.shape[1]] = 1, 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    mixed = m(batch, attention_mask=mask, position_ids=pos).logits[1, :short.shape[1]]
+    assert (mixed - alone[0]).abs().max() > 1e-2  # long factors applied to the short row
+    m.config.llm.original_max_position_embeddings = 2048  # now both rows are "short": identical again
+    close(m(batch, attention_mask=mask, position_ids=pos).logits[1, :short.shape[1]], m(short).logits[0], 1e-5)
+
+
+@torch.no_grad()
+def test_left_padded_generation_equals_alone(case):
+    m, ref, pv = case["model"], case["ref"], case["pixels"]
+    text = ref["text_input_ids"][0]
+    alone = m.generate(text[None], max_new_tokens=5)
+    ids = torch.cat([torch.zeros(7, dtype=torch.long), text])[None]
+    mask = (torch.arange(ids.shape[1]) >= 7).long()[None]
+    assert m.generate(ids, attention_mask=mask, max_new_tokens=5).tolist() == alone.tolist()
+
+
+def test_round_trip_reproduces_every_stored_tensor_bit_for_bit(case):
+    stored = {}
+    for fname in sorted(os.listdir(case["dir"])):
+        if fname.startswith("model") and fname.endswith(".safetensors"):
+            stored.update(load_file(os.path.join(case["dir"], fname)))
+    exported = to_official_state_dict(case["model"].state_dict(), case["model"].config)
+    assert set(exported) == set(stored)
+    for k, v in stored.items():
+        assert exported[k].dtype == v.dtype and torch.equal(exported[k], v), k
+
+
+def test_gradient_checkpointing_gives_same_loss_and_grads(case):
+    m, ref, pv = case["model"], case["ref"], case["pixels"]
+    args = (ref["input_ids"], pv[:3], ref["image_flags"][:3])
+    keep = torch.ones(ref["input_ids"].shape[1], dtype=torch.bool)  # keep 3 tiles' worth of image tokens
+    keep[(ref["input_ids"][0] == m.config.img_context_token_id).nonzero()[3 * 256:]] = False
+    ids = ref["input_ids"][:, keep]
+    labels = ref["labels"][:, keep]
+    results = []
+    for ckpt in (False, True):
+        m.zero_grad(set_to_none=True)
+        m.train()
+        m.set_gradient_checkpointing(ckpt, ckpt)
+        m(ids, args[1], args[2], labels=labels).loss.backward()
+        results.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    m.eval()
+    m.set_gradient_checkpointing(False, False)
+    m.zero_grad(set_to_none=True)
+    assert results[0].keys() == results[1].keys() and len(results[0]) == len(list(m.parameters()))
+    for k in results[0]:
+        close(results[0][k], results[1][k], 1e-6)
+
+
+# --- presets on the meta device ---
+
+def _spec_shapes(size):
+    """The official keys and shapes from SPEC.md §4, written out independently of model/weights.py."""
+    shapes = {}
+    vit, llm = {"2b": (1024, 24, 4096, False), "4b": (1024, 24, 4096, False), "26b": (3200, 45, 12800, True)}[size], \
+        {"2b": ("internlm2", 92553, 2048, 24, 4096, 8192), "4b": ("phi3", 32020, 3072, 32, 9216, 8192),
+         "26b": ("internlm2", 92553, 6144, 48, 8192, 16384)}[size]
+    c, nl, inter, big = vit
+    e = "vision_model.embeddings."
+    shapes.update({e + "class_embedding": [1, 1, c], e + "position_embedding": [1, 1025, c],
+                   e + "patch_embedding.weight": [c, 3, 14, 14], e + "patch_embedding.bias": [c]})
+    for i in range(nl):
+        p = f"vision_model.encoder.layers.{i}."
+        shapes.update({p + "ls1": [c], p + "ls2": [c], p + "attn.qkv.weight": [3 * c, c],
+                       p + "attn.proj.weight": [c, c], p + "attn.proj.bias": [c], p + "mlp.fc1.weight": [inter, c],
+                       p + "mlp.fc1.bias": [inter], p + "mlp.fc2.weight": [c, inter], p + "mlp.fc2.bias": [c],
+                       p + "norm1.weight": [c], p + "norm2.weight": [c]})
+        if big:
+            shapes.update({p + "attn.q_norm.weight": [c], p + "attn.k_norm.weight": [c]})
+        else:
+            shapes.update({p + "attn.qkv.bias": [3 * c], p + "norm1.bias": [c], p + "norm2.bias": [c]})
+    fam, v, d, layers, qkv, i_ = llm
+    shapes.update({"mlp1.0.weight": [4 * c], "mlp1.0.bias": [4 * c], "mlp1.1.weight": [d, 4 * c],
+                   "mlp1.1.bias": [d], "mlp1.3.weight": [d, d], "mlp1.3.bias": [d]})
+    lm = "language_model.model."
+    if fam == "internlm2":
+        shapes.update({lm + "tok_embeddings.weight": [v, d], lm + "norm.weight": [d],
+                       "language_model.output.weight": [v, d]})
+        for i in range(layers):
+            p = f"{lm}layers.{i}."
+            shapes.update({p + "attention.wqkv.weight": [qkv, d], p + "attention.wo.weight": [d, d],
+                           p + "feed_forward.w1.weight": [i_, d], p + "feed_forward.w3.weight": [i_, d],
+                           p + "feed_forward.w2.weight": [d, i_], p + "attention_norm.weight": [d],
+                           p + "ffn_norm.weight": [d]})
+    else:
+        shapes.update({lm + "embed_tokens.weight": [v, d], lm + "norm.weight": [d],
+                       "language_model.lm_head.weight": [v, d]})
+        for i in range(layers):
+            p = f"{lm}layers.{i}."
+            shapes.update({p + "self_attn.qkv_proj.weight": [qkv, d], p + "self_attn.o_proj.weight": [d, d],
+                           p + "mlp.gate_up_proj.weight": [2 * i_, d], p + "mlp.down_proj.weight": [d, i_],
+                           p + "input_layernorm.weight": [d], p + "post_attention_layernorm.weight": [d]})
+    return shapes
+
+
+@pytest.mark.parametrize("size,count,params", [("2b", 517, 2.206e9), ("4b", 541, 4.147e9), ("26b", 934, 25.51e9)])
+def test_presets_have_released_keys_shapes_and_parameter_counts(size, count, params):
+    cfg = preset(size)
+    m = build_model(cfg, "meta")
+    n = sum(p.numel() for p in m.parameters())
+    print(f"{size}: {n / 1e9:.4f} B parameters, {len(m.state_dict())} tensors")
+    assert abs(n - params) / params < 5e-4
+    official = {k: list(v.shape) for k, v in to_official_state_dict(m.state_dict(), cfg).items()}
+    assert len(official) == count
+    assert official == _spec_shapes(size)
+
+
+# --- pieces ---
+
+def test_pixel_shuffle_order_v1_v2():
+    """SPEC §3.5: 4x4 grid, one channel, value 10r + c."""
+    grid = torch.tensor([[10 * r + c for c in range(4)] for r in range(4)], dtype=torch.float32)
+    x = grid.reshape(1, 4, 4, 1)
+    v2 = pixel_shuffle(x, 0.5, "v2").reshape(4, 4).tolist()
+    assert v2 == [[0, 1, 10, 11], [2, 3, 12, 13], [20, 21, 30, 31], [22, 23, 32, 33]]
+    v1 = pixel_shuffle(x, 0.5, "v1").reshape(4, 4).tolist()
+    assert v1 == [[0, 1, 10, 11], [20, 21, 30, 31], [2, 3, 12, 13], [22, 23, 32, 33]]
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 4), (4, 2), (6, 2), (8, 1)])
+def test_wqkv_permutation_matches_official_split(heads, kv):
+    cfg = preset("tiny")
+    cfg.llm.num_heads, cfg.llm.num_kv_heads = heads, kv
+    hd, d, g = cfg.llm.head_dim, cfg.llm.hidden_size, heads // kv
+    w = torch.randn((heads + 2 * kv) * hd, d)
+    # the official split, restated head by head: group j holds q heads j*g..j*g+g-1, then k_j, then v_j
+    rows = w.reshape(kv, g + 2, hd, d)
+    q = torch.cat([rows[h // g, h % g] for h in range(heads)])
+    k = torch.cat([rows[j, g] for j in range(kv)])
+    v = torch.cat([rows[j, g + 1] for j in range(kv)])
+    internal = _wqkv_to_internal(w, cfg)
+    assert torch.equal(internal, torch.cat([q, k, v]))
+    name = "llm.layers.0.attn.qkv.weight"
+    assert torch.equal(to_official_state_dict({name: internal}, cfg)[to_official_name(name, "internlm2")], w)
+
+
+@pytest.mark.parametrize("size", ["2b", "4b"])
+def test_name_table_round_trips(size):
+    cfg = preset(size)
+    for k in build_model(cfg, "meta").state_dict():
+        assert to_internal_name(to_official_name(k, cfg.llm.family), cfg.llm.family) == k
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_chunked_loss_equals_plain_loss_and_grads(chunk):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 101, bias=False).double()
+    hidden = torch.randn(3, 40, 32, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 101, (3, 40))
+    labels[torch.rand(3, 40) < 0.6] = -100
+    loss, n = chunked_cross_entropy(hidden, labels, head, chunk_size=chunk)
+    gh, gw = torch.autograd.grad(loss, [hidden, head.weight])
+    ref = plain_cross_entropy(head(hidden), labels)
+    rh, rw = torch.autograd.grad(ref, [hidden, head.weight])
+    assert n == int((labels[:, 1:] != -100).sum())
+    assert abs(loss.item() - ref.item()) < 1e-6
+    assert (gh - rh).abs().max() < 1e-6 and (gw - rw).abs().max() < 1e-6
+
+
+def test_no_supervised_token_gives_zero_loss_and_count():
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(1, 5, 8, requires_grad=True)
+    loss, n = chunked_cross_entropy(hidden, torch.full((1, 5), -100), head)
+    assert n == 0 and loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()  # connected to the graph, so every rank reduces the same gradients
+    assert hidden.grad is not None
+
+
+# --- errors ---
+
+def test_image_token_count_mismatch_is_an_error(case):
+    m, ref, pv = case["model"], case["ref"], case["pixels"]
+    with pytest.raises(ValueError, match=r"sample 0 has 1791 <IMG_CONTEXT> tokens.*7 image tiles x 256 = 1792"):
+        keep = torch.ones(ref["input_ids"].shape[1], dtype=torch.bool)
+        keep[(ref["input_ids"][0] == m.config.img_context_token_id).nonzero()[0]] = False
+        m(ref["input_ids"][:, keep], pv, ref["image_flags"])
+    with pytest.raises(ValueError, match=r"1792 <IMG_CONTEXT> tokens .* but 6 image tiles"):
+        m(ref["input_ids"], pv, torch.tensor([1, 1, 1, 1, 1, 1, 0]))
+
+
+def _copy_fixture(tmp_path, name="internlm2"):
+    dst = tmp_path / name
+    shutil.copytree(os.path.join(FIXTURES, name), dst)
+    return dst
+
+
+def test_missing_shard_is_an_error(tmp_path):
+    d = _copy_fixture(tmp_path)
+    os.remove(d / "model-00002-of-00002.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"shard\(s\) that do not exist.*model-00002-of-00002"):
+        load_pretrained(str(d), dtype=torch.float32)
+
+
+def _rewrite_single(d, edit):
+    tensors = load_file(str(d / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(d / "model.safetensors"))
+
+
+def test_unexpected_and_missing_keys_are_errors(tmp_path):
+    d = _copy_fixture(tmp_path, "phi3")
+
+    def edit(t):
+        t["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+        del t["mlp1.3.bias"]
+    _rewrite_single(d, edit)
+    with pytest.raises(ValueError, match=r"(?s)missing tensors \(1\): \['mlp1.3.bias'\].*unexpected tensors \(1\): "
+                                         r"\['language_model.model.layers.0.self_attn.rotary_emb.inv_freq'\]"):
+        load_pretrained(str(d), dtype=torch.float32)
+
+
+def test_wrong_shape_is_an_error(tmp_path):
+    d = _copy_fixture(tmp_path, "phi3")
+    _rewrite_single(d, lambda t: t.__setitem__("mlp1.1.weight", torch.zeros(64, 255)))
+    with pytest.raises(ValueError, match=r"wrong shapes \(1\): \['mlp1.1.weight: checkpoint \[64, 255\] vs model "
+                                         r"\[64, 256\]'\]"):
+        load_pretrained(str(d), dtype=torch.float32)
+
+
+def test_unknown_llm_architecture_is_an_error(tmp_path):
+    d = _copy_fixture(tmp_path, "phi3")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["llm_config"]["architectures"] = ["LlamaForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unknown LLM architecture 'LlamaForCausalLM'.*supported: "
+                                         r"\['InternLM2ForCausalLM', 'Phi3ForCausalLM'\]"):
+        load_pretrained(str(d))
+
+
+def test_load_fills_from_files_in_requested_dtype():
+    m = load_pretrained(os.path.join(FIXTURES, "phi3"))
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in m.parameters())
+    with safe_open(os.path.join(FIXTURES, "phi3", "model.safetensors"), "pt") as f:
+        w = f.get_tensor("language_model.lm_head.weight")
+    assert torch.equal(m.llm.head.weight, w.to(torch.bfloat16))
