@@ -20,7 +20,7 @@ from .norm import RMSNorm
 def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, kv_len: int, dtype: torch.dtype):
     """cos, sin [B, L, head_dim] for `position_ids` [B, L]; angles in float32, cast to the activation dtype.
 
-    kv_len is the attended length (cached + new), which InternLM2's dynamic NTK scaling keys on.
+    kv_len is the length InternLM2's dynamic NTK scaling keys on (see Decoder.forward).
     """
     hd = cfg.head_dim
     exponents = torch.arange(0, hd, 2, device=position_ids.device).float() / hd
@@ -37,8 +37,6 @@ def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, kv_len: int, dtype:
         scale = math.sqrt(1 + math.log(ratio) / math.log(orig)) if ratio > 1.0 else 1.0
     else:
         if kind == "dynamic" and kv_len > cfg.max_position_embeddings:
-            # Official InternLM2 keeps this base for later shorter calls too (stateful); we key on each call's
-            # own length, which is identical for a single forward and for growing generation.
             f = cfg.rope_scaling["factor"]
             base = base * ((f * kv_len / cfg.max_position_embeddings) - (f - 1)) ** (hd / (hd - 2))
         elif kind == "linear":
@@ -158,11 +156,15 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # Longest attended length seen so far. The official dynamic-NTK module recomputes its base only when a
+        # call is longer than any before and keeps it afterwards (stateful); only beyond max_position_embeddings.
+        self.rope_len = 0
 
     def forward(self, inputs_embeds, position_ids, attention_mask=None, cache: KVCache | None = None):
         b, n, _ = inputs_embeds.shape
         kv_len = n + (cache.length if cache is not None else 0)
-        cos, sin = rope_cos_sin(self.cfg, position_ids, kv_len, inputs_embeds.dtype)
+        self.rope_len = max(self.rope_len, kv_len)
+        cos, sin = rope_cos_sin(self.cfg, position_ids, self.rope_len, inputs_embeds.dtype)
         mask = attention_mask_4d(attention_mask, n, kv_len)
         h = inputs_embeds
         for layer in self.layers:

@@ -369,3 +369,36 @@ def test_load_fills_from_files_in_requested_dtype():
     with safe_open(os.path.join(FIXTURES, "phi3", "model.safetensors"), "pt") as f:
         w = f.get_tensor("language_model.lm_head.weight")
     assert torch.equal(m.llm.head.weight, w.to(torch.bfloat16))
+
+
+@torch.no_grad()
+def test_internlm2_dynamic_ntk_scales_past_max_positions_and_stays():
+    """Beyond max_position_embeddings the base becomes theta*(f*L/max - (f-1))^(hd/(hd-2)), kept for later calls."""
+    m = load_pretrained(os.path.join(FIXTURES, "internlm2"), dtype=torch.float32)
+    ids = torch.arange(3, 40)[None]
+    plain = m(ids).logits
+    m.config.llm.max_position_embeddings = 64
+    assert torch.equal(m(ids).logits, plain)  # 37 <= 64: no scaling
+    cfg, hd, f, n = m.config.llm, m.config.llm.head_dim, 2.0, 100
+    from model.llm import rope_cos_sin
+    cos, _ = rope_cos_sin(cfg, torch.arange(n)[None], n, torch.float32)
+    base = cfg.rope_theta * (f * n / 64 - (f - 1)) ** (hd / (hd - 2))
+    angle = 7 * (1.0 / base ** (torch.arange(0, hd, 2).float() / hd))
+    close(cos[0, 7, : hd // 2], angle.cos(), 1e-6)
+    m(torch.arange(n)[None] % 500)  # a long call scales the base ...
+    assert (m(ids).logits - plain).abs().max() > 1e-3  # ... and a later short call keeps it (official quirk)
+
+
+@torch.no_grad()
+def test_select_layer_and_resized_position_embedding():
+    m = load_pretrained(os.path.join(FIXTURES, "phi3"), dtype=torch.float32)
+    pv = torch.randn(2, 3, 224, 224)
+    h = m.vit.embed(pv)
+    for layer in m.vit.layers[:1]:
+        h = layer(h)
+    assert h.shape == (2, 16 * 16 + 1, 64)
+    close(m.vit(pv, select_layer=-2), h, 0)
+    stored = m.vit.pos_embed[0, 1:].reshape(1, 32, 32, 64).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(stored, size=(16, 16), mode="bicubic", align_corners=False)
+    close(m.vit.position_embedding(16, 16, torch.float32)[0, 1:], resized.flatten(2).transpose(1, 2)[0], 0)
+    close(m.vit.position_embedding(32, 32, torch.float32), m.vit.pos_embed, 0)  # identity at the stored grid
