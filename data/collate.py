@@ -1,0 +1,44 @@
+"""Batch samples (official concat_pad_data_collator semantics, SPEC §7.5).
+
+Right padding: input_ids with 0 (the official pad id here, not the tokenizer's pad), labels with
+-100, position_ids 0..n-1 per sample and 0 on pads. attention_mask comes from the lengths rather
+than `input_ids != 0`, so a genuine id 0 (<unk>) inside a sample is still attended to. Tiles of the
+batch are concatenated in sample order, and so are image_flags.
+
+The keys input_ids, labels, attention_mask, position_ids, pixel_values, image_flags are exactly the
+model's forward arguments; "meta" (pop it before the forward) carries per-batch bookkeeping:
+ids ("source:line" per sample), skipped (problems that made the dataset replace a sample),
+num_tokens, num_supervised, label_mismatches, truncated.
+"""
+import torch
+
+from .templates import IGNORE_INDEX
+
+PAD_ID = 0
+
+
+def collate(samples, pad_id=PAD_ID):
+    lengths = [len(s["input_ids"]) for s in samples]
+    batch, width = len(samples), max(lengths)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    position_ids = torch.zeros(batch, width, dtype=torch.long)
+    for b, (s, n) in enumerate(zip(samples, lengths)):
+        input_ids[b, :n] = s["input_ids"]
+        labels[b, :n] = s["labels"]
+        attention_mask[b, :n] = 1
+        position_ids[b, :n] = torch.arange(n)
+    out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
+               pixel_values=torch.cat([s["pixel_values"] for s in samples]),
+               image_flags=torch.cat([s["image_flags"] for s in samples]))
+    metas = [s.get("meta", {}) for s in samples]
+    out["meta"] = {
+        "ids": [m.get("id") for m in metas],
+        "skipped": [x for m in metas for x in m.get("skipped", [])],
+        "num_tokens": sum(lengths),
+        "num_supervised": int((labels != IGNORE_INDEX).sum()),
+        "label_mismatches": sum(1 for m in metas if m.get("labels_match_official") is False),
+        "truncated": sum(1 for m in metas if m.get("truncated")),
+    }
+    return out

@@ -1,0 +1,423 @@
+"""LLaVA-format annotations -> training samples (token-exact with the official InternVL 1.5 pipeline).
+
+- `build_sample`: one record -> input_ids, labels, pixel_values, image_flags (SPEC §5, §6, §7).
+- `Source`, `read_meta_file`: annotation files (.json array or .jsonl) with an image folder, a repeat
+  ratio and an optional per-source tile cap; the official meta file is accepted too.
+- `SupervisedDataset`: validates every record when it is built (problems reported together, with
+  file:line), realises the repeat ratios with a seed, estimates lengths for the sampler, and in
+  __getitem__ turns a missing/corrupt image or an over-long sample into a counted, logged skip (a
+  seeded replacement of the same modality takes the slot), aborting past a failure threshold.
+"""
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, images_to_pixel_values, jpeg_degrade,
+                     load_image, num_tiles)
+from .templates import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, get_template, net_labels, official_labels, render
+from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+
+log = logging.getLogger("data")
+
+NUM_IMAGE_TOKENS = 256  # per 448px tile after pixel shuffle (downsample 0.5)
+IMAGE_TAG = "<image>"
+ROLES = ("human", "gpt")
+
+
+class SampleError(ValueError):
+    """A record that cannot become a training sample (bad annotation)."""
+
+
+class SampleTooLong(SampleError):
+    """The image tokens do not fit in max_length, or truncation leaves no supervised token."""
+
+
+class DataError(ValueError):
+    """Problems found while building the dataset (all of them, with file:line)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# one record
+
+
+@dataclass
+class Conversation:
+    images: list  # image paths as written in the record; [] for text-only
+    turns: list  # [(human value, gpt value)], a leading gpt turn dropped
+
+
+def parse_record(record):
+    """Check one LLaVA record and return its Conversation; raise SampleError saying what is wrong."""
+    if not isinstance(record, dict):
+        raise SampleError(f"record is a {type(record).__name__}, expected a JSON object")
+    image = record.get("image")
+    if image is None or image == "" or image == []:
+        images = []
+    elif isinstance(image, str):
+        images = [image]
+    elif isinstance(image, list) and all(isinstance(p, str) and p for p in image):
+        images = list(image)
+    else:
+        raise SampleError(f"'image' must be a path or a list of paths, got {image!r:.80}")
+    convs = record.get("conversations")
+    if convs is None:
+        raise SampleError("missing 'conversations'")
+    if not isinstance(convs, list) or not convs:
+        raise SampleError("'conversations' must be a non-empty list")
+    for k, turn in enumerate(convs):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise SampleError(f"conversations[{k}] must be an object with 'from' and 'value'")
+        if turn["from"] not in ROLES:
+            raise SampleError(f"conversations[{k}]: unknown role {turn['from']!r} (expected 'human' or 'gpt')")
+        if not isinstance(turn["value"], str):
+            raise SampleError(f"conversations[{k}]: 'value' must be a string")
+        if not turn["value"].strip():
+            raise SampleError(f"conversations[{k}] ({turn['from']}) is empty")
+    first = 1 if convs[0]["from"] == "gpt" else 0  # official: skip one leading gpt turn
+    rest = convs[first:]
+    for k, turn in enumerate(rest):
+        if turn["from"] != ROLES[k % 2]:
+            raise SampleError(f"conversations[{first + k}]: expected role {ROLES[k % 2]!r}, got {turn['from']!r} "
+                              "(turns must alternate human/gpt)")
+    if not any(t["from"] == "gpt" for t in rest):
+        raise SampleError("no answer turn ('gpt') after a 'human' turn")
+    if len(rest) % 2:
+        raise SampleError(f"conversations[{len(convs) - 1}] (human) has no answer")
+    turns = [(rest[k]["value"], rest[k + 1]["value"]) for k in range(0, len(rest), 2)]
+    tags = sum(v.count(IMAGE_TAG) for pair in turns for v in pair)
+    if tags > len(images):
+        raise SampleError(f"{tags} {IMAGE_TAG} tags but {len(images)} image(s)")
+    if len(images) > 1 and tags != len(images):
+        raise SampleError(f"{len(images)} images but {tags} {IMAGE_TAG} tags (multi-image samples need one each)")
+    return Conversation(images, turns)
+
+
+def _image_string(n_tiles):
+    return IMG_START + IMG_CONTEXT * (NUM_IMAGE_TOKENS * n_tiles) + IMG_END
+
+
+def conversation_text(conv, template, tiles_per_image, system_message):
+    """Rendered prompt with image tokens, and the char spans of the supervised answers."""
+    t = get_template(template)
+    turns = [list(pair) for pair in conv.turns]
+    if len(conv.images) == 1 and not any(IMAGE_TAG in v for pair in turns for v in pair):
+        turns[0][0] = IMAGE_TAG + "\n" + turns[0][0]  # official: image in front of the first human turn
+    if t.strip_messages:
+        turns = [[v.strip() for v in pair] for pair in turns]
+    k = 0
+    for pair in turns:  # each <image>, in order, becomes the tokens of the next image
+        for side in range(2):
+            while IMAGE_TAG in pair[side]:
+                pair[side] = pair[side].replace(IMAGE_TAG, _image_string(tiles_per_image[k]), 1)
+                k += 1
+    return render(t, [tuple(p) for p in turns], system_message)
+
+
+def build_sample(record, tokenizer, template=None, image_folder=None, max_num=12, max_length=None,
+                 system_message=None, *, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True, images=None,
+                 check_labels=True):
+    """One LLaVA record -> dict(input_ids, labels, pixel_values, image_flags, num_tiles, truncated,
+    labels_match_official). `images` (PIL) replaces loading from disk. system_message None means
+    DEFAULT_SYSTEM_MESSAGE. Raises SampleError (bad record), SampleTooLong, ImageLoadError."""
+    template = get_template(template or tokenizer.template)
+    system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+    conv = parse_record(record)
+    if conv.images:
+        if images is None:
+            images = [load_image(p if image_folder is None else os.path.join(image_folder, p)) for p in conv.images]
+        pixel_values, tiles = images_to_pixel_values(images, max_num, min_num, image_size, use_thumbnail)
+        image_flags = torch.ones(len(pixel_values), dtype=torch.long)
+    else:
+        pixel_values, tiles = dummy_pixel_values(image_size), []
+        image_flags = torch.zeros(1, dtype=torch.long)
+    text, spans = conversation_text(conv, template, tiles, system_message)
+    ids, starts = tokenizer.encode_with_offsets(text)
+    labels = net_labels(template, tokenizer, ids, starts, spans)
+    match = True
+    if check_labels:  # the official fragment-count procedure must agree with the net rule
+        official, consistent = official_labels(template, tokenizer, text, ids)
+        match = consistent and official == labels
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        image_end = max((i + 1 for i, t in enumerate(ids) if t == tokenizer.img_end_id), default=0)
+        if image_end > max_length:
+            raise SampleTooLong(f"image tokens end at position {image_end} > max_length {max_length} "
+                                f"({sum(tiles)} tiles, {len(ids)} tokens); lower max_num or raise max_length")
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(l == IGNORE_INDEX for l in labels):
+        raise SampleTooLong(f"no supervised token left ({len(ids)} tokens, max_length {max_length})")
+    return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
+                pixel_values=pixel_values, image_flags=image_flags, num_tiles=len(pixel_values),
+                truncated=truncated, labels_match_official=match)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sources
+
+
+@dataclass
+class Source:
+    """One annotation file. repeat: r < 1 keeps a seeded random fraction r; r >= 1 floor(r) full copies
+    plus a seeded random fraction r - floor(r). max_num overrides the run's tile cap for this source."""
+    annotation: str
+    image_folder: str = None
+    repeat: float = 1.0
+    max_num: int = None
+    data_augment: bool = False
+    name: str = None
+
+    def __post_init__(self):
+        if self.name is None:
+            self.name = os.path.splitext(os.path.basename(self.annotation))[0]
+        if not (isinstance(self.repeat, (int, float)) and self.repeat > 0 and math.isfinite(self.repeat)):
+            raise ValueError(f"source {self.name}: repeat must be a positive number, got {self.repeat!r}")
+
+    @classmethod
+    def parse(cls, spec):
+        """CLI form 'annotation.jsonl[,image_folder[,repeat[,max_num]]]' (empty fields keep defaults)."""
+        parts = spec.split(",")
+        if len(parts) > 4 or not parts[0]:
+            raise ValueError(f"bad source {spec!r}: expected annotation[,image_folder[,repeat[,max_num]]]")
+        parts += [""] * (4 - len(parts))
+        return cls(parts[0], parts[1] or None, float(parts[2]) if parts[2] else 1.0,
+                   int(parts[3]) if parts[3] else None)
+
+
+def read_meta_file(path):
+    """The official meta JSON: {name: {root, annotation, repeat_time, max_dynamic_patch, data_augment}}."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: the meta file must map dataset names to settings")
+    sources = []
+    for name, ds in meta.items():
+        if not isinstance(ds, dict) or "annotation" not in ds:
+            raise DataError(f"{path}: dataset {name!r} needs an 'annotation' path")
+        known = {"root", "annotation", "repeat_time", "max_dynamic_patch", "data_augment", "length"}
+        unknown = set(ds) - known
+        if unknown:
+            raise DataError(f"{path}: dataset {name!r} has unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        base = os.path.dirname(os.path.abspath(path))
+        ann = ds["annotation"] if os.path.isabs(ds["annotation"]) else os.path.join(base, ds["annotation"])
+        root = ds.get("root") or None
+        if root is not None and not os.path.isabs(root):
+            root = os.path.join(base, root)
+        sources.append(Source(ann, root, float(ds.get("repeat_time", 1)), ds.get("max_dynamic_patch"),
+                              bool(ds.get("data_augment", False)), name))
+    return sources
+
+
+def read_annotation(path):
+    """[(line, record or SampleError)] of a .jsonl file or a .json array, line = where it starts."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".jsonl"):
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    out.append((n, SampleError(f"malformed JSON line: {e.msg} (column {e.colno})")))
+        return out
+    decoder, out = json.JSONDecoder(), []
+    pos, line, counted = 0, 1, 0
+
+    def skip(p):
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    def line_at(p):
+        nonlocal line, counted
+        line += text.count("\n", counted, p)
+        counted = p
+        return line
+
+    pos = skip(pos)
+    if not text.startswith("[", pos):
+        raise DataError(f"{path}:{line_at(pos)}: a .json annotation must be an array of records (or use .jsonl)")
+    pos = skip(pos + 1)
+    if text.startswith("]", pos):
+        return out
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:  # the rest of the array cannot be read: not skippable
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        out.append((line_at(pos), obj))
+        pos = skip(end)
+        if text.startswith(",", pos):
+            pos = skip(pos + 1)
+        elif text.startswith("]", pos):
+            return out
+        else:
+            raise DataError(f"{path}:{line_at(pos)}: malformed JSON: expected ',' or ']' after a record")
+
+
+def repeat_indices(n, ratio, rng):
+    """floor(ratio) full passes over range(n) plus a seeded random int(frac * n) of them, sorted."""
+    whole = int(math.floor(ratio))
+    extra = int((ratio - whole) * n + 1e-9)  # guard 0.3 * 10 = 2.9999999999999996
+    return list(range(n)) * whole + sorted(rng.sample(range(n), extra))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the dataset
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Samples from several sources. After construction:
+      len(ds)                 samples per epoch after repeat ratios
+      ds.lengths[i]           estimated tokens (text tokens + 256 * tiles) for the sampler
+      ds.is_image[i]          modality for the sampler (True = has images)
+      ds.source_counts        {name: {"records", "bad", "valid", "sampled"}}
+      ds[i]                   build_sample output + "meta" {"id", "skipped", "labels_match_official"}
+    """
+
+    def __init__(self, sources, tokenizer, template=None, system_message=None, max_num=12, max_length=None,
+                 min_num=1, use_thumbnail=True, image_size=IMAGE_SIZE, seed=0, skip_bad_samples=False,
+                 max_image_failure_rate=0.01, image_failure_grace=10, max_replacements=10, check_labels=True):
+        self.sources = list(sources)
+        self.tokenizer = tokenizer
+        self.template = get_template(template or tokenizer.template)
+        self.system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+        self.max_num, self.max_length, self.min_num = max_num, max_length, min_num
+        self.use_thumbnail, self.image_size, self.seed = use_thumbnail, image_size, seed
+        self.max_image_failure_rate, self.image_failure_grace = max_image_failure_rate, image_failure_grace
+        self.max_replacements, self.check_labels = max_replacements, check_labels
+
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise DataError(f"source names must be unique, got {names}")
+        self.records = []  # per source: [(line, record)] of the valid ones
+        self.source_counts, problems = {}, []
+        for s in self.sources:
+            if not os.path.exists(s.annotation):
+                raise DataError(f"{s.annotation}: annotation file not found (source {s.name})")
+            valid, bad = [], 0
+            for line, rec in read_annotation(s.annotation):
+                try:
+                    if isinstance(rec, Exception):
+                        raise rec
+                    parse_record(rec)
+                    valid.append((line, rec))
+                except SampleError as e:
+                    bad += 1
+                    problems.append(f"{s.annotation}:{line}: {e}")
+            self.records.append(valid)
+            self.source_counts[s.name] = {"records": len(valid) + bad, "bad": bad, "valid": len(valid)}
+        if problems:
+            if not skip_bad_samples:
+                shown = "\n  ".join(problems[:50])
+                more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+                raise DataError(f"{len(problems)} bad sample(s) (use --skip-bad-samples to skip them):\n  "
+                                f"{shown}{more}")
+            for p in problems:
+                log.warning("skipping bad sample %s", p)
+            log.warning("skipped %d bad samples: %s", len(problems),
+                        {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
+
+        self.index = []  # (source index, position in self.records[source])
+        for si, s in enumerate(self.sources):
+            picks = repeat_indices(len(self.records[si]), s.repeat, random.Random(f"{seed}/{s.name}"))
+            self.index += [(si, k) for k in picks]
+            self.source_counts[s.name]["sampled"] = len(picks)
+        if not self.index:
+            raise DataError("no samples: every source is empty after validation and repeat ratios")
+
+        per_source = [[self._estimate(si, rec) for _, rec in recs] for si, recs in enumerate(self.records)]
+        self.lengths = [per_source[si][k][0] for si, k in self.index]
+        self.is_image = [per_source[si][k][1] for si, k in self.index]
+        self._by_modality = {True: [i for i, m in enumerate(self.is_image) if m],
+                             False: [i for i, m in enumerate(self.is_image) if not m]}
+        self.stats = {"seen": 0, "image_failures": 0, "too_long": 0, "label_mismatches": 0}
+
+    def _max_num(self, si):
+        return self.sources[si].max_num or self.max_num
+
+    def _estimate(self, si, rec):
+        """(tokens, has_images): a record's `length` when given, else text tokens + 256 * tiles, with the
+        exact tile count when `image_wh` is given and the cap (+ thumbnail) otherwise."""
+        conv = parse_record(rec)
+        if isinstance(rec.get("length"), int):
+            return rec["length"], bool(conv.images)
+        text = "\n".join(v for pair in conv.turns for v in pair).replace(IMAGE_TAG, "")
+        n = len(self.tokenizer.encode(text))
+        if conv.images:
+            cap = self._max_num(si) if len(conv.images) == 1 else max(1, self._max_num(si) // len(conv.images))
+            wh = rec.get("image_wh")
+            if isinstance(wh, list) and wh and isinstance(wh[0], (int, float)):
+                wh = [wh]  # XTuner writes [W, H] for one image
+            if isinstance(wh, list) and len(wh) == len(conv.images):
+                tiles = sum(num_tiles(w, h, self.min_num, cap, self.image_size, self.use_thumbnail) for w, h in wh)
+            else:
+                tiles = len(conv.images) * (cap + (1 if self.use_thumbnail and cap > 1 else 0))
+            n += NUM_IMAGE_TOKENS * tiles
+        return n, bool(conv.images)
+
+    def __len__(self):
+        return len(self.index)
+
+    def sample_id(self, i):
+        si, k = self.index[i]
+        return f"{self.sources[si].name}:{self.records[si][k][0]}"
+
+    def build(self, i):
+        """build_sample for dataset index i (may raise ImageLoadError / SampleTooLong)."""
+        si, k = self.index[i]
+        s, (line, rec) = self.sources[si], self.records[si][k]
+        images = None
+        conv_images = rec.get("image")
+        if s.data_augment and conv_images:  # official train-time JPEG re-encode
+            paths = [conv_images] if isinstance(conv_images, str) else conv_images
+            rng = random.Random(f"{self.seed}/augment/{i}")
+            images = [jpeg_degrade(load_image(p if s.image_folder is None else os.path.join(s.image_folder, p)), rng)
+                      for p in paths]
+        return build_sample(rec, self.tokenizer, self.template, s.image_folder, self._max_num(si), self.max_length,
+                            self.system_message, min_num=self.min_num, image_size=self.image_size,
+                            use_thumbnail=self.use_thumbnail, images=images, check_labels=self.check_labels)
+
+    def __getitem__(self, i):
+        skipped, j = [], i
+        for attempt in range(self.max_replacements + 1):
+            self.stats["seen"] += 1
+            try:
+                sample = self.build(j)
+                break
+            except ImageLoadError as e:
+                self.stats["image_failures"] += 1
+                skipped.append(f"{self.sample_id(j)}: {e}")
+                log.warning("skipping sample %s: %s", self.sample_id(j), e)
+                limit = max(self.image_failure_grace, self.max_image_failure_rate * self.stats["seen"])
+                if self.stats["image_failures"] > limit:
+                    raise RuntimeError(
+                        f"too many unreadable images: {self.stats['image_failures']} of {self.stats['seen']} "
+                        f"samples seen in this process (limit {self.max_image_failure_rate:.1%}, grace "
+                        f"{self.image_failure_grace}); last: {e}") from e
+            except SampleTooLong as e:
+                self.stats["too_long"] += 1
+                skipped.append(f"{self.sample_id(j)}: {e}")
+                log.warning("skipping sample %s: %s", self.sample_id(j), e)
+            # a seeded replacement of the same modality keeps the batch's shape and is reproducible
+            j = random.Random(f"{self.seed}/replace/{i}/{attempt}").choice(self._by_modality[self.is_image[i]])
+        else:
+            raise RuntimeError(f"sample {self.sample_id(i)}: {self.max_replacements} replacements failed too; "
+                               f"last problems: {skipped[-3:]}")
+        if not sample["labels_match_official"]:
+            self.stats["label_mismatches"] += 1
+            log.warning("sample %s: net-rule labels differ from the official fragment-count labels "
+                        "(the official code would mask or shift them); keeping the net rule", self.sample_id(j))
+        sample["meta"] = {"id": self.sample_id(j), "skipped": skipped,
+                          "labels_match_official": sample.pop("labels_match_official"),
+                          "truncated": sample.pop("truncated")}
+        sample.pop("num_tiles")
+        return sample

@@ -1,0 +1,117 @@
+"""Images -> tiles -> normalised pixel values, identical to the official pipeline (SPEC §5).
+
+dynamic_preprocess is the official function (same candidate order, same tie-break, PIL bicubic,
+row-major crops, thumbnail last). The tensor conversion reproduces torchvision's ToTensor + Normalize
+bit for bit (same float32 operations in the same order).
+"""
+import io
+import random
+
+import torch
+from PIL import Image
+
+IMAGE_SIZE = 448
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageLoadError(RuntimeError):
+    """An image file is missing or cannot be decoded."""
+
+
+def target_ratios(min_num, max_num):
+    """Candidate grids (cols, rows), sorted by tile count. Within a count the order is CPython's set
+    iteration order, exactly as the official code builds it (SPEC §5.2)."""
+    ratios = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                 if min_num <= i * j <= max_num)
+    return sorted(ratios, key=lambda x: x[0] * x[1])
+
+
+def find_closest_aspect_ratio(aspect_ratio, ratios, width, height, image_size):
+    best_diff, best = float("inf"), (1, 1)
+    area = width * height
+    for ratio in ratios:
+        diff = abs(aspect_ratio - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best_diff, best = diff, ratio
+        elif diff == best_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best = ratio  # exact tie: a larger grid wins only for an image big enough to fill half of it
+    return best
+
+
+def choose_grid(width, height, min_num=1, max_num=12, image_size=IMAGE_SIZE):
+    return find_closest_aspect_ratio(width / height, target_ratios(min_num, max_num), width, height, image_size)
+
+
+def num_tiles(width, height, min_num=1, max_num=12, image_size=IMAGE_SIZE, use_thumbnail=True):
+    """Tile count dynamic_preprocess gives for an image of this size (for length estimates)."""
+    cols, rows = choose_grid(width, height, min_num, max_num, image_size)
+    return cols * rows + (1 if use_thumbnail and cols * rows != 1 else 0)
+
+
+def dynamic_preprocess(image, min_num=1, max_num=12, image_size=IMAGE_SIZE, use_thumbnail=True):
+    """Split a PIL image into a grid of image_size tiles (row-major), thumbnail last when > 1 tile."""
+    width, height = image.size
+    cols, rows = choose_grid(width, height, min_num, max_num, image_size)
+    # Image.resize's default filter is bicubic for RGB; say so explicitly.
+    resized = image.resize((image_size * cols, image_size * rows), Image.BICUBIC)
+    tiles = []
+    for k in range(cols * rows):
+        x, y = (k % cols) * image_size, (k // cols) * image_size
+        tiles.append(resized.crop((x, y, x + image_size, y + image_size)))
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.BICUBIC))
+    return tiles
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def to_tensor(tiles, image_size=IMAGE_SIZE):
+    """PIL tiles -> float32 [T, 3, S, S], bit-identical to torchvision Resize(S, bicubic) + ToTensor +
+    Normalize(ImageNet): the same float32 operations, x / 255, then (x - mean) / std."""
+    hwc = []
+    for tile in tiles:
+        if tile.mode != "RGB":
+            tile = tile.convert("RGB")
+        if tile.size != (image_size, image_size):  # torchvision Resize; a 448 tile is left untouched
+            tile = tile.resize((image_size, image_size), Image.BICUBIC)
+        hwc.append(torch.frombuffer(bytearray(tile.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3))
+    x = torch.stack(hwc).permute(0, 3, 1, 2).to(torch.float32).div_(255)
+    return x.sub_(_MEAN).div_(_STD).contiguous()
+
+
+def load_image(path):
+    """PIL RGB image (any mode converted, as the official Image.open(p).convert('RGB'))."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{path}: cannot load image ({type(e).__name__}: {e})") from e
+
+
+def jpeg_degrade(image, rng=random):
+    """Official train-time augmentation (`data_augment: true`): JPEG re-encode at quality 75..100."""
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=rng.randint(75, 100))
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def dummy_pixel_values(image_size=IMAGE_SIZE):
+    """The official text-only tile: a white 224x224 image through dynamic_preprocess(max_num=1)."""
+    white = Image.new("RGB", (224, 224), (255, 255, 255))
+    return to_tensor(dynamic_preprocess(white, 1, 1, image_size, True), image_size)
+
+
+def images_to_pixel_values(images, max_num=12, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True):
+    """Tiles of one sample's images, in image order. Several images share the budget the official way:
+    each gets max(1, max_num // n_images) (SPEC §5.3). Returns (pixel_values, tiles_per_image)."""
+    cap = max_num if len(images) == 1 else max(1, max_num // len(images))
+    tiles, counts = [], []
+    for image in images:
+        t = dynamic_preprocess(image, min_num, cap, image_size, use_thumbnail)
+        tiles += t
+        counts.append(len(t))
+    return to_tensor(tiles, image_size), counts

@@ -1,0 +1,319 @@
+"""SentencePiece tokenizer with the semantics of the official *slow* HF tokenizers.
+
+Two behaviours are reproduced, chosen by `tokenizer_class` in tokenizer_config.json:
+
+- InternLM2Tokenizer (remote code): every text chunk between added tokens is encoded by the
+  sentencepiece model as shipped (its own add_dummy_prefix), BOS in front.
+- LlamaTokenizer with legacy=False (Phi-3): the model is loaded with add_dummy_prefix switched off,
+  the whole text gets one leading '▁' (add_prefix_space), a chunk that starts with a space is
+  encoded behind '<unk>' and the '<unk>' pieces are dropped, and the leading '▁' is removed only
+  when the next token is in `all_special_tokens` (bos/eos/unk/pad/additional_special_tokens).
+  Phi-3's chat tokens are added but not "special" in that sense, so a prompt that starts with
+  `<|system|>` keeps a lone '▁' after BOS (SPEC §2).
+
+Shared by both (transformers' PreTrainedTokenizer.tokenize): the text is first split on every added
+token (leftmost, longest match), an added token with rstrip/lstrip eats the whitespace on that side,
+and added tokens map to their ids whole.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import sentencepiece as spm
+
+SPIECE_UNDERLINE = "\u2581"
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+# The InternVL tokens and the chat terminators the rest of the toolkit asks for by name.
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    content: str
+    id: int
+    lstrip: bool = False
+    rstrip: bool = False
+    special: bool = True
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _content(tok):
+    return tok["content"] if isinstance(tok, dict) else tok
+
+
+class Tokenizer:
+    """Load with `load_tokenizer(dir)`. Ids the toolkit needs: bos_id, eos_id, pad_id, unk_id,
+    img_start_id, img_end_id, img_context_id, terminator_id (end of an assistant turn) and
+    `template` (the chat template this tokenizer belongs to)."""
+
+    def __init__(self, path):
+        self.path = path
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+        special_map = _read_json(os.path.join(path, "special_tokens_map.json"))
+        added_json = _read_json(os.path.join(path, "added_tokens.json"))
+        model_file = os.path.join(path, "tokenizer.model")
+        if not os.path.exists(model_file):
+            raise FileNotFoundError(f"{model_file}: no sentencepiece model (tokenizer.model) in {path}")
+
+        cls = config.get("tokenizer_class", "")
+        if cls.startswith("InternLM2Tokenizer"):
+            self.style = "internlm2"
+            self.legacy = True
+        elif cls.startswith("LlamaTokenizer"):
+            self.style = "llama"
+            self.legacy = bool(config.get("legacy", True))
+        else:
+            raise ValueError(f"{path}/tokenizer_config.json: tokenizer_class {cls!r} is not supported "
+                             "(expected InternLM2Tokenizer or LlamaTokenizer)")
+        self.add_bos = bool(config.get("add_bos_token", True))
+        self.add_prefix_space = bool(config.get("add_prefix_space", True))
+        self.spaces_between_special_tokens = bool(config.get("spaces_between_special_tokens", True))
+
+        with open(model_file, "rb") as f:
+            proto = f.read()
+        if self.style == "llama" and not self.legacy:
+            # transformers sets normalizer_spec.add_dummy_prefix = False for legacy=False. Appending a
+            # second normalizer_spec (field 3) holding add_dummy_prefix (field 3) = 0 does the same:
+            # protobuf merges repeated occurrences of a message field.
+            proto = proto + b"\x1a\x02\x18\x00"
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.sp_vocab_size = self.sp.get_piece_size()
+
+        # Added tokens: tokenizer_config's added_tokens_decoder (with strip flags) wins, then
+        # added_tokens.json, then special tokens that are only named in the maps.
+        self.added = {}
+        for idx, spec in config.get("added_tokens_decoder", {}).items():
+            self.added[spec["content"]] = AddedToken(spec["content"], int(idx), bool(spec.get("lstrip", False)),
+                                                     bool(spec.get("rstrip", False)), bool(spec.get("special", True)))
+        for content, idx in added_json.items():
+            if content not in self.added:
+                self.added[content] = AddedToken(content, int(idx))
+
+        def special(name):
+            tok = config.get(name, special_map.get(name))
+            return None if tok is None else _content(tok)
+
+        self.bos_token, self.eos_token = special("bos_token"), special("eos_token")
+        self.unk_token, self.pad_token = special("unk_token") or "<unk>", special("pad_token")
+        extra = config.get("additional_special_tokens", special_map.get("additional_special_tokens", []))
+        self.additional_special_tokens = [_content(t) for t in extra]
+        self.all_special_tokens = []
+        for t in [self.bos_token, self.eos_token, self.unk_token, self.pad_token] + self.additional_special_tokens:
+            if t is not None and t not in self.all_special_tokens:
+                self.all_special_tokens.append(t)
+        for t in self.all_special_tokens:  # a special token that is an sp piece (e.g. <s>) but not listed as added
+            if t not in self.added:
+                pid = self.sp.piece_to_id(t)
+                if self.sp.id_to_piece(pid) != t:
+                    raise ValueError(f"{path}: special token {t!r} is neither an added token nor a sentencepiece piece")
+                self.added[t] = AddedToken(t, pid)
+        self.all_special_ids = {self.convert_tokens_to_ids(t) for t in self.all_special_tokens}
+
+        self.id_to_added = {tok.id: tok for tok in self.added.values()}
+        # Leftmost match, longest first among matches at the same position (transformers' Trie).
+        # A run of one token (256 <IMG_CONTEXT> per tile) is matched at once, unless the token is a prefix
+        # of another one (then the run could hide a longer match).
+        by_len = sorted(self.added, key=len, reverse=True)
+        self._split_tokens = by_len
+        self._split_re = re.compile("|".join(
+            f"((?:{re.escape(t)})+)" if not any(o != t and o.startswith(t) for o in by_len) else f"({re.escape(t)})"
+            for t in by_len)) if by_len else None
+        self.vocab_size = max([self.sp_vocab_size] + [t.id + 1 for t in self.added.values()])
+        if self.style == "llama" and not self.legacy:
+            self._unk_len = len(self.sp.encode(self.unk_token, out_type=str))
+
+        self.bos_id = self.convert_tokens_to_ids(self.bos_token)
+        self.eos_id = self.convert_tokens_to_ids(self.eos_token)
+        self.unk_id = self.convert_tokens_to_ids(self.unk_token)
+        self.pad_id = self.convert_tokens_to_ids(self.pad_token) if self.pad_token else self.eos_id
+        for name in (IMG_START, IMG_END, IMG_CONTEXT):
+            if name not in self.added:
+                raise ValueError(f"{path}: the InternVL token {name!r} is missing from the added tokens")
+        self.img_start_id = self.added[IMG_START].id
+        self.img_end_id = self.added[IMG_END].id
+        self.img_context_id = self.added[IMG_CONTEXT].id
+        if "<|im_end|>" in self.added:
+            self.template, self.terminator = "internlm2-chat", "<|im_end|>"
+        elif "<|end|>" in self.added:
+            self.template, self.terminator = "phi3-chat", "<|end|>"
+        else:
+            self.template, self.terminator = None, None
+        self.terminator_id = self.added[self.terminator].id if self.terminator else None
+
+    # ---- ids <-> tokens
+    def convert_tokens_to_ids(self, token):
+        if isinstance(token, (list, tuple)):
+            return [self.convert_tokens_to_ids(t) for t in token]
+        if token in self.added:
+            return self.added[token].id
+        return self.sp.piece_to_id(token)
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self.id_to_added[ids].content if ids in self.id_to_added else self.sp.id_to_piece(ids)
+        return [self.convert_ids_to_tokens(int(i)) for i in ids]
+
+    # ---- encoding
+    def _split(self, text):
+        """Split on added tokens and apply their strip flags: a list of (chunk, start, is_added)."""
+        parts, pos = [], 0
+        if self._split_re is not None:
+            for m in self._split_re.finditer(text):
+                if m.start() > pos:
+                    parts.append([text[pos:m.start()], pos, False])
+                tok = self._split_tokens[m.lastindex - 1]
+                parts += [[tok, p, True] for p in range(m.start(), m.end(), len(tok))]
+                pos = m.end()
+        if pos < len(text):
+            parts.append([text[pos:], pos, False])
+        for i, (chunk, _, is_added) in enumerate(parts):
+            if not is_added:
+                continue
+            tok = self.added[chunk]
+            if tok.rstrip and i + 1 < len(parts) and not parts[i + 1][2]:
+                right = parts[i + 1]
+                stripped = right[0].lstrip()
+                right[1] += len(right[0]) - len(stripped)
+                right[0] = stripped
+            if tok.lstrip and i > 0 and not parts[i - 1][2]:
+                parts[i - 1][0] = parts[i - 1][0].rstrip()
+        return [(c, s, a) for c, s, a in parts if c]
+
+    def _sp_pieces(self, chunk):
+        """Pieces of one text chunk, as the slow tokenizer's _tokenize gives them."""
+        if self.style == "llama" and not self.legacy and chunk.startswith((SPIECE_UNDERLINE, " ")):
+            return self.sp.encode(self.unk_token + chunk, out_type=str)[self._unk_len:]
+        return self.sp.encode(chunk, out_type=str)
+
+    def tokenize(self, text, with_offsets=False):
+        """Token strings (and, with_offsets, the char offset in `text` where each starts)."""
+        shift = 0
+        if self.style == "llama" and not self.legacy and text:
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ") if self.add_prefix_space else \
+                text.replace(SPIECE_UNDERLINE, " ")
+            shift = 1 if self.add_prefix_space else 0
+        tokens, starts = [], []
+        for chunk, start, is_added in self._split(text):
+            if is_added:
+                tokens.append(chunk)
+                starts.append(start)
+                continue
+            pieces = self._sp_pieces(chunk)
+            tokens.extend(pieces)
+            if with_offsets:
+                starts.extend(start + o for o in self._piece_offsets(pieces, chunk))
+        if (self.style == "llama" and not self.legacy and len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE
+                and tokens[1] in self.all_special_tokens):
+            tokens, starts = tokens[1:], starts[1:]
+        if with_offsets:
+            return tokens, [max(s - shift, 0) for s in starts]
+        return tokens
+
+    def _piece_offsets(self, pieces, chunk):
+        """Char offset in `chunk` where each piece starts. The models use identity normalisation, so
+        the pieces spell the chunk (plus a dummy-prefix '▁'); byte-fallback pieces count one byte."""
+        chunk = chunk.replace(SPIECE_UNDERLINE, " ")  # same length in chars; '▁' pieces count as ' '
+        raw = chunk.encode("utf-8")
+        lens = [1 if _BYTE_PIECE.fullmatch(p) else len(p.replace(SPIECE_UNDERLINE, " ").encode("utf-8"))
+                for p in pieces]
+        extra = sum(lens) - len(raw)  # the dummy prefix, when the model adds one
+        if extra not in (0, 1):
+            raise ValueError(f"cannot align sentencepiece pieces with the text {chunk[:40]!r}")
+        char_at = [0] * (len(raw) + 1)  # byte offset -> char offset
+        b = 0
+        for ci, ch in enumerate(chunk):
+            n = len(ch.encode("utf-8"))
+            for k in range(n):
+                char_at[b + k] = ci
+            b += n
+        char_at[len(raw)] = len(chunk)
+        offsets, pos = [], -extra
+        for n in lens:
+            offsets.append(char_at[max(pos, 0)])
+            pos += n
+        return offsets
+
+    def encode(self, text, add_bos=True):
+        ids = self.convert_tokens_to_ids(self.tokenize(text))
+        return ([self.bos_id] if add_bos and self.add_bos else []) + ids
+
+    def encode_with_offsets(self, text, add_bos=True):
+        """(ids, starts): starts[k] is the char offset in `text` where token k begins (-1 for BOS)."""
+        tokens, starts = self.tokenize(text, with_offsets=True)
+        ids = self.convert_tokens_to_ids(tokens)
+        if add_bos and self.add_bos:
+            return [self.bos_id] + ids, [-1] + starts
+        return ids, starts
+
+    def __call__(self, text):  # len(tok(x)) in the official label code counts BOS
+        return self.encode(text)
+
+    # ---- decoding (transformers' _decode + the class's convert_tokens_to_string)
+    def decode(self, ids, skip_special_tokens=True):
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        tokens = [self.convert_ids_to_tokens(int(i)) for i in ids
+                  if not (skip_special_tokens and int(i) in self.all_special_ids)]
+        # Added tokens that are not special, and special ones past the sp vocab, are emitted verbatim.
+        verbatim = {t for t in self.added if t not in self.all_special_tokens}
+        verbatim |= {t for t in self.additional_special_tokens if self.added[t].id >= self.sp_vocab_size}
+        texts, run = [], []
+        for tok in tokens:
+            if tok in verbatim:
+                if run:
+                    s = self._tokens_to_string(run)
+                    if s:
+                        texts.append(s)
+                    run = []
+                texts.append(tok)
+            else:
+                run.append(tok)
+        if run:
+            texts.append(self._tokens_to_string(run))
+        return (" " if self.spaces_between_special_tokens else "").join(texts)
+
+    def _tokens_to_string(self, tokens):
+        out, run, prev_special = "", [], False
+        if self.style == "llama":
+            tokens = list(tokens)
+            if not self.legacy and self.add_prefix_space and tokens[0].startswith(SPIECE_UNDERLINE):
+                tokens[0] = tokens[0][1:]
+            for i, tok in enumerate(tokens):
+                if tok in self.all_special_tokens:
+                    if not prev_special and i != 0 and self.legacy:
+                        out += " "
+                    out += self.sp.decode(run) + tok
+                    prev_special, run = True, []
+                else:
+                    if prev_special and i == 1 and self.add_prefix_space and not tok.startswith(SPIECE_UNDERLINE):
+                        out += " "
+                    run.append(tok)
+                    prev_special = False
+            return out + self.sp.decode(run)
+        for tok in tokens:  # InternLM2Tokenizer.convert_tokens_to_string
+            if tok in self.all_special_tokens:
+                if not prev_special:
+                    out += " "
+                out += self.sp.decode(run) + tok
+                prev_special, run = True, []
+            else:
+                run.append(tok)
+                prev_special = False
+        out += self.sp.decode(run)
+        # its _maybe_add_prefix_space always prepends " " (it compares a string to a set of ints),
+        # and the method returns out_string[1:]: the two cancel.
+        return out
+
+
+def load_tokenizer(path):
+    """Tokenizer from a checkpoint directory (tokenizer.model, tokenizer_config.json,
+    added_tokens.json, special_tokens_map.json)."""
+    return Tokenizer(path)
