@@ -122,12 +122,13 @@ class InternVL(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, image_flags=None, attention_mask=None, max_new_tokens=32,
                  eos_token_id=None, do_sample=False, temperature=1.0, top_p=1.0, generator=None,
-                 output_logits=False):
+                 output_logits=False, streamer=None):
         """New token ids [B, n] with a KV cache; greedy unless do_sample.
 
         Stops when every row has produced `eos_token_id` (an int or a list; pass the template terminator, e.g.
         the tokenizer's <|im_end|> / <|end|> id, to stop as the official chat does). Finished rows are padded
-        with the eos id. Left padding is supported through `attention_mask`.
+        with the eos id. Left padding is supported through `attention_mask`. `streamer(ids)` is called with each
+        new step's ids [B] as soon as they are picked (chat.py prints tokens as they come).
         """
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
                            device=input_ids.device)
@@ -146,6 +147,8 @@ class InternVL(nn.Module):
                 nxt = torch.where(done, eos[0], nxt)
                 done |= torch.isin(nxt, eos)
             tokens.append(nxt)
+            if streamer is not None:
+                streamer(nxt)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
