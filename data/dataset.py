@@ -120,10 +120,18 @@ def conversation_text(conv, template, tiles_per_image, system_message):
 
 def build_sample(record, tokenizer, template=None, image_folder=None, max_num=12, max_length=None,
                  system_message=None, *, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True, images=None,
-                 check_labels=True):
+                 check_labels=True, label_rule="net"):
     """One LLaVA record -> dict(input_ids, labels, pixel_values, image_flags, num_tiles, truncated,
     labels_match_official). `images` (PIL) replaces loading from disk. system_message None means
-    DEFAULT_SYSTEM_MESSAGE. Raises SampleError (bad record), SampleTooLong, ImageLoadError."""
+    DEFAULT_SYSTEM_MESSAGE. Raises SampleError (bad record), SampleTooLong, ImageLoadError.
+
+    Labels: label_rule "net" (default) supervises each answer + terminator. The official
+    fragment-count labels are computed alongside (check_labels) and labels_match_official says whether
+    they agree; where they do not, the official code shifts or wholly masks the labels (e.g. InternLM2
+    answers whose first word tokenizes differently behind the dummy prefix). label_rule "official"
+    returns the official labels instead, mismatches and all."""
+    if label_rule not in ("net", "official"):
+        raise ValueError(f"label_rule must be 'net' or 'official', got {label_rule!r}")
     template = get_template(template or tokenizer.template)
     system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
     conv = parse_record(record)
@@ -139,9 +147,11 @@ def build_sample(record, tokenizer, template=None, image_folder=None, max_num=12
     ids, starts = tokenizer.encode_with_offsets(text)
     labels = net_labels(template, tokenizer, ids, starts, spans)
     match = True
-    if check_labels:  # the official fragment-count procedure must agree with the net rule
+    if check_labels or label_rule == "official":  # the official fragment-count procedure, for comparison
         official, consistent = official_labels(template, tokenizer, text, ids)
         match = consistent and official == labels
+        if label_rule == "official":
+            labels = official
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         image_end = max((i + 1 for i, t in enumerate(ids) if t == tokenizer.img_end_id), default=0)

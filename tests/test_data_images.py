@@ -1,0 +1,118 @@
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from data import ImageLoadError, dynamic_preprocess, load_image
+from data.images import (choose_grid, dummy_pixel_values, images_to_pixel_values, num_tiles, target_ratios,
+                         to_tensor)
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+
+# SPEC §5.2: candidate order for max_num 12 (CPython set iteration order within equal products)
+SPEC_ORDER_12 = [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1),
+                 (3, 2), (2, 3), (7, 1), (1, 7), (4, 2), (2, 4), (1, 8), (8, 1), (1, 9), (3, 3), (9, 1), (2, 5),
+                 (5, 2), (10, 1), (1, 10), (11, 1), (1, 11), (12, 1), (3, 4), (4, 3), (1, 12), (6, 2), (2, 6)]
+
+
+def test_candidate_order_matches_spec():
+    assert target_ratios(1, 12) == SPEC_ORDER_12
+
+
+# SPEC §5.2 test vectors, cap 12, thumbnail on; 896x448 and 1920x1080 exercise the area tie-break
+@pytest.mark.parametrize("wh,grid,tiles", [
+    ((448, 448), (1, 1), 1), ((500, 500), (1, 1), 1), ((640, 640), (2, 2), 5), ((1024, 1024), (3, 3), 10),
+    ((800, 600), (4, 3), 13), ((600, 400), (3, 2), 7), ((896, 448), (2, 1), 3), ((1920, 1080), (4, 2), 9),
+    ((1080, 1920), (2, 4), 9), ((300, 1000), (1, 3), 4), ((4000, 500), (8, 1), 9)])
+def test_grid_choice_spec_vectors(wh, grid, tiles):
+    assert choose_grid(*wh, 1, 12) == grid
+    assert num_tiles(*wh, 1, 12) == tiles
+    img = Image.new("RGB", wh, (10, 20, 30))
+    assert len(dynamic_preprocess(img, max_num=12)) == tiles
+
+
+def test_fixture_grid_and_tie():
+    # 700x500 with cap 6: (3,2) per reference.json grid_wh
+    assert choose_grid(700, 500, 1, 6) == (3, 2)
+
+
+def _gradient(w, h):
+    """A deterministic RGB test image with structure in every channel."""
+    r = Image.linear_gradient("L").resize((w, h), Image.BILINEAR)
+    g = Image.linear_gradient("L").rotate(90).resize((w, h), Image.BILINEAR)
+    b = Image.radial_gradient("L").resize((w // 3 + 1, h // 3 + 1)).resize((w, h), Image.NEAREST)
+    return Image.merge("RGB", (r, g, b))
+
+
+def test_tiles_are_row_major_crops_with_thumbnail_last():
+    img = _gradient(1000, 500)  # grid (2,1)? r = 2 -> (2,1) unless the tie-break picks (4,2): 500k < 0.5*448^2*8
+    tiles = dynamic_preprocess(img, max_num=12)
+    cols, rows = choose_grid(1000, 500, 1, 12)
+    big = img.resize((448 * cols, 448 * rows), Image.BICUBIC)
+    assert len(tiles) == cols * rows + 1
+    for k in range(cols * rows):
+        x, y = (k % cols) * 448, (k // cols) * 448
+        assert tiles[k].tobytes() == big.crop((x, y, x + 448, y + 448)).tobytes()
+    assert tiles[-1].tobytes() == img.resize((448, 448), Image.BICUBIC).tobytes()
+    assert len(dynamic_preprocess(img, max_num=12, use_thumbnail=False)) == cols * rows
+
+
+@pytest.mark.parametrize("case", ["internlm2", "phi3"])
+def test_pixel_values_bit_identical_to_official(case):
+    t = load_file(os.path.join(FIX, case, "reference.safetensors"))
+    img = load_image(os.path.join(FIX, case, "image.png"))
+    pv, counts = images_to_pixel_values([img], max_num=6)
+    assert counts == [7] and pv.dtype == torch.float32 and pv.shape == (7, 3, 448, 448)
+    assert torch.equal(pv[:, :, ::7, ::7], t["pixel_values_sub"])
+    assert torch.allclose(pv.double().sum((1, 2, 3)), t["pixel_values_tile_sum"], rtol=0, atol=1e-9)
+    assert torch.allclose(pv.double().abs().sum((1, 2, 3)), t["pixel_values_tile_abs_sum"], rtol=0, atol=1e-9)
+    assert torch.allclose(pv.double().mean((2, 3)), t["pixel_values_channel_mean"].double(), rtol=0, atol=1e-7)
+
+
+def test_normalisation_is_torchvision_float32():
+    img = _gradient(448, 448)
+    raw = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(448, 448, 3).permute(2, 0, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    expected = (raw.float().div(255) - mean) / std  # torchvision ToTensor + Normalize
+    assert torch.equal(to_tensor([img])[0], expected)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "LA", "I;16"])
+def test_any_mode_becomes_rgb(tmp_path, mode):
+    src = _gradient(300, 200)
+    img = src.convert(mode) if mode != "I;16" else src.convert("L").convert("I;16")
+    path = tmp_path / "x.png" if mode != "CMYK" else tmp_path / "x.jpg"
+    img.save(path)
+    loaded = load_image(str(path))
+    assert loaded.mode == "RGB"
+    assert loaded.tobytes() == Image.open(path).convert("RGB").tobytes()
+
+
+def test_dummy_tile_is_official_white_tile():
+    pv = dummy_pixel_values()
+    assert pv.shape == (1, 3, 448, 448)
+    white = (torch.ones(3).div(1) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.equal(pv[0].amax((1, 2)), white) and torch.equal(pv[0].amin((1, 2)), white)
+
+
+def test_multi_image_budget_split():
+    a, b = _gradient(1920, 1080), _gradient(640, 640)
+    pv, counts = images_to_pixel_values([a, b], max_num=12)  # cap max(1, 12 // 2) = 6 each
+    assert counts == [num_tiles(1920, 1080, 1, 6), num_tiles(640, 640, 1, 6)] == [3, 5]
+    assert pv.shape[0] == 8
+    assert torch.equal(pv[:3], to_tensor(dynamic_preprocess(a, max_num=6)))
+    assert torch.equal(pv[3:], to_tensor(dynamic_preprocess(b, max_num=6)))
+    _, counts = images_to_pixel_values([a] * 13, max_num=12)  # cap never below 1
+    assert counts == [1] * 13
+
+
+def test_missing_and_corrupt_images(tmp_path):
+    with pytest.raises(ImageLoadError, match="nope.jpg: cannot load image"):
+        load_image(str(tmp_path / "nope.jpg"))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageLoadError, match="bad.jpg: cannot load image"):
+        load_image(str(bad))
