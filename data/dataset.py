@@ -418,7 +418,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 skipped.append(f"{self.sample_id(j)}: {e}")
                 log.warning("skipping sample %s: %s", self.sample_id(j), e)
             # a seeded replacement of the same modality keeps the batch's shape and is reproducible
-            j = random.Random(f"{self.seed}/replace/{i}/{attempt}").choice(self._by_modality[self.is_image[i]])
+            failed = {i} | {j}
+            pool = [k for k in self._by_modality[self.is_image[i]] if k not in failed] or \
+                self._by_modality[self.is_image[i]]
+            j = random.Random(f"{self.seed}/replace/{i}/{attempt}").choice(pool)
         else:
             raise RuntimeError(f"sample {self.sample_id(i)}: {self.max_replacements} replacements failed too; "
                                f"last problems: {skipped[-3:]}")
