@@ -1,0 +1,197 @@
+"""Talk to an official InternVL 1.5 directory (converted or released) with the official chat semantics (SPEC §9).
+
+    python chat.py MODEL_DIR --image photo.jpg --question "What is in the picture?"
+    python chat.py MODEL_DIR --image photo.jpg      # interactive: one question per line, history kept
+
+What `InternVLChatModel.chat` does, step by step: the system message is config.json's `system_message`, else the
+template default; the image is tiled with the directory's own tiling settings (max_dynamic_patch, thumbnail);
+`<image>\\n` goes in front of the first question when it has no `<image>`; each `<image>` becomes `<img>` +
+`<IMG_CONTEXT>` x (256 x tiles) + `</img>`; generation stops only at the template terminator (`<|im_end|>` /
+`<|end|>`); the answer is decoded without special tokens, cut at the terminator text and stripped.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from data.images import dynamic_preprocess, load_image, to_tensor
+from data.templates import DEFAULT_SYSTEM_MESSAGE, generation_prompt, get_template
+from data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
+from model import load_pretrained
+from model.config import InternVLConfig
+
+IMAGE_TAG = "<image>"
+
+
+def image_to_pixel_values(image, config: InternVLConfig, max_num: int | None = None) -> torch.Tensor:
+    """A PIL image -> float32 [tiles, 3, S, S] with the directory's tiling settings (official load_image)."""
+    size = config.force_image_size
+    if not config.dynamic_image_size:  # one tile, warped to S x S (to_tensor resizes)
+        return to_tensor([image.convert("RGB")], size)
+    tiles = dynamic_preprocess(image.convert("RGB"), config.min_dynamic_patch, max_num or config.max_dynamic_patch,
+                               size, config.use_thumbnail)
+    return to_tensor(tiles, size)
+
+
+def resolve_system_message(config: InternVLConfig, override: str | None = None) -> str:
+    """--system-message, else config.json's system_message, else the template default (SPEC §6.3)."""
+    if override is not None:
+        return override
+    return config.system_message if config.system_message is not None else DEFAULT_SYSTEM_MESSAGE
+
+
+def build_prompt(tokenizer, config: InternVLConfig, question: str, history=(), num_patches_list=(),
+                 system_message: str | None = None) -> tuple[str, list[int]]:
+    """(question as kept in the history, prompt ids with BOS) exactly as the official chat builds them."""
+    if not history and num_patches_list and IMAGE_TAG not in question:
+        question = IMAGE_TAG + "\n" + question
+    query = generation_prompt(config.template, question, list(history), resolve_system_message(config, system_message))
+    n_tags = query.count(IMAGE_TAG)
+    if n_tags != len(num_patches_list):
+        raise ValueError(f"the prompt has {n_tags} {IMAGE_TAG} tag(s) but {len(num_patches_list)} image(s) were "
+                         f"given{' (pass --image)' if not num_patches_list else ''}")
+    for n in num_patches_list:
+        query = query.replace(IMAGE_TAG, IMG_START + IMG_CONTEXT * (config.num_image_token * n) + IMG_END, 1)
+    return question, tokenizer.encode(query)
+
+
+class StreamPrinter:
+    """Prints the answer as tokens arrive. It re-decodes the new tokens each step and prints only text that can
+    no longer change: nothing after the terminator, no trailing whitespace (the answer is stripped), and nothing
+    while the text ends in an incomplete UTF-8 sequence (byte-fallback pieces)."""
+
+    def __init__(self, tokenizer, sep: str, out=None):
+        self.tokenizer, self.sep, self.out = tokenizer, sep, out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+    def __call__(self, step_ids: torch.Tensor) -> None:
+        self.ids.append(int(step_ids[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).split(self.sep)[0].strip()
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+
+    def finish(self, response: str) -> None:
+        if response.startswith(self.printed):
+            self._emit(response)
+        else:  # the decoded text changed behind what was printed: give the final answer in full
+            self.out.write("\n" + response)
+        self.out.write("\n")
+        self.out.flush()
+
+
+@torch.no_grad()
+def chat(model, tokenizer, pixel_values: torch.Tensor | None, question: str, history=None,
+         max_new_tokens: int = 1024, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+         system_message: str | None = None, streamer=None, generator=None):
+    """One turn of the official chat: returns (response, history + [(question, response)], new token ids).
+
+    Like the official chat, the image (all its tiles) is passed again on every turn: its `<image>` lives in the
+    first question of the history.
+    """
+    config = model.config
+    history = list(history or [])
+    num_patches = [pixel_values.shape[0]] if pixel_values is not None else []
+    question, ids = build_prompt(tokenizer, config, question, history, num_patches, system_message)
+    sep = get_template(config.template).sep
+    eos_id = tokenizer.convert_tokens_to_ids(sep)
+    device = next(model.parameters()).device
+    dtype = model.llm.embed.weight.dtype
+    input_ids = torch.tensor([ids], device=device)
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device=device, dtype=dtype)
+    out = model.generate(input_ids, pixel_values, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                         do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator,
+                         streamer=streamer)[0]
+    response = tokenizer.decode(out.tolist(), skip_special_tokens=True).split(sep)[0].strip()
+    history.append((question, response))
+    return response, history, out
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", help="an official InternVL 1.5 directory (convert.py output or a released model)")
+    p.add_argument("--image", help="image file; without it the chat is text-only")
+    p.add_argument("--question", help="ask once and exit; without it, read questions from stdin (interactive)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-num", type=int, default=None,
+                   help="tile cap for the image (default: the directory's max_dynamic_patch)")
+    p.add_argument("--system-message", default=None,
+                   help="override the system message (default: config.json's, else the template default)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weights and compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = load_tokenizer(args.model_dir)
+    model = load_pretrained(args.model_dir, dtype=dtype, device=device)
+    pixel_values = None
+    if args.image:
+        pixel_values = image_to_pixel_values(load_image(args.image), model.config, args.max_num)
+    sep = get_template(model.config.template).sep
+    generator = torch.Generator(device=device).manual_seed(args.seed) if args.do_sample else None
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                    top_p=args.top_p, system_message=args.system_message, generator=generator)
+
+    def answer(question, history):
+        printer = None if args.no_stream else StreamPrinter(tokenizer, sep)
+        response, history, _ = chat(model, tokenizer, pixel_values, question, history, streamer=printer, **settings)
+        if printer is None:
+            print(response, flush=True)
+        else:
+            printer.finish(response)
+        return history
+
+    if args.question is not None:
+        answer(args.question, None)
+        return 0
+    tiles = f", image {args.image} ({pixel_values.shape[0]} tiles)" if pixel_values is not None else ", no image"
+    print(f"{args.model_dir} on {device} ({str(dtype).removeprefix('torch.')}){tiles}. "
+          f"Type a question; /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    history = None
+    while True:
+        try:
+            question = input("USER: ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        question = question.strip()
+        if question in ("/exit", "/quit"):
+            return 0
+        if question == "/reset":
+            history = None
+            continue
+        if not question:
+            continue
+        print("ASSISTANT: ", end="", flush=True)
+        history = answer(question, history)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

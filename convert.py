@@ -1,0 +1,469 @@
+"""A train.py checkpoint -> an official InternVL 1.5 directory: merged, bf16, key-exact, verified (SPEC §12).
+
+    python convert.py runs/demo/iter_100 runs/demo/converted     # an iter_* directory
+    python convert.py runs/2b_lora exports/2b_lora                # a run directory: its newest complete checkpoint
+
+What it does:
+  1. Reads the checkpoint's meta.json (base model, mode, LoRA settings); --base-model overrides a moved base.
+  2. Consolidates the trained tensors with DeepSpeed's own zero_to_fp32 (ZeRO-1 and ZeRO-3 partitions alike;
+     frozen tensors were never saved).
+  3. Streams the base checkpoint tensor by tensor: full-mode tensors are replaced by the trained ones; LoRA and
+     QLoRA adapters are merged in float32 onto the bf16 base read from the base directory (never onto
+     dequantised 4-bit weights). Internal names and layouts become official ones through model/weights.py.
+  4. Writes safetensors shards (--max-shard-size) + model.safetensors.index.json, checks the key set and shapes
+     strictly against the base directory, writes config.json (use_llm_lora = use_backbone_lora = 0, all else
+     kept) and copies every other file of the base (tokenizer, generation_config.json, remote code).
+  5. Self-check (--no-verify skips): reloads the output with load_pretrained, runs a fixed image + conversation
+     built by the data pipeline through it and through the trained model (adapters unmerged), prints the
+     largest logit difference and fails above the tolerance of the output dtype.
+Everything is written into a temporary sibling of OUT and renamed at the end: a failure leaves no half-written
+OUT. An export that fails the self-check is left at OUT.rejected for inspection, and the exit status is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import load_config, load_pretrained
+from model.weights import checkpoint_files, to_official_name, to_official_tensor
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# The weight files of a checkpoint directory: written anew, never copied from the base.
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+# Self-check tolerance, relative to the largest |logit| of the trained model: K_TOL x the unit roundoff of the
+# coarsest dtype involved (the output weights, or the self-check's compute dtype). Rounding every weight to
+# bf16 (u = 2^-8) moves the logits of the demo models by about 0.5-1.5 u of their scale; K_TOL = 8 leaves
+# room for deeper models, while a missing merge, a wrong layout or a swapped tensor moves them by O(1).
+K_TOL = 8.0
+FLOOR = 1e-4  # float32 compute noise (the fixtures' cross-implementation agreement)
+
+
+UMASK = os.umask(0)
+os.umask(UMASK)
+
+
+class ConvertError(RuntimeError):
+    """A refusal or a bad input: printed as `error: ...` with exit status 2."""
+
+
+# --- the checkpoint --------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str) -> str:
+    """An iter_* directory (it has meta.json), or a run directory -> its newest complete iter_* checkpoint."""
+    from train import complete_checkpoints  # the checkpoint layout is train.py's
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ConvertError(f"{path}: no such checkpoint directory")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        partial = sorted(p for p in os.listdir(path) if p.startswith("iter_"))
+        raise ConvertError(f"{path}: neither a checkpoint (no meta.json) nor a run directory with a complete "
+                           f"iter_* checkpoint{f' (incomplete: {partial})' if partial else ''}")
+    return found[-1][1]
+
+
+def read_meta(ckpt_dir: str) -> dict:
+    from train import FORMAT
+    meta_file = os.path.join(ckpt_dir, "meta.json")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ConvertError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    for key in ("base_model_path", "mode", "lora", "step"):
+        if key not in meta:
+            raise ConvertError(f"{meta_file}: no {key!r}")
+    if meta["mode"] not in ("full", "lora", "qlora"):
+        raise ConvertError(f"{meta_file}: unknown mode {meta['mode']!r}")
+    if (meta["mode"] == "full") != (meta["lora"] is None):
+        raise ConvertError(f"{meta_file}: mode {meta['mode']!r} with lora settings {meta['lora']!r}")
+    return meta
+
+
+def resolve_base(meta: dict, override: str | None, ckpt_dir: str) -> str:
+    if override is not None:
+        base = os.path.abspath(override)
+        if not os.path.isfile(os.path.join(base, "config.json")):
+            raise ConvertError(f"--base-model {override}: no config.json there (expected the official InternVL 1.5 "
+                               f"directory the run was trained from)")
+        return base
+    base = meta["base_model_path"]
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        raise ConvertError(f"the base model {base} named in {os.path.join(ckpt_dir, 'meta.json')} is missing (no "
+                           f"config.json); if it moved, pass its new location with --base-model DIR")
+    return os.path.abspath(base)
+
+
+def trained_tensors(ckpt_dir: str, meta: dict) -> dict[str, torch.Tensor]:
+    """The trained tensors (float32), consolidated from the ZeRO partitions by DeepSpeed's zero_to_fp32.
+
+    Strict: exactly the parameters meta.json lists as trainable."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    run_dir, tag = os.path.split(ckpt_dir)
+    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step
+        state = get_fp32_state_dict_from_zero_checkpoint(run_dir, tag=tag, exclude_frozen_parameters=True)
+    expected = meta.get("run", {}).get("trainable")
+    if expected is not None:
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ConvertError(f"{ckpt_dir}: the DeepSpeed files do not hold the trainable parameters meta.json "
+                               f"lists: missing {missing[:8]} ({len(missing)}), unexpected {unexpected[:8]} "
+                               f"({len(unexpected)})")
+    return {k: v.float() for k, v in state.items()}
+
+
+def lora_settings(meta: dict):
+    if meta["lora"] is None:
+        return None
+    from lora import LoRAConfig
+    return LoRAConfig.from_dict(meta["lora"])
+
+
+# --- the output directory --------------------------------------------------------------------------------------
+
+def _inside(path: str, parent: str) -> bool:
+    path, parent = os.path.realpath(path), os.path.realpath(parent)
+    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_output(out: str, ckpt_arg: str, ckpt_dir: str, base: str, overwrite: bool) -> str:
+    """Refuse every OUT that would damage the inputs or mix with old files."""
+    out = os.path.abspath(out)
+    for name, path in (("the checkpoint", ckpt_arg), ("the checkpoint", ckpt_dir)):
+        if _inside(out, path):
+            raise ConvertError(f"OUT {out} is {'' if os.path.realpath(out) == os.path.realpath(path) else 'inside '}"
+                               f"{name} {os.path.abspath(path)}; write the export somewhere else")
+    if _inside(out, base):
+        raise ConvertError(f"OUT {out} is {'' if os.path.realpath(out) == os.path.realpath(base) else 'inside '}"
+                           f"the base model {base}; write the export somewhere else")
+    for name, path in (("the checkpoint", ckpt_dir), ("the base model", base)):
+        if _inside(path, out):
+            raise ConvertError(f"OUT {out} contains {name} {path}; replacing it would delete it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConvertError(f"OUT {out} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ConvertError(f"OUT {out} is not empty; pass --overwrite to replace it")
+    return out
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2^20, '1000' -> 1000 (the transformers convention)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def write_weights(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], config, dtype: torch.dtype,
+                  max_shard_bytes: int) -> dict[str, str]:
+    """(internal name, tensor) stream -> official names/layouts in `dtype`, shards of at most max_shard_bytes
+    (a tensor larger than that gets a shard of its own) + model.safetensors.index.json. Holds one shard at once."""
+    family = config.llm.family
+    shards: list[list[str]] = []
+    seen: set[str] = set()
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            path = os.path.join(out_dir, f"shard-{len(shards):05d}.part")
+            save_file(current, path, metadata={"format": "pt"})
+            os.chmod(path, 0o666 & ~UMASK)  # safetensors creates files 0600; make them like every other file
+            shards.append(list(current))
+            current, size = {}, 0
+
+    for name, tensor in tensors:
+        official = to_official_name(name, family)
+        t = to_official_tensor(name, tensor, config).to(dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+        if official in seen:
+            raise RuntimeError(f"tensor {official} produced twice")
+        seen.add(official)
+        current[official] = t
+        size += nbytes
+        total += nbytes
+    flush()
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(os.path.join(out_dir, f"shard-{i:05d}.part"), os.path.join(out_dir, final))
+        weight_map.update({k: final for k in keys})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    return weight_map
+
+
+def tensor_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Official name -> (shape, dtype) from the safetensors headers of a directory (no tensor is read)."""
+    out = {}
+    files = checkpoint_files(path)
+    for fname in sorted(set(files.values())):
+        with safe_open(fname, "pt") as f:
+            for k in f.keys():
+                if files.get(k) == fname:
+                    s = f.get_slice(k)
+                    out[k] = (tuple(s.get_shape()), s.get_dtype())
+    return out
+
+
+def check_against_base(out_dir: str, base: str, dtype: torch.dtype) -> int:
+    """The written key set and shapes must equal the base directory's exactly; every tensor in `dtype`."""
+    got, want = tensor_shapes(out_dir), tensor_shapes(base)
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = [f"{k}: {list(got[k][0])} vs base {list(want[k][0])}" for k in sorted(set(got) & set(want))
+             if got[k][0] != want[k][0]]
+    st_dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    wrong_dtype = [k for k, (_, d) in got.items() if d != st_dtype]
+    if missing or unexpected or wrong or wrong_dtype:
+        raise RuntimeError(f"the export does not match the base {base}: missing {missing[:8]} ({len(missing)}), "
+                           f"unexpected {unexpected[:8]} ({len(unexpected)}), wrong shapes {wrong[:8]} "
+                           f"({len(wrong)}), not {st_dtype} {wrong_dtype[:8]} ({len(wrong_dtype)})")
+    return len(got)
+
+
+def write_config(out_dir: str, base: str, dtype: torch.dtype) -> None:
+    """The base config.json with the LoRA flags reset (the adapters are merged) and torch_dtype = the output's."""
+    with open(os.path.join(base, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["use_llm_lora"] = 0
+    cfg["use_backbone_lora"] = 0
+    name = DTYPE_NAMES[dtype]
+    cfg["torch_dtype"] = name
+    for sub in ("llm_config", "vision_config"):  # only where the base states one
+        if isinstance(cfg.get(sub), dict) and "torch_dtype" in cfg[sub]:
+            cfg[sub]["torch_dtype"] = name
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def copy_base_files(base: str, out_dir: str) -> list[str]:
+    """Every file of the base except its weights and config.json, unchanged (tokenizer, generation config,
+    remote code *.py, README, ...)."""
+    copied = []
+    for name in sorted(os.listdir(base)):
+        src, dst = os.path.join(base, name), os.path.join(out_dir, name)
+        if name == "config.json" or WEIGHT_FILE.match(name):
+            continue
+        if os.path.isdir(src):
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+        copied.append(name)
+    return copied
+
+
+# --- the self-check --------------------------------------------------------------------------------------------
+
+def check_image():
+    """A fixed 896x448 picture (2 tiles + thumbnail): gradients and a few shapes, nothing random."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (896, 448))
+    px = img.load()
+    for y in range(448):
+        for x in range(896):
+            px[x, y] = (x * 255 // 895, y * 255 // 447, (x + y) % 256)
+    d = ImageDraw.Draw(img)
+    d.ellipse([100, 100, 300, 300], fill=(220, 30, 30))
+    d.rectangle([520, 60, 760, 240], fill=(30, 60, 220))
+    d.polygon([(600, 420), (820, 420), (710, 280)], fill=(235, 200, 20))
+    return img
+
+
+def check_sample(base: str, config) -> dict:
+    """The fixed input, built by the data pipeline exactly as training builds samples."""
+    from data import build_sample, load_tokenizer
+    record = {"image": "self-check.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the picture in one sentence."},
+        {"from": "gpt", "value": "A red circle, a blue rectangle and a yellow triangle on a colourful gradient."}]}
+    return build_sample(record, load_tokenizer(base), config.template, max_num=config.max_dynamic_patch,
+                        system_message=config.system_message, images=[check_image()],
+                        use_thumbnail=config.use_thumbnail, check_labels=False)
+
+
+def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, device):
+    """The model as training computed it, from the bf16 base + the trained tensors, adapters NOT merged.
+
+    For QLoRA the adapters sit on the unquantised base: the export merges onto that base, so this is the model
+    the export must equal (the NF4 training model differs from both by the base's quantisation error)."""
+    model = load_pretrained(base, dtype=dtype, device=device)
+    if lora_cfg is not None:
+        from lora import inject_lora
+        inject_lora(model, lora_cfg)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in trained.items():
+            if name not in params or params[name].shape != t.shape:
+                raise RuntimeError(f"trained tensor {name} {tuple(t.shape)} does not fit the model")
+            params[name].copy_(t.to(device=device, dtype=dtype))
+    return model.eval()
+
+
+@torch.no_grad()
+def _logits(model, sample, device):
+    dtype = next(model.parameters()).dtype
+    return model(sample["input_ids"][None].to(device), sample["pixel_values"].to(device=device, dtype=dtype),
+                 sample["image_flags"].to(device)).logits[0].float().cpu()
+
+
+def tolerance(out_dtype: torch.dtype, compute_dtype: torch.dtype, scale: float) -> float:
+    u = max(torch.finfo(out_dtype).eps, torch.finfo(compute_dtype).eps) / 2  # unit roundoff
+    return max(FLOOR, K_TOL * u * scale)
+
+
+def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dtype, device, tol=None,
+               log=print) -> dict:
+    """Logits of the export vs the trained model (and vs the untrained base, for scale) on the fixed input.
+
+    The models are loaded one after the other, so at most one is in memory at a time."""
+    config = load_config(base)
+    sample = check_sample(base, config)
+    model = load_pretrained(base, dtype=compute_dtype, device=device)
+    base_logits = _logits(model, sample, device)
+    del model
+    model = trained_model(base, trained, lora_cfg, compute_dtype, device)
+    ref = _logits(model, sample, device)
+    del model
+    model = load_pretrained(out_dir, dtype=compute_dtype, device=device)
+    got = _logits(model, sample, device)
+    del model
+    scale = ref.abs().max().item()
+    result = dict(
+        tokens=int(sample["input_ids"].numel()), tiles=int(sample["pixel_values"].shape[0]),
+        max_abs_diff=(got - ref).abs().max().item(), logit_scale=scale,
+        training_shift=(ref - base_logits).abs().max().item(),
+        argmax_agreement=(got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        tolerance=tol if tol is not None else tolerance(out_dtype, compute_dtype, scale))
+    result["ok"] = result["max_abs_diff"] <= result["tolerance"]
+    log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {DTYPE_NAMES[compute_dtype]} on "
+        f"{device}: largest |logit difference| export vs trained model = {result['max_abs_diff']:.3g} "
+        f"(tolerance {result['tolerance']:.3g} = {K_TOL:g} x unit roundoff x largest |logit| {scale:.3g}); "
+        f"training moved the logits by up to {result['training_shift']:.3g}; same argmax at "
+        f"{100 * result['argmax_agreement']:.2f}% of positions -> {'OK' if result['ok'] else 'FAILED'}")
+    return result
+
+
+# --- main --------------------------------------------------------------------------------------------------------
+
+def publish(tmp: str, out: str) -> None:
+    """Put the finished export at OUT; an old OUT (only with --overwrite) is removed after the swap."""
+    old = None
+    if os.path.exists(out):
+        old = tmp + ".old"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old)
+
+
+def convert(args, log=print) -> dict:
+    ckpt_dir = resolve_checkpoint(args.ckpt)
+    meta = read_meta(ckpt_dir)
+    base = resolve_base(meta, args.base_model, ckpt_dir)
+    out = check_output(args.out, args.ckpt, ckpt_dir, base, args.overwrite)
+    dtype = DTYPES[args.dtype]
+    config = load_config(base)
+    lora_cfg = lora_settings(meta)
+    log(f"checkpoint {ckpt_dir} (step {meta['step']}, mode {meta['mode']}, ZeRO-{meta.get('zero_stage')}, "
+        f"{meta.get('world_size')} rank(s)); base {base}")
+    trained = trained_tensors(ckpt_dir, meta)
+    log(f"trained tensors: {len(trained)} ({sum(t.numel() for t in trained.values()):,} values)")
+
+    from lora import merge_checkpoint
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        weight_map = write_weights(tmp, merge_checkpoint(base, trained, lora_cfg, config), config, dtype,
+                                   args.max_shard_size)
+        n = check_against_base(tmp, base, dtype)
+        write_config(tmp, base, dtype)
+        copied = copy_base_files(base, tmp)
+        log(f"wrote {n} tensors ({DTYPE_NAMES[dtype]}) in {len(set(weight_map.values()))} shard(s), key set and "
+            f"shapes equal to the base; config.json (LoRA flags reset); copied {', '.join(copied)}")
+        result = dict(out=out, checkpoint=ckpt_dir, base=base, tensors=n, shards=len(set(weight_map.values())))
+        if args.verify:
+            device = torch.device(args.verify_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            check = self_check(tmp, base, trained, lora_cfg, dtype, DTYPES[args.verify_dtype], device,
+                               args.tolerance, log)
+            result["check"] = check
+            if not check["ok"]:
+                rejected = out + ".rejected"
+                shutil.rmtree(rejected, ignore_errors=True)
+                os.replace(tmp, rejected)
+                raise SelfCheckFailed(f"the self-check failed; the export was NOT written to {out}. It is kept at "
+                                      f"{rejected} for inspection.")
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"done: {out}")
+    return result
+
+
+class SelfCheckFailed(RuntimeError):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("ckpt", metavar="CKPT", help="an iter_* checkpoint directory, or a run directory (its newest "
+                                                "complete checkpoint is used)")
+    p.add_argument("out", metavar="OUT", help="the official directory to write (must not exist, or be empty, "
+                                              "unless --overwrite)")
+    p.add_argument("--base-model", metavar="DIR",
+                   help="the base model directory, when it is no longer where meta.json says")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the written weights")
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
+                   help="largest safetensors shard, e.g. 5GB (default), 500MB, 2GiB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the self-check")
+    p.add_argument("--verify-dtype", default="float32", choices=sorted(DTYPES),
+                   help="compute dtype of the self-check (float32: exact; bfloat16 halves its memory)")
+    p.add_argument("--verify-device", default=None, help="device of the self-check (default: cuda if available)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help=f"largest accepted |logit difference| (default: {K_TOL:g} x the unit roundoff of the "
+                        f"coarser of --dtype and --verify-dtype x the largest |logit|)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        convert(args)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SelfCheckFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

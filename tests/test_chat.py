@@ -1,0 +1,101 @@
+"""chat.py against the official chat() outputs stored in the fixtures: prompt ids, generated ids, decoded answer."""
+import io
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import chat
+from data import load_tokenizer
+from data.images import load_image
+from model import load_pretrained
+from tests.fixture_inputs import FIXTURES, fixture_pixels
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module", params=["internlm2", "phi3"])
+def case(request):
+    d = os.path.join(FIXTURES, request.param)
+    with open(os.path.join(d, "reference.json")) as f:
+        info = json.load(f)
+    return dict(dir=d, info=info, ref=load_file(os.path.join(d, "reference.safetensors")),
+                model=load_pretrained(d, dtype=torch.float32), tokenizer=load_tokenizer(d))
+
+
+def test_pixels_use_the_directory_tiling(case):
+    m = case["model"]
+    pv = chat.image_to_pixel_values(load_image(os.path.join(case["dir"], "image.png")), m.config)
+    assert m.config.max_dynamic_patch == 6
+    assert pv.shape[0] == case["info"]["chat"]["num_tiles"] == 7
+    assert torch.equal(pv, fixture_pixels(os.path.basename(case["dir"])))
+
+
+def test_prompt_ids_equal_official(case):
+    m, tok, ref = case["model"], case["tokenizer"], case["ref"]
+    q = case["info"]["chat"]["question"]
+    kept, ids = chat.build_prompt(tok, m.config, q, [], [7])
+    assert kept == "<image>\n" + q  # the official chat prepends the tag and keeps it in the history
+    assert ids == ref["chat_input_ids"][0].tolist()
+    # the image string collapsed back to <image> is the official prompt string
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert "<IMG_CONTEXT>" in text and case["info"]["chat"]["prompt"].split("<image>")[0].split("\n")[-1] in text
+
+
+def test_chat_answer_equals_official(case):
+    m, tok, ref, info = case["model"], case["tokenizer"], case["ref"], case["info"]["chat"]
+    pv = chat.image_to_pixel_values(load_image(os.path.join(case["dir"], "image.png")), m.config)
+    out = io.StringIO()
+    printer = chat.StreamPrinter(tok, "<|im_end|>" if "internlm2" in case["dir"] else "<|end|>", out)
+    response, history, ids = chat.chat(m, tok, pv, info["question"], max_new_tokens=8, streamer=printer)
+    printer.finish(response)
+    assert ids.tolist() == ref["chat_output_ids"][0].tolist()
+    assert response == info["response"]
+    assert out.getvalue() == response + "\n"  # the streamed text is the answer, nothing more
+    assert history == [("<image>\n" + info["question"], response)]
+
+
+def test_second_turn_replays_history(case):
+    m, tok = case["model"], case["tokenizer"]
+    q1 = case["info"]["chat"]["question"]
+    _, ids = chat.build_prompt(tok, m.config, "And the colours?", [("<image>\n" + q1, "A1")], [7])
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert ids.count(tok.img_context_id) == 7 * 256 and ids.count(tok.img_start_id) == 1
+    assert text.rstrip().endswith(("And the colours?<|im_end|><|im_start|>assistant",
+                                   "And the colours?<|end|><|assistant|>"))
+    assert "A1" in text
+
+
+def test_text_only_chat_has_no_image_tokens(case):
+    m, tok = case["model"], case["tokenizer"]
+    response, _, ids = chat.chat(m, tok, None, "Hello", max_new_tokens=4)
+    _, prompt = chat.build_prompt(tok, m.config, "Hello")
+    assert tok.img_context_id not in prompt and len(ids) <= 4 and isinstance(response, str)
+
+
+def test_image_tag_without_image_is_an_error(case):
+    with pytest.raises(ValueError, match=r"1 <image> tag\(s\) but 0 image\(s\).*--image"):
+        chat.build_prompt(case["tokenizer"], case["model"].config, "<image>\nWhat?")
+
+
+def test_system_message_resolution(case):
+    cfg = case["model"].config
+    assert chat.resolve_system_message(cfg) == case["info"]["system_message"]
+    assert chat.resolve_system_message(cfg, "Be brief.") == "Be brief."
+    _, ids = chat.build_prompt(case["tokenizer"], cfg, "Hi", system_message="Be brief.")
+    assert "Be brief." in case["tokenizer"].decode(ids, skip_special_tokens=False)
+
+
+def test_cli_once_and_interactive(monkeypatch, capsys):
+    d = os.path.join(FIXTURES, "internlm2")
+    info = json.load(open(os.path.join(d, "reference.json")))["chat"]
+    img = os.path.join(d, "image.png")
+    assert chat.main([d, "--image", img, "--question", info["question"], "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == info["response"] + "\n"
+    # interactive: two questions then EOF; the first answer is the official one, the history carries over
+    monkeypatch.setattr("sys.stdin", io.StringIO(info["question"] + "\n/reset\n" + info["question"] + "\n"))
+    assert chat.main([d, "--image", img, "--max-new-tokens", "8", "--no-stream"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(info["response"]) == 2
