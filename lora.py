@@ -19,7 +19,6 @@ Typical use (train.py):
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -273,13 +272,15 @@ def resolve_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 def inject_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype | None = None) -> list[str]:
     """Wrap every target linear in a LoRALinear (in place); returns the internal module names wrapped.
 
-    Adapters take the base weight's dtype (the compute dtype for NF4 bases) unless `dtype` is given."""
+    Adapters take the base weight's dtype unless `dtype` is given; over an NF4 base, the dtype of the model's
+    unquantised weights (so a float32 CPU run trains float32 adapters; DeepSpeed bf16 casts them anyway)."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise RuntimeError("this model already has LoRA adapters; inject_lora once per model")
     names = resolve_targets(model, cfg)
     for name in names:
         base = _get(model, name)
-        wrapper = LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, dtype)
+        a_dtype = dtype or (model.llm.head.weight.dtype if isinstance(base, NF4Linear) else None)
+        wrapper = LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, a_dtype)
         _set(model, name, wrapper.train(base.training))  # keep the model's train/eval mode (dropout)
     return names
 
@@ -457,15 +458,11 @@ def merge_checkpoint(base_dir: str | Path, trainable: dict[str, torch.Tensor], l
     W + s * B @ A (float32, cast back), each trained non-LoRA tensor replaces the base one. Every key of
     `trainable` is checked against the architecture (built on the meta device) before anything is read.
     """
-    from model.config import InternVLConfig
-    from model.internvl import InternVL
+    from model import build_model, load_config
     from model.weights import iter_checkpoint
     base_dir = Path(base_dir)
-    if config is None:
-        config = InternVLConfig.from_official(json.loads((base_dir / "config.json").read_text()),
-                                              str(base_dir / "config.json"))
-    with torch.device("meta"):
-        meta = InternVL(config)
+    config = config or load_config(str(base_dir))
+    meta = build_model(config, "meta")
     if lora is not None:
         inject_lora(meta, lora)
     expected = dict(meta.named_parameters())

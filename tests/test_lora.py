@@ -225,6 +225,12 @@ def test_merge_refuses_nf4_and_merge_checkpoint_checks_keys():
         list(lora.merge_checkpoint(path, bad, cfg))
     with pytest.raises(ValueError, match="shape"):
         list(lora.merge_checkpoint(path, sd, LoRAConfig(r=8, alpha=8)))
+    # full mode: no adapters, trained tensors replace the base ones, everything else is the base bit for bit
+    base = dict(load_pretrained(str(path), dtype=torch.float32).named_parameters())
+    trained_w = base["llm.layers.1.mlp.up.weight"].detach() + 1
+    out = dict(lora.merge_checkpoint(path, {"llm.layers.1.mlp.up.weight": trained_w}, None))
+    assert out.keys() == base.keys() and torch.equal(out["llm.layers.1.mlp.up.weight"], trained_w)
+    assert all(torch.equal(out[n], p) for n, p in base.items() if n != "llm.layers.1.mlp.up.weight")
 
 
 # --- small checkpoints -------------------------------------------------------------------------------------------
@@ -332,6 +338,7 @@ def test_mark_trainable_modes_and_report():
     lora.quantize_llm(q)
     lora.inject_lora(q, cfg)
     rep = lora.mark_trainable(q, "qlora")
+    assert q.llm.layers[0].attn.qkv.lora_A.dtype == torch.float32  # the model's dtype, not NF4's bf16 compute
     assert rep["llm"] == (0, n["llm"]) and rep["adapters"] == (closed, closed)  # NF4 counted as out*in
 
 
