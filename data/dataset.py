@@ -427,8 +427,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
                                f"last problems: {skipped[-3:]}")
         if not sample["labels_match_official"]:
             self.stats["label_mismatches"] += 1
-            log.warning("sample %s: net-rule labels differ from the official fragment-count labels "
-                        "(the official code would mask or shift them); keeping the net rule", self.sample_id(j))
+            if self.stats["label_mismatches"] <= 10:  # then only counted (batch meta, stats)
+                log.warning("sample %s: net-rule labels differ from the official fragment-count labels "
+                            "(the official code would mask or shift them); keeping the net rule", self.sample_id(j))
         sample["meta"] = {"id": self.sample_id(j), "skipped": skipped,
                           "labels_match_official": sample.pop("labels_match_official"),
                           "truncated": sample.pop("truncated")}

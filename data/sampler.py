@@ -61,6 +61,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             batch = steps[self.position][self.rank]
             self.position += 1
             yield batch
+        self.position = 0  # a finished pass starts over (call set_epoch for the next epoch's order)
 
     def __len__(self):
         unit = self.batch_size * self.world_size
