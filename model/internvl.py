@@ -68,9 +68,9 @@ class InternVL(nn.Module):
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_flags=None) -> torch.Tensor:
         """Token embeddings with every <IMG_CONTEXT> position replaced, in order, by the image features.
 
-        Every tile goes through the ViT, dummy tiles (image_flags 0, text-only samples) included, so every rank
-        does the same work; their features are dropped but kept in the graph with weight 0, so the vision and
-        projector parameters receive (zero) gradients on every rank.
+        Dummy tiles (image_flags 0, text-only samples) exist only to keep the vision and projector parameters in
+        the graph on every rank (ZeRO-3, gradient reduction): when the batch has a real tile they are skipped, else
+        one of them goes through the ViT and its features are added with weight 0 (zero gradients).
         """
         embeds = self.llm.embed(input_ids).clone()  # never write into the raw embedding output (LoRA/autograd)
         ctx = self.config.img_context_token_id
@@ -82,18 +82,24 @@ class InternVL(nn.Module):
         if ctx is None:
             raise ValueError("config.img_context_token_id is unknown: load the model from a directory with its "
                              "tokenizer files, or set it")
-        features = self.extract_feature(pixel_values)
         if image_flags is None:
-            image_flags = torch.ones(features.shape[0], dtype=torch.long, device=features.device)
+            image_flags = torch.ones(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
         flags = image_flags.reshape(-1).bool()
-        if flags.numel() != features.shape[0]:
-            raise ValueError(f"image_flags has {flags.numel()} entries for {features.shape[0]} tiles")
-        real, dummy = features[flags], features[~flags]
+        if flags.numel() != pixel_values.shape[0]:
+            raise ValueError(f"image_flags has {flags.numel()} entries for {pixel_values.shape[0]} tiles")
+        n_real = int(flags.sum())
+        if n_real == flags.numel():
+            real, dummy = self.extract_feature(pixel_values), None
+        elif n_real:  # no ViT work on dummy tiles: the real ones keep the vision parameters in the graph
+            real, dummy = self.extract_feature(pixel_values[flags]), None
+        else:
+            dummy = self.extract_feature(pixel_values[:1])
+            real = dummy[:0]
         per_sample = is_image.sum(-1).tolist()
         if sum(per_sample) != real.shape[0] * real.shape[1]:
             raise ValueError(self._count_error(per_sample, real.shape[0], real.shape[1]))
         embeds[is_image] = real.reshape(-1, real.shape[-1]).to(embeds.dtype)
-        if dummy.numel():
+        if dummy is not None:
             embeds = embeds + 0.0 * dummy.sum().to(embeds.dtype)
         return embeds
 

@@ -7,6 +7,7 @@ Internally the fused attention projection is always Q|K|V, head-major.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,11 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import LLMConfig
 from .norm import RMSNorm
+
+try:  # variable-length flash attention (torch >= 2.10, CUDA); the block-diagonal SDPA mask is the fallback
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 
 def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, kv_len: int, dtype: torch.dtype):
@@ -91,6 +97,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.num_kv_heads != self.num_heads
+        if isinstance(mask, Varlen):  # flat [B*n, heads, hd], causal within each run
+            flat = [z.transpose(1, 2).reshape(b * n, -1, self.head_dim) for z in (q, k, v)]
+            out = varlen_attn(*flat, mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len,
+                              window_size=(-1, 0), enable_gqa=gqa)
+            return self.out(out.reshape(b, n, q_size))
         if mask is None:  # causal, nothing padded; a single new token attends to the whole cache
             out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, enable_gqa=gqa)
         else:
@@ -134,15 +145,44 @@ class DecoderLayer(nn.Module):
 
 
 def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
-    """Boolean [B, 1, q_len, kv_len] causal + padding mask, or None when nothing is padded (is_causal path)."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """Boolean [B, 1, q_len, kv_len]: causal AND same segment AND not padding; None when nothing is padded or
+    packed (the is_causal path).
+
+    `attention_mask` [B, kv_len] holds segment ids: 0 = padding, 1..k = the packed sub-samples of a row
+    (data/packing.py), so no token sees another sub-sample. A plain 0/1 padding mask is the case k = 1.
+    """
+    if attention_mask is None or bool((attention_mask == 1).all()):
         return None
-    keys = attention_mask.bool()[:, None, None, :kv_len]
-    offset = kv_len - q_len  # queries are the last q_len positions
-    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=keys.device).tril(offset)
-    mask = causal[None, None] & keys
-    # A query with no visible key (a left-padding row) would give NaN; let it see everything, its output is unused.
+    seg = attention_mask.long()[:, :kv_len]
+    keys = seg[:, None, None, :]
+    queries = seg[:, None, kv_len - q_len:, None]  # queries are the last q_len positions
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=seg.device).tril(kv_len - q_len)
+    mask = causal[None, None] & (keys != 0) & (keys == queries)
+    # A query with no visible key (a padding position) would give NaN; let it see everything, its output is unused.
     return mask | ~mask.any(-1, keepdim=True)
+
+
+@dataclass
+class Varlen:
+    """A batch cut into runs of equal segment id for variable-length flash attention: the [B, n] tokens are one
+    flat sequence and run i is tokens cu_seqlens[i]:cu_seqlens[i+1]. Padding runs attend among themselves
+    (their outputs are unused). Segments must be contiguous within a row, as packing and padding make them."""
+    cu_seqlens: torch.Tensor  # int32 [runs + 1], starting at 0
+    max_len: int
+
+    @classmethod
+    def from_segments(cls, attention_mask: torch.Tensor) -> "Varlen":
+        seg = attention_mask.long()
+        start = torch.ones_like(seg, dtype=torch.bool)
+        start[:, 1:] = seg[:, 1:] != seg[:, :-1]  # a run starts at each row start and at each segment change
+        starts = start.reshape(-1).nonzero().squeeze(1)
+        cu = torch.cat([starts, starts.new_tensor([seg.numel()])]).to(torch.int32)
+        return cls(cu, int((cu[1:] - cu[:-1]).max()))
+
+
+def varlen_available(x: torch.Tensor) -> bool:
+    """torch's varlen flash attention: CUDA, fp16/bf16."""
+    return varlen_attn is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
 class Decoder(nn.Module):
@@ -159,6 +199,7 @@ class Decoder(nn.Module):
         # Longest attended length seen so far. The official dynamic-NTK module recomputes its base only when a
         # call is longer than any before and keeps it afterwards (stateful); only beyond max_position_embeddings.
         self.rope_len = 0
+        self.use_varlen = True  # padded/packed training batches: varlen flash attention where available
 
     def forward(self, inputs_embeds, position_ids, attention_mask=None, cache: KVCache | None = None):
         b, n, _ = inputs_embeds.shape
@@ -166,6 +207,8 @@ class Decoder(nn.Module):
         self.rope_len = max(self.rope_len, kv_len)
         cos, sin = rope_cos_sin(self.cfg, position_ids, self.rope_len, inputs_embeds.dtype)
         mask = attention_mask_4d(attention_mask, n, kv_len)
+        if mask is not None and cache is None and self.use_varlen and varlen_available(inputs_embeds):
+            mask = Varlen.from_segments(attention_mask)
         h = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
