@@ -451,8 +451,10 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
 
 
 def merge_checkpoint(base_dir: str | Path, trainable: dict[str, torch.Tensor], lora: LoRAConfig | None,
-                     config=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream the merged model as (internal name, tensor), one tensor at a time, in the base checkpoint's dtype.
+                     config=None, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the merged model as (internal name, tensor), one tensor at a time, in the base checkpoint's dtype
+    (or in `dtype`: convert.py asks for float32 and casts once when writing, so a float32 export keeps the
+    float32 merge).
 
     Base tensors are read from `base_dir` (the bf16 checkpoint, never a 4-bit model); each adapted weight becomes
     W + s * B @ A (float32, cast back), each trained non-LoRA tensor replaces the base one. Every key of
@@ -493,6 +495,8 @@ def merge_checkpoint(base_dir: str | Path, trainable: dict[str, torch.Tensor], l
     scale = lora.scale if lora is not None else 0.0
     used = set()
     for name, tensor in iter_checkpoint(base_dir, config):
+        if dtype is not None:
+            tensor = tensor.to(dtype)
         if name in adapters:
             a, b = adapters[name]
             tensor = merged_weight(tensor, a, b, scale)
