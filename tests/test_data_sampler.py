@@ -43,6 +43,7 @@ def test_length_grouping_and_determinism():
     assert spread < random_spread / 4  # sorted mega-batches give tight batches
     again = LengthGroupedSampler(lengths, is_image, batch_size=4, seed=1, group_batches=8)
     assert list(again) == batches  # deterministic in (seed, epoch)
+    assert list(again) == batches  # a finished pass starts over
     again.set_epoch(1)
     assert list(again) != batches  # a new order every epoch
 
