@@ -304,12 +304,19 @@ def check_sample(base: str, config) -> dict:
                         use_thumbnail=config.use_thumbnail, check_labels=False)
 
 
-def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, device):
-    """The model as training computed it, from the bf16 base + the trained tensors, adapters NOT merged.
+def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, device, nf4: bool = False):
+    """The trained model, from the base + the trained tensors, adapters NOT merged.
 
-    For QLoRA the adapters sit on the unquantised base: the export merges onto that base, so this is the model
-    the export must equal (the NF4 training model differs from both by the base's quantisation error)."""
-    model = load_pretrained(base, dtype=dtype, device=device)
+    For QLoRA the reference puts the adapters on the unquantised base: the export merges onto that base, so
+    this is the model the export must equal. nf4=True rebuilds the 4-bit model training ran instead; it differs
+    from both by the base's quantisation error, which the self-check reports apart."""
+    prepare = None
+    if nf4:
+        from functools import partial
+
+        from lora import prepare_qlora
+        prepare = partial(prepare_qlora, device=device, compute_dtype=dtype)
+    model = load_pretrained(base, dtype=dtype, device=device, prepare=prepare)
     if lora_cfg is not None:
         from lora import inject_lora
         inject_lora(model, lora_cfg)
@@ -335,7 +342,7 @@ def tolerance(out_dtype: torch.dtype, compute_dtype: torch.dtype, scale: float) 
 
 
 def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dtype, device, tol=None,
-               log=print) -> dict:
+               qlora=False, log=print) -> dict:
     """Logits of the export vs the trained model (and vs the untrained base, for scale) on the fixed input.
 
     The models are loaded one after the other, so at most one is in memory at a time."""
@@ -358,11 +365,18 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
         argmax_agreement=(got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
         tolerance=tol if tol is not None else tolerance(out_dtype, compute_dtype, scale))
     result["ok"] = result["max_abs_diff"] <= result["tolerance"]
+    if qlora:
+        model = trained_model(base, trained, lora_cfg, compute_dtype, device, nf4=True)
+        result["nf4_gap"] = (_logits(model, sample, device) - ref).abs().max().item()
+        del model
     log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {DTYPE_NAMES[compute_dtype]} on "
         f"{device}: largest |logit difference| export vs trained model = {result['max_abs_diff']:.3g} "
-        f"(tolerance {result['tolerance']:.3g} = {K_TOL:g} x unit roundoff x largest |logit| {scale:.3g}); "
+        f"(tolerance {result['tolerance']:.3g}{'' if tol is not None else f' = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {scale:.3g})'}); "
         f"training moved the logits by up to {result['training_shift']:.3g}; same argmax at "
         f"{100 * result['argmax_agreement']:.2f}% of positions -> {'OK' if result['ok'] else 'FAILED'}")
+    if qlora:
+        log(f"self-check (QLoRA): the 4-bit model training ran differs from the bf16-base model by up to "
+            f"{result['nf4_gap']:.3g} (the base's NF4 quantisation error; the export merges onto the bf16 base)")
     return result
 
 
@@ -399,7 +413,8 @@ def convert(args, log=print) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        weight_map = write_weights(tmp, merge_checkpoint(base, trained, lora_cfg, config), config, dtype,
+        weight_map = write_weights(tmp, merge_checkpoint(base, trained, lora_cfg, config, dtype=torch.float32),
+                                   config, dtype,
                                    args.max_shard_size)
         n = check_against_base(tmp, base, dtype)
         write_config(tmp, base, dtype)
@@ -410,7 +425,7 @@ def convert(args, log=print) -> dict:
         if args.verify:
             device = torch.device(args.verify_device or ("cuda" if torch.cuda.is_available() else "cpu"))
             check = self_check(tmp, base, trained, lora_cfg, dtype, DTYPES[args.verify_dtype], device,
-                               args.tolerance, log)
+                               args.tolerance, meta["mode"] == "qlora", log)
             result["check"] = check
             if not check["ok"]:
                 rejected = out + ".rejected"
