@@ -271,7 +271,8 @@ def main(argv=None):
     if zero_stage == 3:
         # Partitioned while it is built; each checkpoint tensor is read on rank 0 only and scattered, so no rank
         # ever holds the whole model.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        # (No dtype argument: deepspeed 0.19's Init ignores it on CPU and picks bf16; from the config it is right.)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = InternVL(config)
         params = dict(model.named_parameters())
         files = check_checkpoint(args.model_path, config, {n: p.ds_shape for n, p in params.items()})
@@ -289,7 +290,7 @@ def main(argv=None):
         model = load_pretrained(args.model_path, dtype=dtype, device=device, prepare=prepare)
     if lora_cfg is not None:
         torch.manual_seed(args.seed)  # the same adapters on every rank and for every world size
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype, enabled=zero_stage == 3):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage == 3):
             lora.inject_lora(model, lora_cfg)
     report = lora.mark_trainable(model, args.mode, train_vit=args.train_vit, freeze_projector=args.freeze_projector)
     if args.freeze_llm:

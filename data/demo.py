@@ -33,6 +33,7 @@ POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bot
              "centre": (0.5, 0.5)}
 WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
          "centre": "in the centre"}
+HEAD_STD = 0.1
 SYSTEM_MESSAGE = "You are a helpful assistant that describes simple pictures."
 
 # InternLM2 layout (SPEC §2, tests/fixtures/README.md): the chat tokens are the last pieces of the sentencepiece
@@ -193,8 +194,8 @@ def write_tokenizer(out: str, model_bytes: bytes) -> int:
 # --- model ---
 
 def random_state_dict(config: InternVLConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Small random weights (std 0.02 linears/embeddings, unit norms, zero biases, layer scales at the init
-    factor), so the untrained model predicts a near-uniform distribution."""
+    """Random weights: std 0.02 (HEAD_STD for the output head), unit norms, zero biases, layer scales at the init
+    factor."""
     from model import build_model
     g = torch.Generator().manual_seed(seed)
     model = build_model(config, "cpu", torch.float32)
@@ -207,6 +208,8 @@ def random_state_dict(config: InternVLConfig, seed: int) -> dict[str, torch.Tens
             t = torch.ones_like(p)
         elif leaf == "bias":
             t = torch.zeros_like(p)
+        elif name == "llm.head.weight":  # wide enough that a frozen head can express confident answers
+            t = torch.randn(p.shape, generator=g) * HEAD_STD
         else:
             t = torch.randn(p.shape, generator=g) * 0.02
         sd[name] = t
