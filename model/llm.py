@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LLMConfig
+from .loss import OutputHead
 from .norm import RMSNorm
 
 try:  # variable-length flash attention (torch >= 2.10, CUDA); the block-diagonal SDPA mask is the fallback
@@ -194,7 +195,7 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = OutputHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
         # Longest attended length seen so far. The official dynamic-NTK module recomputes its base only when a
         # call is longer than any before and keeps it afterwards (stateful); only beyond max_position_embeddings.

@@ -1,15 +1,15 @@
-"""Token-mean cross-entropy computed only where a label is supervised, in chunks.
+"""Token-mean cross-entropy computed only where a label is supervised, in chunks, by the output head itself.
 
 A VLM sample is mostly image and prompt tokens, so the output head runs only on the positions whose next token
-is supervised, a chunk at a time; each chunk's logits are recomputed in backward (activation checkpointing), so
-the [tokens, vocab] float32 logits never exist at once.
+is supervised, a chunk at a time, and each chunk's gradients are formed in the same pass (softmax - one-hot):
+the [tokens, vocab] float32 logits never exist at once and nothing is recomputed in backward. The loss runs
+inside the head module's own forward, so DeepSpeed ZeRO-3 has the head weight gathered while it is used.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -21,11 +21,57 @@ def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor):
     return hidden[:, :-1][keep], targets[keep]
 
 
-def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _ce_sum_and_grads(hidden, weight, targets, chunk_size, need_h, need_w):
+    """sum over rows of CE(hidden @ weight^T, targets) and, if asked, its gradients, one chunk of rows at a time."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    for i in range(0, targets.numel(), chunk_size):
+        h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
+        logits = F.linear(h, weight).float()  # head in the model dtype, loss in float32 (as the official)
+        lse = logits.logsumexp(-1)
+        total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        if need_h or need_w:
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            g[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            g = g.to(hidden.dtype)
+            if need_h:
+                grad_h[i:i + chunk_size] = g @ weight
+            if need_w:
+                grad_w += (g.t() @ h).float()
+    return total, grad_h, grad_w
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int = 1024):
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        total, grad_h, grad_w = _ce_sum_and_grads(hidden, weight, targets, chunk_size, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+class OutputHead(nn.Linear):
+    """The LLM's output projection. `head(h)` gives logits; `head(h, targets)` the summed cross-entropy."""
+
+    chunk_size = 1024
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        if torch.is_grad_enabled() and (hidden.requires_grad or self.weight.requires_grad):
+            return _LinearCrossEntropy.apply(hidden, self.weight, targets, self.chunk_size)
+        return _ce_sum_and_grads(hidden, self.weight, targets, self.chunk_size, False, False)[0]
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead):
     """(mean loss over supervised tokens, number of supervised tokens).
 
     With no supervised token the loss is an explicit 0 that keeps the graph connected (a 0/0 mean would be NaN);
@@ -35,14 +81,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.M
     n = t.numel()
     if n == 0:
         return hidden.sum() * 0.0, 0
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, n, chunk_size):
-        hc, tc = h[i:i + chunk_size], t[i:i + chunk_size]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, head, hc, tc, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(head, hc, tc)
-    return total / n, n
+    return head(h, t) / n, n
 
 
 def plain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from model import build_model, load_pretrained, preset
 from model.internvl import pixel_shuffle
-from model.loss import chunked_cross_entropy, plain_cross_entropy
+from model.loss import OutputHead, chunked_cross_entropy, plain_cross_entropy
 from model.weights import _wqkv_to_internal, to_internal_name, to_official_name, to_official_state_dict
 from tests.fixture_inputs import FIXTURES, fixture_pixels
 
@@ -277,23 +277,33 @@ def test_name_table_round_trips(size):
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1024])
-def test_chunked_loss_equals_plain_loss_and_grads(chunk):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_loss_equals_plain_loss_and_grads(chunk, dtype):
     torch.manual_seed(0)
-    head = torch.nn.Linear(32, 101, bias=False).double()
-    hidden = torch.randn(3, 40, 32, dtype=torch.float64, requires_grad=True)
+    head = OutputHead(32, 101, bias=False).to(dtype)
+    head.chunk_size = chunk
+    hidden = torch.randn(3, 40, 32, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, 101, (3, 40))
     labels[torch.rand(3, 40) < 0.6] = -100
-    loss, n = chunked_cross_entropy(hidden, labels, head, chunk_size=chunk)
-    gh, gw = torch.autograd.grad(loss, [hidden, head.weight])
-    ref = plain_cross_entropy(head(hidden), labels)
-    rh, rw = torch.autograd.grad(ref, [hidden, head.weight])
+    loss, n = chunked_cross_entropy(hidden * 2, labels, head)
+    (loss * 3).backward()  # an upstream and a downstream op around it
+    gh, gw = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    ref = plain_cross_entropy(head(hidden * 2), labels)
+    (ref * 3).backward()
     assert n == int((labels[:, 1:] != -100).sum())
-    assert abs(loss.item() - ref.item()) < 1e-6
-    assert (gh - rh).abs().max() < 1e-6 and (gw - rw).abs().max() < 1e-6
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 1e-6
+    assert (gh - hidden.grad).abs().max() < 1e-6 and (gw - head.weight.grad).abs().max() < 1e-6
+    with torch.no_grad():  # evaluation: no gradient work, same value
+        assert abs(chunked_cross_entropy(hidden * 2, labels, head)[0].item() - ref.item()) < 1e-6
+    head.weight.requires_grad_(False)  # frozen head (LoRA): gradients for the hidden states only
+    hidden.grad, head.weight.grad = None, None
+    chunked_cross_entropy(hidden * 2, labels, head)[0].backward()
+    assert (gh / 3 - hidden.grad).abs().max() < 1e-6 and head.weight.grad is None
 
 
 def test_no_supervised_token_gives_zero_loss_and_count():
-    head = torch.nn.Linear(8, 11, bias=False)
+    head = OutputHead(8, 11, bias=False)
     hidden = torch.randn(1, 5, 8, requires_grad=True)
     loss, n = chunked_cross_entropy(hidden, torch.full((1, 5), -100), head)
     assert n == 0 and loss.item() == 0.0 and not torch.isnan(loss)
