@@ -167,7 +167,7 @@ def resolve_resume(args):
         return found[-1][1] if found else None
     path = args.resume.rstrip("/")
     if not os.path.exists(os.path.join(path, "meta.json")):
-        raise FileNotFoundError(f"--resume {args.resume}: not a complete checkpoint (no meta.json); "
+        raise SystemExit(f"error: --resume {args.resume}: not a complete checkpoint (no meta.json); "
                                 f"give an iter_* directory or 'auto'")
     return path
 
@@ -223,7 +223,17 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if args.freeze_llm and args.mode != "full":
         raise SystemExit("error: --freeze-llm is for --mode full (LoRA modes already freeze the LLM base)")
+    lora_cfg = None if args.mode == "full" else lora.LoRAConfig(
+        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit,
+        targets=args.lora_targets.split(",") if args.lora_targets else None)
     resume_from = resolve_resume(args)
+    meta_args = _meta_args(args, int(os.environ.get("WORLD_SIZE", "1")), lora_cfg)
+    if resume_from:
+        with open(os.path.join(resume_from, "meta.json")) as f:
+            meta = json.load(f)
+        diff = {k: (meta["run"].get(k), v) for k, v in meta_args.items() if meta["run"].get(k) != v}
+        if diff:
+            raise SystemExit(f"error: cannot resume {resume_from}: these settings differ (checkpoint, now): {diff}")
 
     # ---------------------------------------------------------------- distributed setup
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one
@@ -265,9 +275,6 @@ def main(argv=None):
     from model import InternVL
     from model.weights import check_checkpoint, to_internal_name, to_internal_tensor
     t0 = time.time()
-    lora_cfg = None if args.mode == "full" else lora.LoRAConfig(
-        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit,
-        targets=args.lora_targets.split(",") if args.lora_targets else None)
     if zero_stage == 3:
         # Partitioned while it is built; each checkpoint tensor is read on rank 0 only and scattered, so no rank
         # ever holds the whole model.
@@ -338,13 +345,11 @@ def main(argv=None):
     # ---------------------------------------------------------------- resume
     step, epoch, micro_in_epoch = 0, 0, 0
     counters = dict(skipped_steps=0, nonfinite_steps=0, all_masked_steps=0, all_masked_micro_batches=0)
-    meta_args = _meta_args(args, world, lora_cfg, trainable)
+    meta_args["trainable"] = trainable
     if resume_from:
-        with open(os.path.join(resume_from, "meta.json")) as f:
-            meta = json.load(f)
-        diff = {k: (meta["run"].get(k), v) for k, v in meta_args.items() if meta["run"].get(k) != v}
-        if diff:
-            raise SystemExit(f"error: cannot resume {resume_from}: these settings differ (checkpoint, now): {diff}")
+        if meta["run"]["trainable"] != trainable:  # DeepSpeed loads the saved tensors non-strictly: check here
+            raise SystemExit(f"error: cannot resume {resume_from}: it trained other tensors than this run would "
+                             f"(freeze options?): {sorted(set(meta['run']['trainable']) ^ set(trainable))[:10]}")
         out_dir, tag = os.path.split(resume_from)
         engine.load_checkpoint(out_dir, tag=tag, load_module_strict=False,  # frozen tensors are not in it:
                                load_optimizer_states=True, load_lr_scheduler_states=True)  # checked via meta
@@ -417,7 +422,11 @@ def main(argv=None):
         counters["all_masked_micro_batches"] += all_masked
         if n_step == 0:  # nothing to learn in this step on any rank: skip it, counted
             counters["all_masked_steps"] += 1
+            counters["skipped_steps"] += 1
             step += 1
+            if master:
+                metrics.write(json.dumps(dict(step=step, epoch=epoch, loss=None, tokens=tokens, samples=samples,
+                                              supervised_tokens=0, **counters)) + "\n")
             bar.update(1)
             continue
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -540,12 +549,14 @@ def _forward_returning_dict(self, **batch):
     return {"loss": out.loss, "n_supervised": out.n_supervised}
 
 
-def _meta_args(args, world, lora_cfg, trainable):
+def _meta_args(args, world, lora_cfg):
     """The settings a resume must share with the checkpoint (the data order and the trained tensors follow them)."""
     return dict(size=args.size, mode=args.mode, model_path=os.path.abspath(args.model_path),
                 data=list(args.data), meta_path=args.meta_path, batch_size=args.batch_size,
                 grad_accum=args.grad_accum, world_size=world, seed=args.seed, max_length=args.max_length,
-                max_tiles=args.max_tiles, lora=lora_cfg.to_dict() if lora_cfg else None, trainable=trainable)
+                max_tiles=args.max_tiles, lora=lora_cfg.to_dict() if lora_cfg else None,
+                train_vit=args.train_vit, unfreeze_vit_layers=args.unfreeze_vit_layers,
+                freeze_projector=args.freeze_projector, freeze_llm=args.freeze_llm)
 
 
 def _flatten(d, prefix=""):
