@@ -1,0 +1,120 @@
+"""bench/: tiny-size smoke runs whose JSON holds real numbers, the peak-memory counter, the FLOP formula."""
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import gpu, loss, step
+from bench.common import PeakMemory, time_median
+from model import build_model, preset
+
+torch.set_num_threads(2)
+
+TINY_STEP = ["--vit-layers", "1", "--vit-width", "64", "--llm-layers", "1", "--llm-width", "64", "--vocab", "600",
+             "--image-size", "112", "--tokens", "160", "--tiles", "2", "--repeats", "1", "--warmup", "1"]
+
+
+def real(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_peak_memory_counts_live_tensor_bytes():
+    with PeakMemory("cpu") as m:
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(2 << 20, dtype=torch.uint8)
+        del a
+        c = torch.zeros(1 << 20, dtype=torch.uint8)
+        d = c.view(-1)[: 1 << 10]  # a view adds nothing
+    assert m.peak_bytes == 3 << 20
+    assert b.numel() + c.numel() + d.numel() > 0
+    t = time_median(lambda: None, repeats=3, warmup=1)
+    assert len(t["runs_s"]) == 3 and t["min_s"] <= t["median_s"] <= t["max_s"]
+
+
+def test_loss_bench_json(tmp_path):
+    out = tmp_path / "loss.json"
+    loss.main(["--tokens", "256", "--vocab", "3000", "--hidden", "32", "--chunk", "32", "--repeats", "1",
+               "--warmup", "0", "--json", str(out)])
+    r = json.loads(out.read_text())["results"][0]
+    for name in ("plain", "chunked"):
+        for key in ("loss", "forward_s", "forward_backward_s", "peak_forward_gib", "peak_forward_backward_gib"):
+            assert real(r[name][key]) and r[name][key] > 0, (name, key)
+    assert r["loss_abs_diff"] < 1e-4
+    # 32-row chunks of a 3000-word vocabulary hold far less than 256 rows of logits and their gradients
+    assert r["ratio_chunked_over_plain"]["peak_forward_backward_gib"] < 0.5
+
+
+def test_step_bench_json(tmp_path):
+    out = tmp_path / "step.json"
+    step.main(TINY_STEP + ["--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in rows] == ["full", "lora"]
+    for r in rows:
+        for key in ("forward_s", "backward_s", "optimizer_s", "step_s", "tokens_per_s", "images_per_s", "peak_gib"):
+            assert real(r[key]) and r[key] > 0, (r["mode"], key)
+        assert r["tokens_per_step"] == 160
+    assert rows[1]["trainable_params"] < rows[0]["trainable_params"]
+
+
+def test_step_packing_bench_json(tmp_path):
+    out = tmp_path / "packing.json"
+    step.main(TINY_STEP + ["--packing", "--samples", "6", "--mode", "lora", "--json", str(out)])
+    res = json.loads(out.read_text())
+    pad = res["padding_at_4096"]
+    assert 0 < pad["length_grouped_batches"]["padding_fraction"] < pad["random_batches"]["padding_fraction"] < 1
+    assert pad["packed"]["micro_batches"] < pad["length_grouped_batches"]["micro_batches"]
+    assert 0.9 < pad["packed"]["budget_fill"] <= 1
+    p = res["packing"]
+    assert p["packed"]["padding_fraction"] == 0 and 0 <= p["padded"]["padding_fraction"] < 1
+    for way in ("padded", "packed"):
+        assert real(p[way]["epoch_s"]) and real(p[way]["real_tokens_per_s"]) and p[way]["real_tokens_per_s"] > 0
+    assert real(p["tokens_per_s_gain"])
+
+
+def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    gpu.main(["--sizes", "tiny", "--modes", "full", "lora", "qlora", "--device", "cpu", "--tokens", "600",
+              "--tiles", "2", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert [r["mode"] for r in res["results"]] == ["full", "lora", "qlora"]
+    for r in res["results"]:
+        assert "error" not in r and "skipped" not in r, r
+        for key in ("step_s", "tokens_per_s", "images_per_s", "model_tflops_per_step", "achieved_tflops", "loss"):
+            assert real(r[key]), (r["mode"], key)
+        parts = r["flops_by_part"]
+        assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    full, lora = res["results"][0]["flops_by_part"], res["results"][1]["flops_by_part"]
+    # frozen ViT: forward only in both; the head trains only in full (x3 vs x2)
+    assert full["vit"] == lora["vit"] and 2 * full["head"] == 3 * lora["head"] > 0
+
+
+def test_gpu_bench_skips_what_cannot_fit_with_a_reason():
+    row = gpu.run_config(gpu.parse_args([]), "26b", "full", torch.device("cpu"), torch.bfloat16, total_gib=139.0)
+    assert "skipped" in row and "ZeRO-3" in row["skipped"] and "GiB" in row["skipped"]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_flop_formula_matches_torch_flop_counter(mode):
+    """ViT + projector forward and the LLM's linear layers, counted by torch on the tiny model. torch does not count
+    the CPU SDPA kernel, so the attention term (4 n^2 C per ViT layer) is taken out of ours."""
+    cfg = preset("tiny")
+    model = build_model(cfg, "cpu")
+    tiles, n = 1, cfg.vision.grid ** 2 + 1
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.extract_feature(torch.randn(tiles, 3, 448, 448))
+    counted = fc.get_total_flops()
+    mine = gpu.step_flops(cfg, mode, tokens=10, tiles=tiles, supervised_tokens=0, lora_r=4)
+    attention = tiles * cfg.vision.num_layers * 4 * n * n * cfg.vision.hidden_size
+    assert counted == mine["vit"] - attention + mine["projector"] // 3
+    # LLM linears: forward of L tokens through every layer
+    L = 50
+    h = torch.randn(1, L, cfg.llm.hidden_size)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        for layer in model.llm.layers:
+            layer.mlp(h)
+            layer.attn.qkv(h)
+            layer.attn.out(h)
+    linear = 2 * L * sum(a * b for a, b in gpu.llm_linear_shapes(cfg.llm)) * cfg.llm.num_layers
+    assert fc.get_total_flops() == linear
