@@ -15,7 +15,7 @@ What it does:
      kept) and copies every other file of the base (tokenizer, generation_config.json, remote code).
   5. Self-check (--no-verify skips): reloads the output with load_pretrained, runs a fixed image + conversation
      built by the data pipeline through it and through the trained model (adapters unmerged), prints the
-     largest logit difference and fails above the tolerance of the output dtype.
+     largest logit difference (and both greedy chat answers) and fails above the tolerance of the dtypes.
 Everything is written into a temporary sibling of OUT and renamed at the end: a failure leaves no half-written
 OUT. An export that fails the self-check is left at OUT.rejected for inspection, and the exit status is 1.
 """
@@ -43,20 +43,21 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # The weight files of a checkpoint directory: written anew, never copied from the base.
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
-# Self-check tolerance, relative to the largest |logit| of the trained model: K_TOL x the unit roundoff of the
+# Self-check tolerance, relative to the largest |logit| of the trained model: K_TOL x the unit roundoff u of the
 # coarsest dtype involved (the output weights, or the self-check's compute dtype). Rounding every weight to
-# bf16 (u = 2^-8) moves the logits of the demo models by about 0.5-1.5 u of their scale; K_TOL = 8 leaves
-# room for deeper models, while a missing merge, a wrong layout or a swapped tensor moves them by O(1).
+# bf16 (u = 2^-8) moves the logits of the demo models by 0.6-1.2 u of their scale (measured); K_TOL = 8 leaves
+# room for deeper models. A missing merge, a wrong layout or a swapped tensor moves them by as much as training
+# did, or by O(1): the check prints how far training moved the logits next to the difference.
 K_TOL = 8.0
 FLOOR = 1e-4  # float32 compute noise (the fixtures' cross-implementation agreement)
 
 
-UMASK = os.umask(0)
-os.umask(UMASK)
-
-
 class ConvertError(RuntimeError):
     """A refusal or a bad input: printed as `error: ...` with exit status 2."""
+
+
+class SelfCheckFailed(RuntimeError):
+    """The export does not reproduce the trained model: exit status 1."""
 
 
 # --- the checkpoint --------------------------------------------------------------------------------------------
@@ -114,8 +115,11 @@ def trained_tensors(ckpt_dir: str, meta: dict) -> dict[str, torch.Tensor]:
     Strict: exactly the parameters meta.json lists as trainable."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     run_dir, tag = os.path.split(ckpt_dir)
-    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step
-        state = get_fp32_state_dict_from_zero_checkpoint(run_dir, tag=tag, exclude_frozen_parameters=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step
+            state = get_fp32_state_dict_from_zero_checkpoint(run_dir, tag=tag, exclude_frozen_parameters=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConvertError(f"{ckpt_dir}: cannot consolidate the DeepSpeed files: {e}") from e
     expected = meta.get("run", {}).get("trainable")
     if expected is not None:
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -182,6 +186,8 @@ def write_weights(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], con
     shards: list[list[str]] = []
     seen: set[str] = set()
     current: dict[str, torch.Tensor] = {}
+    umask = os.umask(0)
+    os.umask(umask)
     size = total = 0
 
     def flush():
@@ -189,7 +195,7 @@ def write_weights(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], con
         if current:
             path = os.path.join(out_dir, f"shard-{len(shards):05d}.part")
             save_file(current, path, metadata={"format": "pt"})
-            os.chmod(path, 0o666 & ~UMASK)  # safetensors creates files 0600; make them like every other file
+            os.chmod(path, 0o666 & ~umask)  # safetensors creates files 0600; make them like every other file
             shards.append(list(current))
             current, size = {}, 0
 
@@ -341,11 +347,23 @@ def tolerance(out_dtype: torch.dtype, compute_dtype: torch.dtype, scale: float) 
     return max(FLOOR, K_TOL * u * scale)
 
 
+CHECK_QUESTION = "Describe the picture in one sentence."
+CHECK_NEW_TOKENS = 16
+
+
+def _answer(model, tokenizer, sample) -> str:
+    """The official chat's greedy answer to CHECK_QUESTION about the check image."""
+    import chat
+    return chat.chat(model, tokenizer, sample["pixel_values"], CHECK_QUESTION, max_new_tokens=CHECK_NEW_TOKENS)[0]
+
+
 def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dtype, device, tol=None,
                qlora=False, log=print) -> dict:
-    """Logits of the export vs the trained model (and vs the untrained base, for scale) on the fixed input.
+    """Logits (and the chat answer) of the export vs the trained model on the fixed input; the untrained base
+    gives the scale of what training changed.
 
     The models are loaded one after the other, so at most one is in memory at a time."""
+    from data import load_tokenizer
     config = load_config(base)
     sample = check_sample(base, config)
     model = load_pretrained(base, dtype=compute_dtype, device=device)
@@ -353,9 +371,11 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
     del model
     model = trained_model(base, trained, lora_cfg, compute_dtype, device)
     ref = _logits(model, sample, device)
+    ref_answer = _answer(model, load_tokenizer(base), sample)
     del model
     model = load_pretrained(out_dir, dtype=compute_dtype, device=device)
     got = _logits(model, sample, device)
+    answer = _answer(model, load_tokenizer(out_dir), sample)
     del model
     scale = ref.abs().max().item()
     result = dict(
@@ -363,17 +383,23 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
         max_abs_diff=(got - ref).abs().max().item(), logit_scale=scale,
         training_shift=(ref - base_logits).abs().max().item(),
         argmax_agreement=(got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-        tolerance=tol if tol is not None else tolerance(out_dtype, compute_dtype, scale))
+        tolerance=tol if tol is not None else tolerance(out_dtype, compute_dtype, scale),
+        answer=answer, trained_answer=ref_answer)
     result["ok"] = result["max_abs_diff"] <= result["tolerance"]
     if qlora:
         model = trained_model(base, trained, lora_cfg, compute_dtype, device, nf4=True)
         result["nf4_gap"] = (_logits(model, sample, device) - ref).abs().max().item()
         del model
+    how = "" if tol is not None else f" = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {scale:.3g})"
     log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {DTYPE_NAMES[compute_dtype]} on "
         f"{device}: largest |logit difference| export vs trained model = {result['max_abs_diff']:.3g} "
-        f"(tolerance {result['tolerance']:.3g}{'' if tol is not None else f' = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {scale:.3g})'}); "
-        f"training moved the logits by up to {result['training_shift']:.3g}; same argmax at "
-        f"{100 * result['argmax_agreement']:.2f}% of positions -> {'OK' if result['ok'] else 'FAILED'}")
+        f"(tolerance {result['tolerance']:.3g}{how}); training moved the logits by up to "
+        f"{result['training_shift']:.3g}; same argmax at {100 * result['argmax_agreement']:.2f}% of positions "
+        f"-> {'OK' if result['ok'] else 'FAILED'}")
+    same = "the same" if answer == ref_answer else "DIFFERENT (greedy decoding can part at a near-tie; the " \
+                                                   "logit check above is the criterion)"
+    log(f"self-check chat ({CHECK_NEW_TOKENS} greedy tokens, {CHECK_QUESTION!r}): export {answer!r}, trained "
+        f"model {ref_answer!r}: {same}")
     if qlora:
         log(f"self-check (QLoRA): the 4-bit model training ran differs from the bf16-base model by up to "
             f"{result['nf4_gap']:.3g} (the base's NF4 quantisation error; the export merges onto the bf16 base)")
@@ -413,9 +439,11 @@ def convert(args, log=print) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        weight_map = write_weights(tmp, merge_checkpoint(base, trained, lora_cfg, config, dtype=torch.float32),
-                                   config, dtype,
-                                   args.max_shard_size)
+        try:
+            merged = merge_checkpoint(base, trained, lora_cfg, config, dtype=torch.float32)  # cast once, below
+            weight_map = write_weights(tmp, merged, config, dtype, args.max_shard_size)
+        except ValueError as e:  # the trained tensors do not fit this base
+            raise ConvertError(f"{e}\nIs {base} the base model the run was trained from?") from e
         n = check_against_base(tmp, base, dtype)
         write_config(tmp, base, dtype)
         copied = copy_base_files(base, tmp)
@@ -439,10 +467,6 @@ def convert(args, log=print) -> dict:
         raise
     log(f"done: {out}")
     return result
-
-
-class SelfCheckFailed(RuntimeError):
-    pass
 
 
 def parse_args(argv=None):

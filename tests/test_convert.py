@@ -323,3 +323,16 @@ def test_moved_base_needs_base_model(lora_run, workdir, capsys):
         conv(ckpt, workdir / "moved-out", "--base-model", workdir / "nowhere")
     r = conv(ckpt, workdir / "moved-out", "--base-model", lora_run / "demo" / "base")
     assert r["base"] == str(lora_run / "demo" / "base") and r["check"]["ok"]
+
+
+def test_broken_checkpoints_and_wrong_bases(lora_run, workdir):
+    broken = workdir / "broken" / "iter_2"
+    shutil.copytree(lora_run / "iter_2", broken)
+    for f in broken.glob("*optim_states.pt"):
+        f.unlink()
+    with pytest.raises(convert.ConvertError, match="cannot consolidate the DeepSpeed files"):
+        conv(broken, workdir / "broken-out", "--no-verify")
+    other = REPO / "tests" / "fixtures" / "internlm2"  # an official directory, but not this run's base
+    with pytest.raises(convert.ConvertError, match="the model expects .*\n.*the base model the run was trained from"):
+        conv(lora_run / "iter_2", workdir / "wrong-base", "--base-model", other, "--no-verify")
+    assert not (workdir / "wrong-base").exists()
