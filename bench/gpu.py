@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import environment, gib, sync, write_json  # noqa: E402
 from data.collate import collate  # noqa: E402
 from data.packing import collate_packed  # noqa: E402
+from bench.step import llava_mix, padded_batches, synthetic_sample  # noqa: E402
 from model import build_model, preset  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on cuda")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the chip (for MFU)")
     p.add_argument("--no-varlen-check", action="store_true", help="skip the varlen == masked-SDPA check (cuda)")
+    p.add_argument("--packing", default="2b:lora", help="SIZE:MODE for padded-vs-packed throughput ('' = off)")
+    p.add_argument("--packing-samples", type=int, default=24)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -168,20 +171,11 @@ def memory_estimate_gib(cfg, mode) -> float:
 # ---------------------------------------------------------------- one configuration
 
 def make_sample(cfg, tokens, tiles, supervised, g):
-    """<s> prompt <img> ctx * 256 * tiles </img> answer, labels on the last `supervised` of the answer."""
-    ctx, size = cfg.img_context_token_id, cfg.vision.image_size
-    image = cfg.num_image_token * tiles
-    text = tokens - image - 3
+    """A sample of exactly `tokens` tokens with `tiles` image tiles (bench/step.py's synthetic layout)."""
+    text = tokens - cfg.num_image_token * tiles - 2
     if text < 4:
-        raise SystemExit(f"--tokens {tokens} leaves no text next to {tiles} tiles ({image} image tokens)")
-    prompt, answer = text // 4, text - text // 4
-    words = lambda k: torch.randint(3, ctx - 2, (k,), generator=g)  # noqa: E731
-    ids = torch.cat([torch.tensor([1]), words(prompt), torch.tensor([ctx - 2]), torch.full((image,), ctx),
-                     torch.tensor([ctx - 1]), words(answer)])
-    n_sup = max(1, int(supervised * answer))
-    labels = torch.where(torch.arange(len(ids)) >= len(ids) - n_sup, ids, -100)
-    return dict(input_ids=ids, labels=labels, pixel_values=torch.randn(tiles, 3, size, size, generator=g),
-                image_flags=torch.ones(tiles, dtype=torch.long))
+        raise SystemExit(f"--tokens {tokens} leaves no text next to {tiles} tiles")
+    return synthetic_sample(cfg, text, tiles, supervised, g)
 
 
 def to_device(batch, device, dtype):
@@ -270,6 +264,45 @@ def varlen_check(device, dtype) -> dict:
             "grad_max_abs": out[False][1].abs().max().item()}
 
 
+def packing_ab(args, size, mode, device, dtype) -> dict:
+    """Real-token throughput of the same LLaVA-like samples (bench/step.py's mix, scaled to --tokens) as padded
+    length-grouped batches of 4 samples and as packs of 4 x --tokens tokens (varlen attention on CUDA)."""
+    cfg = preset(size)
+    if cfg.img_context_token_id is None:
+        cfg.img_context_token_id = cfg.llm.vocab_size - 7
+    batch, scale = 4, args.tokens / 4096
+    max_tiles = max(1, min(13, (args.tokens - 64) // cfg.num_image_token))
+    mix = llava_mix(args.packing_samples, args.tokens, max_tiles, text_scale=scale, seed=0)
+    g = torch.Generator().manual_seed(0)
+    samples = [synthetic_sample(cfg, t, k, args.supervised, g) for t, k in mix]
+    lengths, tiles = [len(s["input_ids"]) for s in samples], [k for _, k in mix]
+    from data.packing import PackedBatchSampler
+    packs = PackedBatchSampler(lengths, batch * args.tokens, tiles, max_tiles * batch).packs(0)
+    grouped = padded_batches(lengths, [k > 0 for k in tiles], batch)
+    ways = {"padded": [to_device(collate([samples[i] for i in b]), device, dtype) for b in grouped],
+            "packed": [to_device(collate_packed([samples[i] for i in p]), device, dtype) for p in packs]}
+    model = build(cfg, mode, device, dtype, args.lora_r)
+    opt = MasterAdamW([p for p in model.parameters() if p.requires_grad])
+    out = {"size": size, "mode": mode, "samples": len(samples), "real_tokens": sum(lengths)}
+    for name, mbs in ways.items():
+        model(**mbs[0]).loss.backward()  # warm-up
+        opt.step()
+        sync(device)
+        t = time.perf_counter()
+        for b in mbs:
+            model(**b).loss.backward()
+            opt.step()
+        sync(device)
+        seconds = time.perf_counter() - t
+        slots = sum(int(b["input_ids"].numel()) for b in mbs)
+        out[name] = {"micro_batches": len(mbs), "padding_fraction": 1 - sum(lengths) / slots,
+                     "epoch_s": seconds, "real_tokens_per_s": sum(lengths) / seconds}
+    out["tokens_per_s_gain"] = out["packed"]["real_tokens_per_s"] / out["padded"]["real_tokens_per_s"]
+    out["varlen"] = device.type == "cuda"
+    del model, opt, ways
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -305,6 +338,14 @@ def main(argv=None):
             result["results"].append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                    if k not in ("flops_by_part", "step_runs_s")}, file=sys.stderr, flush=True)
+    if args.packing:
+        size, mode = args.packing.split(":")
+        try:
+            result["packing"] = packing_ab(args, size, mode, device, dtype)
+        except Exception as e:
+            traceback.print_exc()
+            result["packing"] = {"error": f"{type(e).__name__}: {e}"}
+        print(result["packing"], file=sys.stderr, flush=True)
     result["wall_s"] = time.perf_counter() - t_start
     write_json(args.json, result)
     return result

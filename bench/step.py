@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--tiles", type=int, default=2, help="image tiles per sample")
     p.add_argument("--batch", type=int, default=None, help="samples per micro-batch (default 1; 4 with --packing)")
     p.add_argument("--supervised", type=float, default=0.5, help="fraction of the text after the image with labels")
+    p.add_argument("--text-only", type=int, default=0, help="how many of the batch's samples are text-only (a dummy tile)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off (on by default)")
     p.add_argument("--packing", action="store_true", help="padded vs packed batches on a LLaVA-like mix")
@@ -149,8 +150,10 @@ def bench_mode(args, cfg, mode) -> dict:
     text = args.tokens - args.tiles * cfg.num_image_token - 2
     if text < 4:
         raise SystemExit(f"--tokens {args.tokens} leaves no room for text next to {args.tiles} tiles")
-    batch = to_device(collate([synthetic_sample(cfg, text, args.tiles, args.supervised, g)
-                               for _ in range(args.batch)]), device, dtype)
+    if not 0 <= args.text_only <= args.batch:
+        raise SystemExit(f"--text-only {args.text_only} is not between 0 and --batch {args.batch}")
+    kinds = [(text, args.tiles)] * (args.batch - args.text_only) + [(args.tokens - 1, 0)] * args.text_only
+    batch = to_device(collate([synthetic_sample(cfg, t, k, args.supervised, g) for t, k in kinds]), device, dtype)
     for _ in range(args.warmup):
         train_step(model, opt, batch)
     runs = [train_step(model, opt, batch) for _ in range(args.repeats)]
@@ -161,7 +164,7 @@ def bench_mode(args, cfg, mode) -> dict:
     return {"mode": mode, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "forward_s": median([r[0] for r in runs]), "backward_s": median([r[1] for r in runs]),
             "optimizer_s": median([r[2] for r in runs]), "step_s": step, "tokens_per_s": tokens / step,
-            "images_per_s": args.batch * args.tiles / step, "peak_gib": gib(mem.peak_bytes),
+            "images_per_s": (args.batch - args.text_only) * args.tiles / step, "peak_gib": gib(mem.peak_bytes),
             "tokens_per_step": tokens, "step_runs_s": [sum(r) for r in runs]}
 
 

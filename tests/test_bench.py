@@ -76,7 +76,8 @@ def test_step_packing_bench_json(tmp_path):
 def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     gpu.main(["--sizes", "tiny", "--modes", "full", "lora", "qlora", "--device", "cpu", "--tokens", "600",
-              "--tiles", "2", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+              "--tiles", "2", "--repeats", "1", "--warmup", "0", "--packing", "tiny:lora", "--packing-samples", "5",
+              "--json", str(out)])
     res = json.loads(out.read_text())
     assert [r["mode"] for r in res["results"]] == ["full", "lora", "qlora"]
     for r in res["results"]:
@@ -86,6 +87,9 @@ def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
         parts = r["flops_by_part"]
         assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     full, lora = res["results"][0]["flops_by_part"], res["results"][1]["flops_by_part"]
+    p = res["packing"]
+    assert p["packed"]["padding_fraction"] == 0 < p["padded"]["padding_fraction"] < 1
+    assert real(p["tokens_per_s_gain"]) and p["packed"]["real_tokens_per_s"] > 0
     # frozen ViT: forward only in both; the head trains only in full (x3 vs x2)
     assert full["vit"] == lora["vit"] and 2 * full["head"] == 3 * lora["head"] > 0
 
