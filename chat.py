@@ -4,7 +4,7 @@
     python chat.py MODEL_DIR --image photo.jpg      # interactive: one question per line, history kept
 
 What `InternVLChatModel.chat` does, step by step: the system message is config.json's `system_message`, else the
-template default; the image is tiled with the directory's own tiling settings (max_dynamic_patch, thumbnail);
+template default (read from the directory's own conversation.py when it ships one); the image is tiled with the directory's own tiling settings (max_dynamic_patch, thumbnail);
 `<image>\\n` goes in front of the first question when it has no `<image>`; each `<image>` becomes `<img>` +
 `<IMG_CONTEXT>` x (256 x tiles) + `</img>`; generation stops only at the template terminator (`<|im_end|>` /
 `<|end|>`); the answer is decoded without special tokens, cut at the terminator text and stripped.
@@ -12,6 +12,8 @@ template default; the image is tiled with the directory's own tiling settings (m
 from __future__ import annotations
 
 import argparse
+import ast
+import os
 import sys
 
 import torch
@@ -35,16 +37,40 @@ def image_to_pixel_values(image, config: InternVLConfig, max_num: int | None = N
     return to_tensor(tiles, size)
 
 
-def resolve_system_message(config: InternVLConfig, override: str | None = None) -> str:
-    """--system-message, else config.json's system_message, else the template default (SPEC §6.3)."""
+def directory_system_message(model_dir: str, template: str) -> str | None:
+    """The system message the directory's own remote code registers for `template` in its conversation.py (the
+    released checkpoints ship the release-era one), or None. Read with ast, never executed."""
+    path = os.path.join(model_dir, "conversation.py")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Conversation":
+            kw = {k.arg: k.value for k in node.keywords}
+            try:
+                if ast.literal_eval(kw["name"]) == template and "system_message" in kw:
+                    return ast.literal_eval(kw["system_message"])
+            except (KeyError, ValueError):
+                continue
+    return None
+
+
+def resolve_system_message(config: InternVLConfig, override: str | None = None, model_dir: str | None = None) -> str:
+    """As the official chat (SPEC §6.3): --system-message, else config.json's system_message, else the template
+    default of the directory's conversation.py, else the data pipeline's default."""
     if override is not None:
         return override
-    return config.system_message if config.system_message is not None else DEFAULT_SYSTEM_MESSAGE
+    if config.system_message is not None:
+        return config.system_message
+    found = directory_system_message(model_dir, config.template) if model_dir else None
+    return found if found is not None else DEFAULT_SYSTEM_MESSAGE
 
 
 def build_prompt(tokenizer, config: InternVLConfig, question: str, history=(), num_patches_list=(),
                  system_message: str | None = None) -> tuple[str, list[int]]:
-    """(question as kept in the history, prompt ids with BOS) exactly as the official chat builds them."""
+    """(question as kept in the history, prompt ids with BOS) exactly as the official chat builds them.
+    `system_message` None: config.json's, else the template default (see resolve_system_message)."""
     if not history and num_patches_list and IMAGE_TAG not in question:
         question = IMAGE_TAG + "\n" + question
     query = generation_prompt(config.template, question, list(history), resolve_system_message(config, system_message))
@@ -136,7 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-num", type=int, default=None,
                    help="tile cap for the image (default: the directory's max_dynamic_patch)")
     p.add_argument("--system-message", default=None,
-                   help="override the system message (default: config.json's, else the template default)")
+                   help="override the system message (default: config.json's, else the template default of the "
+                        "directory's conversation.py, else the toolkit's default)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -156,8 +183,9 @@ def main(argv=None) -> int:
         pixel_values = image_to_pixel_values(load_image(args.image), model.config, args.max_num)
     sep = get_template(model.config.template).sep
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.do_sample else None
+    system_message = resolve_system_message(model.config, args.system_message, args.model_dir)
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                    top_p=args.top_p, system_message=args.system_message, generator=generator)
+                    top_p=args.top_p, system_message=system_message, generator=generator)
 
     def answer(question, history):
         printer = None if args.no_stream else StreamPrinter(tokenizer, sep)

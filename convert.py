@@ -11,8 +11,8 @@ What it does:
      QLoRA adapters are merged in float32 onto the bf16 base read from the base directory (never onto
      dequantised 4-bit weights). Internal names and layouts become official ones through model/weights.py.
   4. Writes safetensors shards (--max-shard-size) + model.safetensors.index.json, checks the key set and shapes
-     strictly against the base directory, writes config.json (use_llm_lora = use_backbone_lora = 0, all else
-     kept) and copies every other file of the base (tokenizer, generation_config.json, remote code).
+     strictly against the base directory, writes config.json (use_llm_lora = use_backbone_lora = 0, the
+     system message training used, all else kept) and copies every other file of the base (tokenizer, generation_config.json, remote code).
   5. Self-check (--no-verify skips): reloads the output with load_pretrained, runs a fixed image + conversation
      built by the data pipeline through it and through the trained model (adapters unmerged), prints the
      largest logit difference (and both greedy chat answers) and fails above the tolerance of the dtypes.
@@ -45,7 +45,7 @@ DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 # Self-check tolerance, relative to the largest |logit| of the trained model: K_TOL x the unit roundoff u of the
 # coarsest dtype involved (the output weights, or the self-check's compute dtype). Rounding every weight to
-# bf16 (u = 2^-8) moves the logits of the demo models by 0.6-1.2 u of their scale (measured); K_TOL = 8 leaves
+# bf16 (u = 2^-8) moves the logits of the demo models by 0.6-1.5 u of their scale (measured); K_TOL = 8 leaves
 # room for deeper models. A missing merge, a wrong layout or a swapped tensor moves them by as much as training
 # did, or by O(1): the check prints how far training moved the logits next to the difference.
 K_TOL = 8.0
@@ -250,12 +250,21 @@ def check_against_base(out_dir: str, base: str, dtype: torch.dtype) -> int:
     return len(got)
 
 
-def write_config(out_dir: str, base: str, dtype: torch.dtype) -> None:
-    """The base config.json with the LoRA flags reset (the adapters are merged) and torch_dtype = the output's."""
+def training_system_message(meta: dict) -> str:
+    """The system message training rendered every sample with: the base config's, else the data default."""
+    from data import DEFAULT_SYSTEM_MESSAGE
+    return meta["system_message"] if meta.get("system_message") is not None else DEFAULT_SYSTEM_MESSAGE
+
+
+def write_config(out_dir: str, base: str, dtype: torch.dtype, system_message: str) -> None:
+    """The base config.json with the LoRA flags reset (the adapters are merged), torch_dtype = the output's, and
+    system_message = the one training used (SPEC §6.3): it wins over the template default of whatever
+    conversation.py the official code or a serving engine brings, so the model is prompted as it was trained."""
     with open(os.path.join(base, "config.json")) as f:
         cfg = json.load(f)
     cfg["use_llm_lora"] = 0
     cfg["use_backbone_lora"] = 0
+    cfg["system_message"] = system_message
     name = DTYPE_NAMES[dtype]
     cfg["torch_dtype"] = name
     for sub in ("llm_config", "vision_config"):  # only where the base states one
@@ -445,10 +454,10 @@ def convert(args, log=print) -> dict:
         except ValueError as e:  # the trained tensors do not fit this base
             raise ConvertError(f"{e}\nIs {base} the base model the run was trained from?") from e
         n = check_against_base(tmp, base, dtype)
-        write_config(tmp, base, dtype)
+        write_config(tmp, base, dtype, training_system_message(meta))
         copied = copy_base_files(base, tmp)
         log(f"wrote {n} tensors ({DTYPE_NAMES[dtype]}) in {len(set(weight_map.values()))} shard(s), key set and "
-            f"shapes equal to the base; config.json (LoRA flags reset); copied {', '.join(copied)}")
+            f"shapes equal to the base; config.json (LoRA flags reset, system message kept); copied {', '.join(copied)}")
         result = dict(out=out, checkpoint=ckpt_dir, base=base, tensors=n, shards=len(set(weight_map.values())))
         if args.verify:
             device = torch.device(args.verify_device or ("cuda" if torch.cuda.is_available() else "cpu"))

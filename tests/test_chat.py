@@ -99,3 +99,26 @@ def test_cli_once_and_interactive(monkeypatch, capsys):
     assert chat.main([d, "--image", img, "--max-new-tokens", "8", "--no-stream"]) == 0
     out = capsys.readouterr().out
     assert out.count(info["response"]) == 2
+
+
+def test_system_message_from_the_directory_conversation_py(tmp_path):
+    """A released checkpoint ships its own conversation.py: its template default is what its chat() uses."""
+    d = tmp_path / "model"
+    os.makedirs(d)
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json"):
+        (d / name).write_bytes(open(os.path.join(FIXTURES, "internlm2", name), "rb").read())
+    (d / "conversation.py").write_text(
+        "register_conv_template(\n    Conversation(\n        name='phi3-chat',\n        system_message='no',\n    )\n)\n"
+        "register_conv_template(\n    Conversation(\n        name='internlm2-chat',\n"
+        "        system_template='<|im_start|>system\\n{system_message}',\n"
+        "        system_message='You are an AI assistant whose name is InternLM (书生·浦语).',\n    )\n)\n")
+    from model import load_config
+    cfg = load_config(str(d))
+    assert chat.directory_system_message(str(d), "internlm2-chat") == "You are an AI assistant whose name is " \
+                                                                       "InternLM (书生·浦语)."
+    assert chat.resolve_system_message(cfg, None, str(d)).startswith("You are an AI assistant whose name is InternLM")
+    assert chat.resolve_system_message(cfg, "Be brief.", str(d)) == "Be brief."
+    cfg.system_message = "From config."
+    assert chat.resolve_system_message(cfg, None, str(d)) == "From config."
+    assert chat.directory_system_message(os.path.join(FIXTURES, "internlm2"), "internlm2-chat") is None

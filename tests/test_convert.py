@@ -131,6 +131,7 @@ def test_config_and_every_other_file(run):
     strip = ("use_llm_lora", "use_backbone_lora", "torch_dtype")
     assert {k: v for k, v in out_cfg.items() if k not in strip} == {k: v for k, v in base_cfg.items() if k not in strip}
     assert out_cfg["torch_dtype"] == "bfloat16"
+    assert out_cfg["system_message"] == base_cfg["system_message"] == run["meta"]["system_message"]
     others = [n for n in os.listdir(run["base"]) if n != "config.json" and not convert.WEIGHT_FILE.match(n)]
     assert set(REMOTE_CODE) | {"tokenizer.model", "tokenizer_config.json", "generation_config.json",
                                "special_tokens_map.json", "added_tokens.json", "README.md"} <= set(others)
@@ -336,3 +337,17 @@ def test_broken_checkpoints_and_wrong_bases(lora_run, workdir):
     with pytest.raises(convert.ConvertError, match="the model expects .*\n.*the base model the run was trained from"):
         conv(lora_run / "iter_2", workdir / "wrong-base", "--base-model", other, "--no-verify")
     assert not (workdir / "wrong-base").exists()
+
+
+def test_config_records_the_system_message_training_used(tmp_path):
+    """A base without system_message trained with the data default: the export says so explicitly, so that a
+    conversation.py with another default (the released checkpoints' English one) cannot change the prompt."""
+    from data import DEFAULT_SYSTEM_MESSAGE
+    base = REPO / "tests" / "fixtures" / "phi3"
+    assert "system_message" not in json.loads((base / "config.json").read_text())
+    convert.write_config(str(tmp_path), str(base), torch.bfloat16, convert.training_system_message(
+        {"system_message": None}))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["system_message"] == DEFAULT_SYSTEM_MESSAGE
+    assert cfg["use_llm_lora"] == cfg["use_backbone_lora"] == 0 and cfg["torch_dtype"] == "bfloat16"
+    assert convert.training_system_message({"system_message": "Be brief."}) == "Be brief."
