@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
+VOCAB_SLICE = 8192  # rows of the weight gradient formed per matmul
 
 
 def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor):
@@ -38,7 +39,8 @@ def _ce_sum_and_grads(hidden, weight, targets, chunk_size, need_h, need_w):
             if need_h:
                 grad_h[i:i + chunk_size] = g @ weight
             if need_w:
-                grad_w += (g.t() @ h).float()
+                for v in range(0, g.shape[1], VOCAB_SLICE):  # fp32 accumulation, no [vocab, hidden] temporary
+                    grad_w[v:v + VOCAB_SLICE] += g[:, v:v + VOCAB_SLICE].t() @ h
     return total, grad_h, grad_w
 
 
@@ -48,13 +50,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total, grad_h, grad_w = _ce_sum_and_grads(hidden, weight, targets, chunk_size, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
+        ctx.backward_done = False
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
+        if ctx.backward_done:  # grad_w is scaled in place below
+            raise RuntimeError("the fused output-head loss supports one backward pass (no retain_graph reuse)")
+        ctx.backward_done = True
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        gw = grad_w.mul_(grad_total).to(ctx.weight_dtype) if grad_w is not None else None  # in place: used once
         return gh, gw, None, None
 
 
