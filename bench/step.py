@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--tiles", type=int, default=2, help="image tiles per sample")
     p.add_argument("--batch", type=int, default=None, help="samples per micro-batch (default 1; 4 with --packing)")
     p.add_argument("--supervised", type=float, default=0.5, help="fraction of the text after the image with labels")
-    p.add_argument("--text-only", type=int, default=0, help="how many of the batch's samples are text-only (a dummy tile)")
+    p.add_argument("--text-only", type=int, default=0,
+                   help="how many of the batch's samples are text-only (one dummy tile each)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off (on by default)")
     p.add_argument("--packing", action="store_true", help="padded vs packed batches on a LLaVA-like mix")
@@ -106,7 +107,8 @@ def synthetic_sample(cfg, text_tokens: int, tiles: int, supervised: float, g: to
     answer = max(1, text_tokens - prompt - 1)
     if tiles:
         ids = torch.cat([torch.tensor([1]), words(prompt), torch.tensor([img_start]),
-                         torch.full((cfg.num_image_token * tiles,), img_context), torch.tensor([img_end]), words(answer)])
+                         torch.full((cfg.num_image_token * tiles,), img_context), torch.tensor([img_end]),
+                         words(answer)])
     else:
         ids = torch.cat([torch.tensor([1]), words(prompt + answer)])
     n_sup = max(1, int(supervised * answer))
@@ -228,7 +230,8 @@ def bench_packing(args, cfg) -> dict:
     samples = [synthetic_sample(cfg, t, k, args.supervised, g) for t, k in mix]
     lengths, tiles = [len(s["input_ids"]) for s in samples], [k for _, k in mix]
     batches = padded_batches(lengths, [k > 0 for k in tiles], args.batch, args.seed)
-    packs = PackedBatchSampler(lengths, args.batch * args.tokens, tiles, max_tiles * args.batch, seed=args.seed).packs(0)
+    packs = PackedBatchSampler(lengths, args.batch * args.tokens, tiles, max_tiles * args.batch,
+                               seed=args.seed).packs(0)
     ways = {"padded": [to_device(collate([samples[i] for i in b]), device, dtype) for b in batches],
             "packed": [to_device(collate_packed([samples[i] for i in p]), device, dtype) for p in packs]}
     model, opt = prepare(cfg, args.mode[0], device, dtype, not args.no_grad_ckpt, args.lora_r)
