@@ -90,7 +90,7 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto = bf16 on GPU, fp32 on CPU")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="seeds the data order, repeat-ratio sampling, LoRA init, dropout")
     g.add_argument("--max-bad-steps", type=int, default=5,
                    help="abort after this many optimizer steps in a row with a NaN/inf loss (each is skipped)")
     g = p.add_argument_group("LoRA / freezing")
@@ -168,7 +168,7 @@ def resolve_resume(args):
     path = args.resume.rstrip("/")
     if not os.path.exists(os.path.join(path, "meta.json")):
         raise SystemExit(f"error: --resume {args.resume}: not a complete checkpoint (no meta.json); "
-                                f"give an iter_* directory or 'auto'")
+                         f"give an iter_* directory or 'auto'")
     return path
 
 
@@ -205,7 +205,12 @@ def main(argv=None):
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.size}_{args.mode}")
     from data import Source, read_meta_file
-    sources = [Source.parse(s) for s in args.data] + (read_meta_file(args.meta_path) if args.meta_path else [])
+    if args.meta_path and not os.path.isfile(args.meta_path):
+        raise SystemExit(f"error: --meta-path {args.meta_path}: no such file")
+    try:
+        sources = [Source.parse(s) for s in args.data] + (read_meta_file(args.meta_path) if args.meta_path else [])
+    except ValueError as e:  # a malformed --data spec or meta file
+        raise SystemExit(f"error: {e}")
     for s in sources:
         if not os.path.isfile(s.annotation):
             raise SystemExit(f"error: data file {s.annotation} does not exist (source {s.name})")
@@ -227,6 +232,8 @@ def main(argv=None):
         r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit,
         targets=args.lora_targets.split(",") if args.lora_targets else None)
     resume_from = resolve_resume(args)
+    if args.resume == "auto" and resume_from is None:
+        print(f"--resume auto: no complete checkpoint in {args.output_dir} yet, starting from step 0")
     meta_args = _meta_args(args, int(os.environ.get("WORLD_SIZE", "1")), lora_cfg)
     if resume_from:
         with open(os.path.join(resume_from, "meta.json")) as f:
@@ -492,6 +499,7 @@ def main(argv=None):
     if final:
         log(f"convert it to an official InternVL 1.5 directory with:\n  python convert.py {final} "
             f"{os.path.join(args.output_dir, 'converted')}")
+    engine.destroy()  # release ZeRO-3's hooks and helper threads before the interpreter tears down
     dist.barrier()
     dist.destroy_process_group()
 
