@@ -30,10 +30,14 @@ def _ce_sum_and_grads(hidden, weight, targets, chunk_size, need_h, need_w):
     for i in range(0, targets.numel(), chunk_size):
         h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
         logits = F.linear(h, weight).float()  # head in the model dtype, loss in float32 (as the official)
-        lse = logits.logsumexp(-1)
-        total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        target_logit = logits.gather(1, t[:, None])
+        # log-sum-exp and softmax in place: one [chunk, vocab] float32 buffer, no logsumexp temporary
+        peak = logits.amax(-1, keepdim=True)
+        probs = logits.sub_(peak).exp_()
+        norm = probs.sum(-1, keepdim=True)
+        total += (norm.log() + peak - target_logit).sum()
         if need_h or need_w:
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            g = probs.div_(norm)  # softmax
             g[torch.arange(t.numel(), device=t.device), t] -= 1.0
             g = g.to(hidden.dtype)
             if need_h:
@@ -41,6 +45,8 @@ def _ce_sum_and_grads(hidden, weight, targets, chunk_size, need_h, need_w):
             if need_w:
                 for v in range(0, g.shape[1], VOCAB_SLICE):  # fp32 accumulation, no [vocab, hidden] temporary
                     grad_w[v:v + VOCAB_SLICE] += g[:, v:v + VOCAB_SLICE].t() @ h
+            del g
+        del logits, probs  # free this chunk's buffer before the next chunk allocates its own
     return total, grad_h, grad_w
 
 
