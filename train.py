@@ -114,6 +114,7 @@ def parse_args(argv=None):
     g.add_argument("--save-total-limit", type=int, help="checkpoints to keep (default 3)")
     g.add_argument("--resume", help="'auto' (newest complete checkpoint of --output-dir, if any) or an iter_* path")
     g.add_argument("--log-interval", type=int, help="progress-bar refresh every N steps (metrics.jsonl: every step)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the `deepspeed` launcher's
     return p.parse_args(argv)
 
 
