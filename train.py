@@ -428,48 +428,43 @@ def main(argv=None):
         dist.all_reduce(local)
         n_step, tokens, samples, tiles, all_masked = (int(x) for x in local)
         counters["all_masked_micro_batches"] += all_masked
-        if n_step == 0:  # nothing to learn in this step on any rank: skip it, counted
+        loss, grad_norm = None, None
+        if n_step == 0:  # nothing to learn in this step on any rank: no forward, no update, counted
             counters["all_masked_steps"] += 1
             counters["skipped_steps"] += 1
-            step += 1
-            if master:
-                metrics.write(json.dumps(dict(step=step, epoch=epoch, loss=None, tokens=tokens, samples=samples,
-                                              supervised_tokens=0, **counters)) + "\n")
-            bar.update(1)
-            continue
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for b in micro:
-            b.pop("meta")
-            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-            b["pixel_values"] = b["pixel_values"].to(dtype)
-            out = engine(**b)
-            micro_sum = out["loss"].float() * out["n_supervised"]  # this micro-batch's summed CE
-            loss_sum += micro_sum.detach().double().cpu()
-            engine.backward(micro_sum * (world / n_step), scale_wrt_gas=False)
-            engine.step()
-        flag = torch.tensor([loss_sum.item(), float(not math.isfinite(loss_sum.item()))], dtype=torch.float64)
-        dist.all_reduce(flag)
-        loss = flag[0].item() / n_step
-        nonfinite = flag[1].item() > 0
-        applied = engine.was_step_applied()
-        if nonfinite:
-            counters["nonfinite_steps"] += 1
-            bad_in_a_row += 1
-            if applied:
-                raise RuntimeError(f"step {step + 1}: the loss is not finite but DeepSpeed applied the update; "
-                                   f"this DeepSpeed version does not skip non-finite steps")
         else:
-            bad_in_a_row = 0
-        if not applied:
-            counters["skipped_steps"] += 1
-        if bad_in_a_row >= args.max_bad_steps:
-            raise RuntimeError(f"aborting: {bad_in_a_row} optimizer steps in a row had a NaN/inf loss (last: step "
-                               f"{step + 1}, loss {loss}); lower the lr, check the data, or use bf16/fp32")
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for b in micro:
+                b.pop("meta")
+                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                b["pixel_values"] = b["pixel_values"].to(dtype)
+                out = engine(**b)
+                micro_sum = out["loss"].float() * out["n_supervised"]  # this micro-batch's summed CE
+                loss_sum += micro_sum.detach().double().cpu()
+                engine.backward(micro_sum * (world / n_step), scale_wrt_gas=False)
+                engine.step()
+            flag = torch.tensor([loss_sum.item(), float(not math.isfinite(loss_sum.item()))], dtype=torch.float64)
+            dist.all_reduce(flag)
+            loss = flag[0].item() / n_step
+            applied = engine.was_step_applied()  # DeepSpeed skips an update whose gradient norm is not finite
+            if flag[1].item() > 0:
+                counters["nonfinite_steps"] += 1
+                bad_in_a_row += 1
+                if applied:
+                    raise RuntimeError(f"step {step + 1}: the loss is not finite but DeepSpeed applied the update; "
+                                       f"this DeepSpeed version does not skip non-finite steps")
+                if bad_in_a_row >= args.max_bad_steps:
+                    raise RuntimeError(f"aborting: {bad_in_a_row} optimizer steps in a row had a NaN/inf loss "
+                                       f"(last: step {step + 1}, loss {loss}); lower the lr or check the data")
+            else:
+                bad_in_a_row = 0
+            if not applied:
+                counters["skipped_steps"] += 1
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
         step += 1
         seconds = time.time() - t_step
-        grad_norm = engine.get_global_grad_norm()
-        row = dict(step=step, epoch=epoch, loss=loss, lr=scheduler.get_last_lr()[0],
-                   grad_norm=None if grad_norm is None or not math.isfinite(float(grad_norm)) else float(grad_norm),
+        row = dict(step=step, epoch=epoch, loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
                    tokens=tokens, supervised_tokens=n_step, samples=samples, image_tiles=tiles, seconds=seconds,
                    tokens_per_s=tokens / seconds, samples_per_s=samples / seconds, peak_mem_gb=_peak_memory_gb(on_gpu),
                    **counters)
@@ -478,10 +473,10 @@ def main(argv=None):
             metrics.flush()
             if tb is not None:
                 for k in ("loss", "lr", "grad_norm", "tokens_per_s", "supervised_tokens", "peak_mem_gb"):
-                    if row[k] is not None:
+                    if row[k] is not None and math.isfinite(row[k]):
                         tb.add_scalar(f"train/{k}", row[k], step)
             if step % args.log_interval == 0 or step == total_steps:
-                bar.set_postfix_str(f"loss {loss:.4f} lr {row['lr']:.2e} gnorm {row['grad_norm'] or float('nan'):.3f} "
+                bar.set_postfix_str(f"loss {_fmt(loss, '.4f')} lr {row['lr']:.2e} gnorm {_fmt(grad_norm, '.3f')} "
                                     f"tok/s {row['tokens_per_s']:.0f} smp/s {row['samples_per_s']:.2f} "
                                     f"sup {n_step} mem {row['peak_mem_gb']:.1f}G", refresh=False)
         bar.update(1)
@@ -566,6 +561,10 @@ def _meta_args(args, world, lora_cfg):
                 max_tiles=args.max_tiles, lora=lora_cfg.to_dict() if lora_cfg else None,
                 train_vit=args.train_vit, unfreeze_vit_layers=args.unfreeze_vit_layers,
                 freeze_projector=args.freeze_projector, freeze_llm=args.freeze_llm)
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
 
 
 def _flatten(d, prefix=""):
