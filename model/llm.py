@@ -98,11 +98,18 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.num_kv_heads != self.num_heads
-        if isinstance(mask, Varlen):  # flat [B*n, heads, hd], causal within each run
+        if isinstance(mask, Varlen) and varlen_available(x):  # flat [B*n, heads, hd], causal within each run
             flat = [z.transpose(1, 2).reshape(b * n, -1, self.head_dim) for z in (q, k, v)]
             out = varlen_attn(*flat, mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len,
                               window_size=(-1, 0), enable_gqa=gqa)
             return self.out(out.reshape(b, n, q_size))
+        if isinstance(mask, Varlen):  # elsewhere the same per run: the cost follows the runs, not the row
+            rows = [[] for _ in range(b)]
+            for r, s, e in mask.runs:
+                rows[r].append(F.scaled_dot_product_attention(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e],
+                                                              v[r:r + 1, :, s:e], is_causal=True, enable_gqa=gqa))
+            out = torch.cat([torch.cat(pieces, dim=2) for pieces in rows])
+            return self.out(out.transpose(1, 2).reshape(b, n, q_size))
         if mask is None:  # causal, nothing padded; a single new token attends to the whole cache
             out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, enable_gqa=gqa)
         else:
@@ -170,6 +177,7 @@ class Varlen:
     (their outputs are unused). Segments must be contiguous within a row, as packing and padding make them."""
     cu_seqlens: torch.Tensor  # int32 [runs + 1], starting at 0
     max_len: int
+    runs: list[tuple[int, int, int]]  # (row, start, end) of each run, for the per-run SDPA fallback
 
     @classmethod
     def from_segments(cls, attention_mask: torch.Tensor) -> "Varlen":
@@ -178,7 +186,9 @@ class Varlen:
         start[:, 1:] = seg[:, 1:] != seg[:, :-1]  # a run starts at each row start and at each segment change
         starts = start.reshape(-1).nonzero().squeeze(1)
         cu = torch.cat([starts, starts.new_tensor([seg.numel()])]).to(torch.int32)
-        return cls(cu, int((cu[1:] - cu[:-1]).max()))
+        bounds, n = cu.tolist(), seg.shape[1]
+        runs = [(a // n, a % n, b - a // n * n) for a, b in zip(bounds[:-1], bounds[1:])]
+        return cls(cu, max(e - s for _, s, e in runs), runs)
 
 
 def varlen_available(x: torch.Tensor) -> bool:
@@ -200,16 +210,20 @@ class Decoder(nn.Module):
         # Longest attended length seen so far. The official dynamic-NTK module recomputes its base only when a
         # call is longer than any before and keeps it afterwards (stateful); only beyond max_position_embeddings.
         self.rope_len = 0
-        self.use_varlen = True  # padded/packed training batches: varlen flash attention where available
+        # Padded/packed training batches attend per run (varlen flash attention on CUDA, SDPA per run elsewhere);
+        # False: SDPA with the block-diagonal mask over whole rows.
+        self.use_varlen = True
 
     def forward(self, inputs_embeds, position_ids, attention_mask=None, cache: KVCache | None = None):
         b, n, _ = inputs_embeds.shape
         kv_len = n + (cache.length if cache is not None else 0)
         self.rope_len = max(self.rope_len, kv_len)
         cos, sin = rope_cos_sin(self.cfg, position_ids, self.rope_len, inputs_embeds.dtype)
-        mask = attention_mask_4d(attention_mask, n, kv_len)
-        if mask is not None and cache is None and self.use_varlen and varlen_available(inputs_embeds):
+        masked = attention_mask is not None and not bool((attention_mask == 1).all())
+        if masked and cache is None and self.use_varlen:
             mask = Varlen.from_segments(attention_mask)
+        else:
+            mask = attention_mask_4d(attention_mask, n, kv_len)
         h = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

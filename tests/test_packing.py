@@ -155,6 +155,7 @@ def test_varlen_runs_from_segments():
     v = Varlen.from_segments(torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0]]))
     assert v.cu_seqlens.tolist() == [0, 2, 5, 6, 10, 12] and v.cu_seqlens.dtype == torch.int32
     assert v.max_len == 4
+    assert v.runs == [(0, 0, 2), (0, 2, 5), (0, 5, 6), (1, 0, 4), (1, 4, 6)]
 
 
 # ---------------------------------------------------------------- packed == unpacked, on the official fixtures
@@ -225,6 +226,22 @@ def test_packed_gradients_equal_padded_batch():
     for name in grads[0]:
         diff = (grads[0][name] - grads[1][name]).abs().max().item()
         assert diff < 1e-5 * max(1.0, grads[1][name].abs().max().item()), f"{name}: grad diff {diff}"
+
+
+@pytest.mark.parametrize("way", ["packed", "padded"])
+def test_per_run_attention_equals_the_block_diagonal_mask(way):
+    """The default path off CUDA (SDPA per run) against SDPA with the [B, 1, L, L] mask over whole rows."""
+    model, samples = _fixture_samples("internlm2")
+    batch = collate_packed(samples) if way == "packed" else collate(samples)
+    with torch.no_grad():
+        runs = _call(model, batch).logits
+        model.llm.use_varlen = False
+        try:
+            dense = _call(model, batch).logits
+        finally:
+            model.llm.use_varlen = True
+    real = batch["attention_mask"].bool()
+    assert (runs - dense)[real].abs().max().item() < 1e-5
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable_gqa):
