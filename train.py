@@ -90,7 +90,8 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto = bf16 on GPU, fp32 on CPU")
-    g.add_argument("--seed", type=int, default=42, help="seeds the data order, repeat-ratio sampling, LoRA init, dropout")
+    g.add_argument("--seed", type=int, default=42,
+                   help="seeds the data order, repeat-ratio sampling, LoRA init and dropout")
     g.add_argument("--max-bad-steps", type=int, default=5,
                    help="abort after this many optimizer steps in a row with a NaN/inf loss (each is skipped)")
     g = p.add_argument_group("LoRA / freezing")
@@ -336,7 +337,8 @@ def main(argv=None):
     micro_per_epoch = len(sampler)  # micro-batches per rank per epoch (equal on every rank)
     steps_per_epoch = micro_per_epoch // args.grad_accum
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(dataset)} samples make no full step of {args.batch_size * args.grad_accum * world}")
+        raise SystemExit(f"error: {len(dataset)} samples make no full step of "
+                         f"{args.batch_size * args.grad_accum * world}")
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     warmup = math.ceil(args.warmup_ratio * total_steps)
 

@@ -241,8 +241,9 @@ def make_demo(root: str, n_images: int = 480, text_only: int = 96, seed: int = 0
     os.makedirs(os.path.join(tmp, "base"))
     make_data(os.path.join(tmp, "data"), n_images, text_only, seed)
     # The fixed parts of every prompt are repeated so that BPE learns them as few pieces.
-    texts = [SYSTEM_MESSAGE, "system", "user", "assistant"] * 20 + [t["value"].replace("<image>\n", "") for line in open(
-        os.path.join(tmp, "data", "train.jsonl")) for t in json.loads(line)["conversations"]]
+    with open(os.path.join(tmp, "data", "train.jsonl")) as f:
+        messages = [t["value"].replace("<image>\n", "") for line in f for t in json.loads(line)["conversations"]]
+    texts = [SYSTEM_MESSAGE, "system", "user", "assistant"] * 20 + messages
     # Each message also follows a role header's newline in the prompt, where it gets no dummy-prefix space: the
     # official label code counts tokens of fragments tokenized alone, so both forms must tokenize alike.
     texts += [f"user\n{t}" for t in texts] + [f"{q} {a}" for q, a in TEXT_ONLY] + [

@@ -45,7 +45,8 @@ def run(args, out, nproc=1, worker=None, env=None, check=True, timeout=300):
     proc = subprocess.run(cmd + list(args) + ["--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
     return proc, metrics(out)
 
 

@@ -1,0 +1,75 @@
+"""data/demo.py: the demo base is a valid official-format directory, its tokenizer has the InternLM2 layout, and
+its data are learnable samples that the official label procedure agrees with."""
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from data import Source, SupervisedDataset, load_tokenizer
+from data.demo import CHAT_PIECES, INTERNVL_TOKENS, SYSTEM_MESSAGE, make_demo
+from model import load_pretrained
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo(str(tmp_path_factory.mktemp("demo") / "demo"), n_images=24, text_only=8)
+
+
+def _digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_tokenizer_has_the_internlm2_layout(demo):
+    base, _, _ = demo
+    tok = load_tokenizer(base)
+    n_sp = tok.sp.get_piece_size()
+    # chat tokens: the last sentencepiece pieces, renamed; the 9 InternVL tokens right after the vocabulary
+    for i, (piece, name) in enumerate(CHAT_PIECES):
+        assert tok.sp.id_to_piece(n_sp - len(CHAT_PIECES) + i) == piece
+        assert tok.convert_tokens_to_ids(name) == n_sp - len(CHAT_PIECES) + i
+    assert [tok.convert_tokens_to_ids(t) for t in INTERNVL_TOKENS] == list(range(n_sp, n_sp + 9))
+    config = json.load(open(os.path.join(base, "config.json")))
+    assert config["llm_config"]["vocab_size"] == n_sp + 9 and config["template"] == "internlm2-chat"
+    assert config["system_message"] == SYSTEM_MESSAGE
+    ids = tok.encode("<|im_start|>user\nA red circle.<|im_end|>")
+    assert ids[0] == 1 and ids[1] == tok.convert_tokens_to_ids("<|im_start|>") and ids[-1] == \
+        tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(ids) == "user\nA red circle."
+
+
+def test_base_loads_strictly_and_data_match_the_official_labels(demo):
+    base, annotation, folder = demo
+    model = load_pretrained(base, dtype=torch.float32)
+    tok = load_tokenizer(base)
+    assert model.config.img_context_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert model.llm.head.weight.std().item() == pytest.approx(0.1, rel=0.1)  # a head that can express answers
+    ds = SupervisedDataset([Source(annotation, folder)], tok, model.config.template, model.config.system_message,
+                           max_num=1, max_length=512)
+    assert len(ds) == 32 and sum(ds.is_image) == 24
+    samples = [ds[i] for i in range(len(ds))]
+    assert all(s["meta"]["labels_match_official"] for s in samples)  # fragment counts = whole-text tokens
+    assert {int(s["pixel_values"].shape[0]) for s in samples} == {1}  # one tile per sample
+    image = next(s for s in samples if s["image_flags"].sum() == 1)
+    answer = tok.decode([t for t in image["labels"].tolist() if t != -100])
+    record = next(json.loads(line) for line in open(annotation) if json.loads(line)["id"].startswith("img"))
+    assert answer.split()[0] in {"A", "It", "Red.", "Green.", "Blue.", "Yellow.", "Purple."}
+    assert "image" in record and os.path.exists(os.path.join(folder, record["image"]))
+    with torch.no_grad():
+        batch = {k: v[None] if k in ("input_ids", "labels") else v for k, v in image.items()
+                 if k in ("input_ids", "labels", "pixel_values", "image_flags")}
+        loss = model(**batch).loss.item()
+    vocab = model.config.llm.vocab_size
+    print(f"untrained demo loss {loss:.3f} vs ln(V) = {torch.log(torch.tensor(float(vocab))).item():.3f}")
+    assert 0.5 * torch.log(torch.tensor(float(vocab))).item() < loss < 3 * torch.log(torch.tensor(float(vocab)))
+
+
+def test_written_once_and_deterministic(demo, tmp_path):
+    base, annotation, _ = demo
+    again = make_demo(os.path.dirname(base), n_images=24, text_only=8)  # exists: returned as is
+    assert again == demo
+    other = make_demo(str(tmp_path / "other"), n_images=24, text_only=8)
+    for name in ("tokenizer.model", "model.safetensors", "config.json", "tokenizer_config.json"):
+        assert _digest(os.path.join(base, name)) == _digest(os.path.join(other[0], name)), name
+    assert _digest(annotation) == _digest(other[1])
