@@ -234,6 +234,10 @@ def main(argv=None):
         r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit,
         targets=args.lora_targets.split(",") if args.lora_targets else None)
     resume_from = resolve_resume(args)
+    if args.resume is None and complete_checkpoints(args.output_dir):
+        raise SystemExit(f"error: {args.output_dir} already holds checkpoints "
+                         f"({os.path.basename(complete_checkpoints(args.output_dir)[-1][1])}): pass --resume auto to "
+                         f"continue that run, or choose another --output-dir (or remove it) to start over")
     if args.resume == "auto" and resume_from is None:
         print(f"--resume auto: no complete checkpoint in {args.output_dir} yet, starting from step 0")
     meta_args = _meta_args(args, int(os.environ.get("WORLD_SIZE", "1")), lora_cfg)

@@ -237,6 +237,9 @@ def test_bad_combinations_are_refused_before_any_heavy_work(demo, tmp_path):
              r"ds.json: no such file")
     _refused(["--model-path", base, "--data", data, "--freeze-llm", *out], r"--freeze-llm is for --mode full")
     _refused(["--model-path", base, "--data", data, "--resume", str(tmp_path), *out], r"not a complete checkpoint")
+    (tmp_path / "iter_5").mkdir()
+    (tmp_path / "iter_5" / "meta.json").write_text("{}")
+    _refused(["--model-path", base, "--data", data, *out], r"already holds checkpoints \(iter_5\): pass --resume auto")
 
 
 # ------------------------------------------------------------------------------------------------ workers
