@@ -50,11 +50,14 @@ class _LiveTensorBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:  # freed since the last op
             self.current -= self.live.pop(key)[1]
+        inputs = {StorageWeakRef(t.untyped_storage()).cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 st = t.untyped_storage()
                 ref = StorageWeakRef(st)
-                if ref.cdata not in self.live:
+                # a view or in-place result shares an input's storage: new memory only if that was never seen
+                if ref.cdata not in self.live and ref.cdata not in inputs:
                     self.live[ref.cdata] = (ref, st.nbytes())
                     self.current += st.nbytes()
         self.peak = max(self.peak, self.current)

@@ -21,7 +21,10 @@ def real(x):
 
 
 def test_peak_memory_counts_live_tensor_bytes():
+    w = torch.ones(1 << 18)  # allocated before the block: its views and in-place results are not new memory
     with PeakMemory("cpu") as m:
+        w.t().mul_(2)
+        w.view(-1)[:10].add_(1)
         a = torch.empty(1 << 20, dtype=torch.uint8)
         b = torch.empty(2 << 20, dtype=torch.uint8)
         del a
