@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="hidden/head dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--frozen-head", action="store_true", help="head weight without gradient (LoRA / QLoRA)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -55,6 +56,7 @@ def make_inputs(tokens, vocab, hidden, supervised, device, dtype, seed):
 def bench_vocab(args, vocab) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     head, h, labels = make_inputs(args.tokens, vocab, args.hidden, args.supervised, device, dtype, args.seed)
+    head.weight.requires_grad_(not args.frozen_head)
     if args.chunk is not None:
         head.chunk_size = args.chunk
     losses = {"plain": lambda: plain_cross_entropy(head(h), labels),
@@ -96,6 +98,7 @@ def main(argv=None):
     args.hidden = args.hidden or (2048 if cuda else 256)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     result = {"bench": "loss", "tokens": args.tokens, "hidden": args.hidden, "dtype": args.dtype,
+              "frozen_head": args.frozen_head,
               "supervised_fraction": args.supervised, "chunk": args.chunk, "repeats": args.repeats,
               "environment": environment(args.device), "results": [bench_vocab(args, v) for v in args.vocab]}
     write_json(args.json, result)
