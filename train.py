@@ -73,6 +73,9 @@ def parse_args(argv=None):
                    help="a .json/.jsonl LLaVA-format annotation file with its image folder, repeat ratio "
                         "(r < 1: seeded fraction; r > 1: floor(r) copies + a seeded fraction) and tile cap; repeatable")
     g.add_argument("--meta-path", help="official meta file {name: {root, annotation, repeat_time, max_dynamic_patch}}")
+    g.add_argument("--system-message", help="the system prompt of every training sample (default: config.json's "
+                                            "system_message, else the official template default); convert.py "
+                                            "writes it into the exported config.json")
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="turn annotation problems into counted skips instead of an error before training")
     g.add_argument("--max-length", type=int, help="max tokens per sample, image tokens included (default 4096); "
@@ -102,6 +105,7 @@ def parse_args(argv=None):
     g.add_argument("--lora-targets", help="comma-separated official module names (default: every LLM linear but "
                                           "the head: wqkv,wo,w1,w2,w3 / qkv_proj,o_proj,gate_up_proj,down_proj)")
     g.add_argument("--lora-vit", action="store_true", help="also put adapters on the ViT linears")
+    g.add_argument("--lora-rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r) instead of alpha / r")
     g.add_argument("--train-vit", action="store_true", help="train the whole ViT (frozen by default, as official)")
     g.add_argument("--unfreeze-vit-layers", type=int, metavar="K",
                    help="train ViT layers K.. (official unfreeze_vit_layers; negative counts from the end)")
@@ -199,6 +203,8 @@ def main(argv=None):
                          f"(expected an official InternVL 1.5 directory)")
     from model import load_config
     config = _wait_for(lambda: load_config(args.model_path)) if args.demo else load_config(args.model_path)
+    if args.system_message is not None:
+        config.system_message = args.system_message
     found = checkpoint_size(config)
     if args.size is not None and args.size != found:
         raise SystemExit(f"error: --size {args.size} but {args.model_path} has the {found} architecture "
@@ -232,7 +238,7 @@ def main(argv=None):
     if args.freeze_llm and args.mode != "full":
         raise SystemExit("error: --freeze-llm is for --mode full (LoRA modes already freeze the LLM base)")
     lora_cfg = None if args.mode == "full" else lora.LoRAConfig(
-        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit,
+        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit, rslora=args.lora_rslora,
         targets=args.lora_targets.split(",") if args.lora_targets else None)
     resume_from = resolve_resume(args)
     if args.resume is None and complete_checkpoints(args.output_dir):

@@ -62,7 +62,7 @@ def losses(rows):
 # ------------------------------------------------------------------------------------------------ the demo
 
 def test_demo_learns_and_prints_the_convert_command(tmp_path):
-    proc, rows = run(["--max-steps", "40", "--save-steps", "20"], tmp_path / "demo_run")
+    proc, rows = run(["--max-steps", "40", "--save-steps", "20", "--system-message", "Be brief."], tmp_path / "demo_run")
     first, last = sum(losses(rows)[:10]) / 10, sum(losses(rows)[-10:]) / 10
     print(f"demo: 40 steps, first-10 mean loss {first:.3f}, last-10 mean {last:.3f} ({last / first:.0%})")
     assert len(rows) == 40
@@ -72,6 +72,7 @@ def test_demo_learns_and_prints_the_convert_command(tmp_path):
     assert (tmp_path / "demo_run" / "latest").read_text() == "iter_40"
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["mode"] == "lora" and meta["step"] == 40 and meta["template"] == "internlm2-chat"
+    assert meta["system_message"] == "Be brief."  # --system-message: what training used, for convert.py
     assert meta["base_model_path"] == str(tmp_path / "demo_run" / "demo" / "base")
     assert meta["lora"]["r"] == 16 and meta["versions"]["deepspeed"]
     # Frozen parameters are not in the checkpoint: only adapters and the projector.
