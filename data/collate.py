@@ -8,7 +8,7 @@ batch are concatenated in sample order, and so are image_flags.
 The keys input_ids, labels, attention_mask, position_ids, pixel_values, image_flags are exactly the
 model's forward arguments; "meta" (pop it before the forward) carries per-batch bookkeeping:
 ids ("source:line" per sample), skipped (problems that made the dataset replace a sample),
-num_tokens, num_supervised, label_mismatches, truncated.
+num_samples, num_tokens, num_supervised, label_mismatches, truncated.
 """
 import torch
 
@@ -32,13 +32,19 @@ def collate(samples, pad_id=PAD_ID):
     out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
                pixel_values=torch.cat([s["pixel_values"] for s in samples]),
                image_flags=torch.cat([s["image_flags"] for s in samples]))
+    out["meta"] = batch_meta(samples, labels)
+    return out
+
+
+def batch_meta(samples, labels):
+    """The bookkeeping of a batch (or of a pack, data/packing.py) built from `samples` with these `labels`."""
     metas = [s.get("meta", {}) for s in samples]
-    out["meta"] = {
+    return {
         "ids": [m.get("id") for m in metas],
         "skipped": [x for m in metas for x in m.get("skipped", [])],
-        "num_tokens": sum(lengths),
+        "num_samples": len(samples),
+        "num_tokens": sum(len(s["input_ids"]) for s in samples),
         "num_supervised": int((labels != IGNORE_INDEX).sum()),
         "label_mismatches": sum(1 for m in metas if m.get("labels_match_official") is False),
         "truncated": sum(1 for m in metas if m.get("truncated")),
     }
-    return out

@@ -287,8 +287,9 @@ def repeat_indices(n, ratio, rng):
 class SupervisedDataset(torch.utils.data.Dataset):
     """Samples from several sources. After construction:
       len(ds)                 samples per epoch after repeat ratios
-      ds.lengths[i]           estimated tokens (text tokens + 256 * tiles) for the sampler
+      ds.lengths[i]           estimated tokens (text + template tokens + 256 * tiles) for the samplers
       ds.is_image[i]          modality for the sampler (True = has images)
+      ds.tiles[i]             estimated image tiles (0 for text-only) for the packing tile budget
       ds.source_counts        {name: {"records", "bad", "valid", "sampled"}}
       ds[i]                   build_sample output + "meta" {"id", "skipped", "labels_match_official"}
     """
@@ -344,9 +345,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if not self.index:
             raise DataError("no samples: every source is empty after validation and repeat ratios")
 
+        self._overhead = {}  # template tokens (system block, roles, terminators) per number of turns
         per_source = [[self._estimate(si, rec) for _, rec in recs] for si, recs in enumerate(self.records)]
         self.lengths = [per_source[si][k][0] for si, k in self.index]
         self.is_image = [per_source[si][k][1] for si, k in self.index]
+        self.tiles = [per_source[si][k][2] for si, k in self.index]  # estimated image tiles (0: text-only)
         self._by_modality = {True: [i for i, m in enumerate(self.is_image) if m],
                              False: [i for i, m in enumerate(self.is_image) if not m]}
         self.stats = {"seen": 0, "image_failures": 0, "too_long": 0, "label_mismatches": 0}
@@ -355,13 +358,17 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return self.sources[si].max_num or self.max_num
 
     def _estimate(self, si, rec):
-        """(tokens, has_images): a record's `length` when given, else text tokens + 256 * tiles, with the
-        exact tile count when `image_wh` is given and the cap (+ thumbnail) otherwise."""
+        """(tokens, has_images, tiles): tokens = a record's `length` when given, else text + template tokens +
+        256 * tiles; tiles exact when `image_wh` is given, else the cap (+ thumbnail) per image."""
         conv = parse_record(rec)
-        if isinstance(rec.get("length"), int):
-            return rec["length"], bool(conv.images)
+        tiles = 0
+        n_turns = len(conv.turns)
+        if n_turns not in self._overhead:
+            empty, _ = render(self.template, [("q", "a")] * n_turns, self.system_message)
+            self._overhead[n_turns] = len(self.tokenizer.encode(empty)) - 2 * n_turns
+        n = self._overhead[n_turns]
         text = "\n".join(v for pair in conv.turns for v in pair).replace(IMAGE_TAG, "")
-        n = len(self.tokenizer.encode(text))
+        n += len(self.tokenizer.encode(text, add_bos=False))
         if conv.images:
             cap = self._max_num(si) if len(conv.images) == 1 else max(1, self._max_num(si) // len(conv.images))
             wh = rec.get("image_wh")
@@ -371,8 +378,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 tiles = sum(num_tiles(w, h, self.min_num, cap, self.image_size, self.use_thumbnail) for w, h in wh)
             else:
                 tiles = len(conv.images) * (cap + (1 if self.use_thumbnail and cap > 1 else 0))
-            n += NUM_IMAGE_TOKENS * tiles
-        return n, bool(conv.images)
+            n += NUM_IMAGE_TOKENS * tiles + 2 * len(conv.images)  # + <img> </img>
+        if isinstance(rec.get("length"), int):
+            n = rec["length"]
+        return n, bool(conv.images), tiles
 
     def __len__(self):
         return len(self.index)

@@ -26,6 +26,7 @@ import random
 
 import torch
 
+from .collate import batch_meta
 from .templates import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,6 @@ def collate_packed(samples, max_tokens: int | None = None) -> dict:
     if not bool(keep.any()):
         keep = torch.zeros_like(keep)
         keep[0] = True  # a text-only pack keeps one dummy tile (flag 0) to keep the ViT in the graph
-    metas = [s.get("meta", {}) for s in samples]
     total = sum(lengths)
     over = max(0, total - max_tokens) if max_tokens is not None else 0
     if over:
@@ -184,15 +184,6 @@ def collate_packed(samples, max_tokens: int | None = None) -> dict:
                     len(samples), total, over, max_tokens)
     out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
                pixel_values=pixels[keep], image_flags=flags[keep])
-    out["meta"] = {
-        "ids": [m.get("id") for m in metas],
-        "skipped": [x for m in metas for x in m.get("skipped", [])],
-        "num_tokens": total,
-        "num_supervised": int((labels != IGNORE_INDEX).sum()),
-        "label_mismatches": sum(1 for m in metas if m.get("labels_match_official") is False),
-        "truncated": sum(1 for m in metas if m.get("truncated")),
-        "num_samples": len(samples),
-        "over_budget": int(over > 0),
-    }
+    out["meta"] = dict(batch_meta(samples, labels), over_budget=int(over > 0))
     return out
 

@@ -24,8 +24,8 @@ def test_collate_pads_right_and_concatenates_tiles():
     assert out["pixel_values"].shape == (3, 3, 448, 448)
     assert out["pixel_values"][:, 0, 0, 0].tolist() == [0.5, 0.5, -1.0]
     assert out["image_flags"].tolist() == [1, 1, 0]
-    assert out["meta"] == {"ids": ["s:1", "s:2"], "skipped": ["s:9: gone"], "num_tokens": 7, "num_supervised": 4,
-                           "label_mismatches": 1, "truncated": 0}
+    assert out["meta"] == {"ids": ["s:1", "s:2"], "skipped": ["s:9: gone"], "num_samples": 2, "num_tokens": 7,
+                           "num_supervised": 4, "label_mismatches": 1, "truncated": 0}
 
 
 def test_collate_of_fixture_sample_matches_official_batch():
