@@ -82,6 +82,11 @@ def parse_args(argv=None):
                                                   "image spans are never cut")
     g.add_argument("--max-tiles", type=int, help="max dynamic tiles per image, thumbnail aside (default 12)")
     g.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default 4; demo 0)")
+    g.add_argument("--max-packed-tokens", type=int, metavar="N",
+                   help="sequence packing: each micro-batch is one row of whole samples up to N tokens (official "
+                        "8192), attention isolated between them; the per-device batch is then 1")
+    g.add_argument("--max-packed-tiles", type=int, default=40, metavar="T",
+                   help="with packing: at most T image tiles per pack (official num_images_expected, default 40)")
     g = p.add_argument_group("optimisation (defaults: the official 2nd-finetune recipe of --size and --mode)")
     g.add_argument("--deepspeed", help="DeepSpeed config (default ds_zero3.json for 26b full/lora, else ds_zero1.json)")
     g.add_argument("--batch-size", type=int, help="micro-batch per device")
@@ -210,7 +215,15 @@ def main(argv=None):
         raise SystemExit(f"error: --size {args.size} but {args.model_path} has the {found} architecture "
                          f"(LLM {config.llm.family}, ViT {config.vision.norm_type}); pass --size {found}")
     args.size = found
+    if args.max_packed_tokens is not None:
+        if args.batch_size not in (None, 1):
+            raise SystemExit(f"error: --max-packed-tokens packs samples into one row per micro-batch: "
+                             f"--batch-size must be 1, not {args.batch_size}")
+        args.batch_size = 1
     args = fill_defaults(args)
+    if args.max_packed_tokens is not None and args.max_packed_tokens < args.max_length:
+        raise SystemExit(f"error: --max-packed-tokens {args.max_packed_tokens} is below --max-length "
+                         f"{args.max_length}: the longest sample must fit a pack")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.size}_{args.mode}")
     from data import Source, read_meta_file
@@ -340,17 +353,26 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- data
     from data import LengthGroupedSampler, SupervisedDataset, collate, load_tokenizer
+    from data.packing import PackedBatchSampler, collate_packed, packed_total_steps
     tokenizer = load_tokenizer(args.model_path)
     dataset = SupervisedDataset(sources, tokenizer, config.template, config.system_message, max_num=args.max_tiles,
                                 max_length=args.max_length, seed=args.seed, skip_bad_samples=args.skip_bad_samples)
-    sampler = LengthGroupedSampler(dataset.lengths, dataset.is_image, batch_size=args.batch_size,
-                                   world_size=world, rank=rank, seed=args.seed)
-    micro_per_epoch = len(sampler)  # micro-batches per rank per epoch (equal on every rank)
-    steps_per_epoch = micro_per_epoch // args.grad_accum
+    if args.max_packed_tokens:  # one pack per micro-batch; the number of packs per epoch is planned in advance
+        sampler = PackedBatchSampler(dataset.lengths, args.max_packed_tokens, tiles=dataset.tiles,
+                                     max_tiles=args.max_packed_tiles, world_size=world, rank=rank, seed=args.seed)
+        collate_fn = partial(collate_packed, max_tokens=args.max_packed_tokens)
+        steps_per_epoch = sampler.micro_batches(0) // args.grad_accum
+        epoch_steps = packed_total_steps(sampler, args.epochs, args.grad_accum)
+    else:
+        sampler = LengthGroupedSampler(dataset.lengths, dataset.is_image, batch_size=args.batch_size,
+                                       world_size=world, rank=rank, seed=args.seed)
+        collate_fn = collate
+        steps_per_epoch = len(sampler) // args.grad_accum  # micro-batches per rank and epoch: equal on every rank
+        epoch_steps = math.ceil(args.epochs * steps_per_epoch)
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} samples make no full step of "
                          f"{args.batch_size * args.grad_accum * world}")
-    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    total_steps = args.max_steps or epoch_steps
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
     def lr_lambda(step):  # HF get_cosine_schedule_with_warmup, as the official trainer
@@ -365,7 +387,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- resume
     step, epoch, micro_in_epoch = 0, 0, 0
-    counters = dict(skipped_steps=0, nonfinite_steps=0, all_masked_steps=0, all_masked_micro_batches=0)
+    counters = dict(skipped_steps=0, nonfinite_steps=0, all_masked_steps=0, all_masked_micro_batches=0,
+                    samples_seen=0)
     meta_args["trainable"] = trainable
     if resume_from:
         if meta["run"]["trainable"] != trainable:  # DeepSpeed loads the saved tensors non-strictly: check here
@@ -382,7 +405,7 @@ def main(argv=None):
         nonlocal epoch, micro_in_epoch
         while True:
             sampler.set_epoch(epoch, micro_in_epoch)
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                                                  num_workers=args.num_workers, pin_memory=on_gpu,
                                                  generator=torch.Generator().manual_seed(args.seed + epoch))
             for b in loader:
@@ -419,6 +442,9 @@ def main(argv=None):
             f"{args.batch_size * args.grad_accum * world}; {steps_per_epoch} steps/epoch; {total_steps} steps "
             f"(warmup {warmup}), lr {args.lr:g}, wd {args.weight_decay:g}; checkpoints every {args.save_steps} "
             f"in {args.output_dir}" + (f"; resumed from {resume_from} at step {step}" if resume_from else ""))
+        if args.max_packed_tokens:
+            log(f"packing: one pack of <= {args.max_packed_tokens} tokens and <= {args.max_packed_tiles} tiles per "
+                f"micro-batch; {sampler.micro_batches(0) * world} packs in epoch 0 for {len(dataset)} samples")
         _truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step)
     metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if master else None
     tb = _tensorboard(args.output_dir) if master else None
@@ -435,12 +461,13 @@ def main(argv=None):
         # What the step will see, agreed by every rank with one all-reduce: its supervised tokens (the loss
         # denominator), tokens, samples and image tiles.
         local = torch.tensor([sum(b["meta"]["num_supervised"] for b in micro),
-                              sum(b["meta"]["num_tokens"] for b in micro), sum(b["input_ids"].shape[0] for b in micro),
+                              sum(b["meta"]["num_tokens"] for b in micro), sum(b["meta"]["num_samples"] for b in micro),
                               sum(int(b["image_flags"].sum()) for b in micro),
                               sum(b["meta"]["num_supervised"] == 0 for b in micro)], dtype=torch.float64)
         dist.all_reduce(local)
         n_step, tokens, samples, tiles, all_masked = (int(x) for x in local)
         counters["all_masked_micro_batches"] += all_masked
+        counters["samples_seen"] += samples
         loss, grad_norm = None, None
         if n_step == 0:  # nothing to learn in this step on any rank: no forward, no update, counted
             counters["all_masked_steps"] += 1
@@ -538,7 +565,7 @@ def save_checkpoint(engine, args, config, step, epoch, micro_in_epoch, counters,
             "zero_stage": engine.zero_optimization_stage(), "world_size": engine.world_size,
             "dtype": "bf16" if engine.bfloat16_enabled() else "fp32",
             "data": {"epoch": epoch, "micro_batches_in_epoch": micro_in_epoch, "seed": args.seed,
-                     "samples_seen": step * args.batch_size * args.grad_accum * engine.world_size},
+                     "samples_seen": counters["samples_seen"]},
             "counters": dict(counters), "run": meta_args, "args": {k: v for k, v in vars(args).items()},
             "versions": _versions(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
@@ -571,7 +598,8 @@ def _meta_args(args, world, lora_cfg):
     return dict(size=args.size, mode=args.mode, model_path=os.path.abspath(args.model_path),
                 data=list(args.data), meta_path=args.meta_path, batch_size=args.batch_size,
                 grad_accum=args.grad_accum, world_size=world, seed=args.seed, max_length=args.max_length,
-                max_tiles=args.max_tiles, lora=lora_cfg.to_dict() if lora_cfg else None,
+                max_tiles=args.max_tiles, max_packed_tokens=args.max_packed_tokens,
+                max_packed_tiles=args.max_packed_tiles, lora=lora_cfg.to_dict() if lora_cfg else None,
                 train_vit=args.train_vit, unfreeze_vit_layers=args.unfreeze_vit_layers,
                 freeze_projector=args.freeze_projector, freeze_llm=args.freeze_llm)
 
@@ -635,11 +663,12 @@ def _peak_memory_gb(on_gpu):
 
 
 def _versions():
+    from importlib import metadata  # reads the installed versions without importing the packages
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("deepspeed", "bitsandbytes", "safetensors", "sentencepiece"):
+    for name in ("deepspeed", "bitsandbytes", "safetensors", "sentencepiece", "pillow"):
         try:
-            out[name] = __import__(name).__version__
-        except Exception:  # optional or unversioned
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             out[name] = None
     return out
 

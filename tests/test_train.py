@@ -188,6 +188,21 @@ def test_qlora_trains_on_the_demo(demo, tmp_path):
     assert json.loads((tmp_path / "iter_12" / "meta.json").read_text())["mode"] == "qlora"
 
 
+def test_packing_trains_one_epoch_with_an_exact_schedule(demo, tmp_path):
+    """--max-packed-tokens: every sample once in the epoch, and the LR schedule ends exactly at its last pack."""
+    _, rows = run(common(demo, 1, "--max-packed-tokens", "1024", "--epochs", "1", "--warmup-ratio", "0"), tmp_path)
+    assert sum(r["samples"] for r in rows) == 128  # the demo fixture's 128 samples, each exactly once
+    assert rows[-1]["samples_seen"] == 128 and rows[-1]["lr"] < 1e-3 * 1e-3  # cosine reached 0 at the last step
+    assert all(r["tokens"] <= 1024 for r in rows) and max(r["samples"] for r in rows) > 1
+    first, last = sum(losses(rows)[:5]) / 5, sum(losses(rows)[-5:]) / 5
+    print(f"packing: {len(rows)} packs for 128 samples, first-5 mean loss {first:.3f}, last-5 {last:.3f}")
+    assert last < first
+    _refused([*common(demo, 4, "--max-packed-tokens", "1024"), "--output-dir", str(tmp_path / "x")],
+             r"--batch-size must be 1, not 4")
+    _refused([*common(demo, 1, "--max-packed-tokens", "256"), "--output-dir", str(tmp_path / "y")],
+             r"--max-packed-tokens 256 is below --max-length 512")
+
+
 # ------------------------------------------------------------------------------------------------ NaN / all-masked
 
 def test_nonfinite_and_all_masked_steps_are_skipped_and_counted(demo, tmp_path):
