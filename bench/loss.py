@@ -1,11 +1,12 @@
 """Chunked loss vs the plain one: time and peak memory, forward and forward+backward.
 
 plain:   logits = head(hidden) for every position -> float32 -> cross-entropy (the official path)
-chunked: model/loss.py: only positions whose next token is supervised, `--chunk` rows at a time, each chunk's
-         logits recomputed in backward, so [tokens, vocab] float32 logits never exist at once
+chunked: model/loss.py: only positions whose next token is supervised, `--chunk` rows at a time, with the
+         gradients formed in the same pass, so [tokens, vocab] float32 logits never exist at once
 
-Peak memory is what the loss adds on top of its inputs (hidden states and head weight). It does not depend on
-the hidden size, so the CPU default uses a small one to keep the matmuls short.
+Peak memory is what the loss adds on top of its inputs (hidden states and head weight). With a trainable head
+it includes the head's float32 weight gradient, which grows with the hidden size: use --hidden 2048 for the
+2B figures (the CPU default is smaller to keep the matmuls short for timing).
 
     python3 bench/loss.py                                   # 4096 tokens, vocab 92553 and 32020, all supervised
     python3 bench/loss.py --supervised 0.25 --json out.json

@@ -73,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 class OutputHead(nn.Linear):
     """The LLM's output projection. `head(h)` gives logits; `head(h, targets)` the summed cross-entropy."""
 
-    chunk_size = 1024
+    chunk_size = 512  # rows per chunk: at 4096 x 92553 the fwd+bwd peak is 0.24x the plain one (bench/loss.py)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
