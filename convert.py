@@ -1,6 +1,6 @@
 """A train.py checkpoint -> an official InternVL 1.5 directory: merged, bf16, key-exact, verified (SPEC §12).
 
-    python convert.py runs/demo/iter_100 runs/demo/converted     # an iter_* directory
+    python convert.py runs/demo/iter_400 runs/demo/converted     # an iter_* directory
     python convert.py runs/2b_lora exports/2b_lora                # a run directory: its newest complete checkpoint
 
 What it does:
@@ -12,7 +12,8 @@ What it does:
      dequantised 4-bit weights). Internal names and layouts become official ones through model/weights.py.
   4. Writes safetensors shards (--max-shard-size) + model.safetensors.index.json, checks the key set and shapes
      strictly against the base directory, writes config.json (use_llm_lora = use_backbone_lora = 0, the
-     system message training used, all else kept) and copies every other file of the base (tokenizer, generation_config.json, remote code).
+     system message training used, all else kept) and copies every other file of the base (tokenizer,
+     generation_config.json, remote code).
   5. Self-check (--no-verify skips): reloads the output with load_pretrained, runs a fixed image + conversation
      built by the data pipeline through it and through the trained model (adapters unmerged), prints the
      largest logit difference (and both greedy chat answers) and fails above the tolerance of the dtypes.
