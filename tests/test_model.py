@@ -412,3 +412,19 @@ def test_select_layer_and_resized_position_embedding():
     resized = torch.nn.functional.interpolate(stored, size=(16, 16), mode="bicubic", align_corners=False)
     close(m.vit.position_embedding(16, 16, torch.float32)[0, 1:], resized.flatten(2).transpose(1, 2)[0], 0)
     close(m.vit.position_embedding(32, 32, torch.float32), m.vit.pos_embed, 0)  # identity at the stored grid
+
+
+@torch.no_grad()
+def test_sampling_top_p_and_temperature():
+    m = load_pretrained(os.path.join(FIXTURES, "internlm2"), dtype=torch.float32)
+    ids = torch.arange(3, 40)[None]
+    greedy = m.generate(ids, max_new_tokens=6)
+    # a nucleus smaller than the top token's probability keeps only that token: sampling equals greedy
+    tiny_p = m.generate(ids, max_new_tokens=6, do_sample=True, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    assert tiny_p.tolist() == greedy.tolist()
+    draws = {tuple(m.generate(ids, max_new_tokens=6, do_sample=True, temperature=5.0,
+                              generator=torch.Generator().manual_seed(s))[0].tolist()) for s in range(4)}
+    assert len(draws) > 1  # a hot temperature samples different continuations
+    again = m.generate(ids, max_new_tokens=6, do_sample=True, temperature=5.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert tuple(again[0].tolist()) in draws  # seeded: reproducible
