@@ -4,10 +4,11 @@
     python chat.py MODEL_DIR --image photo.jpg      # interactive: one question per line, history kept
 
 What `InternVLChatModel.chat` does, step by step: the system message is config.json's `system_message`, else the
-template default (read from the directory's own conversation.py when it ships one); the image is tiled with the directory's own tiling settings (max_dynamic_patch, thumbnail);
-`<image>\\n` goes in front of the first question when it has no `<image>`; each `<image>` becomes `<img>` +
-`<IMG_CONTEXT>` x (256 x tiles) + `</img>`; generation stops only at the template terminator (`<|im_end|>` /
-`<|end|>`); the answer is decoded without special tokens, cut at the terminator text and stripped.
+template default (read from the directory's own conversation.py when it ships one); the image is tiled with the
+directory's own tiling settings (max_dynamic_patch, thumbnail); `<image>\\n` goes in front of the first question
+when it has no `<image>`; each `<image>` becomes `<img>` + `<IMG_CONTEXT>` x (256 x tiles) + `</img>`; generation
+stops only at the template terminator (`<|im_end|>` / `<|end|>`); the answer is decoded without special tokens,
+cut at the terminator text and stripped.
 """
 from __future__ import annotations
 

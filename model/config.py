@@ -114,7 +114,8 @@ class InternVLConfig:
             drop_path_rate=vc.get("drop_path_rate", 0.0),
             initializer_factor=vc.get("initializer_factor", 1.0))
         if vision.norm_type not in ("layer_norm", "rms_norm"):
-            raise ValueError(f"{source}: vision_config.norm_type must be layer_norm or rms_norm, got {vision.norm_type!r}")
+            raise ValueError(f"{source}: vision_config.norm_type must be layer_norm or rms_norm, "
+                             f"got {vision.norm_type!r}")
         rope_scaling = lc.get("rope_scaling")
         if rope_scaling is not None:
             kind = rope_scaling.get("type", rope_scaling.get("rope_type"))

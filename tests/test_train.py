@@ -62,7 +62,8 @@ def losses(rows):
 # ------------------------------------------------------------------------------------------------ the demo
 
 def test_demo_learns_and_prints_the_convert_command(tmp_path):
-    proc, rows = run(["--max-steps", "40", "--save-steps", "20", "--system-message", "Be brief."], tmp_path / "demo_run")
+    proc, rows = run(["--max-steps", "40", "--save-steps", "20", "--system-message", "Be brief."],
+                     tmp_path / "demo_run")
     first, last = sum(losses(rows)[:10]) / 10, sum(losses(rows)[-10:]) / 10
     print(f"demo: 40 steps, first-10 mean loss {first:.3f}, last-10 mean {last:.3f} ({last / first:.0%})")
     assert len(rows) == 40
