@@ -37,6 +37,15 @@ NF4_BLOCK = 64  # bitsandbytes NF4 block size (absmax per 64 weights)
 NF4_NESTED_BLOCK = 256  # double quantisation: the absmax values, 8-bit per block of 256
 
 
+def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """s * B @ A in float32."""
+    return scale * (lora_B.detach().float() @ lora_A.detach().float())
+
+
 @dataclass
 class LoRAConfig:
     r: int = 128
@@ -59,7 +68,7 @@ class LoRAConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        return lora_scale(self.r, self.alpha, self.rslora)
 
     def to_dict(self) -> dict:  # for meta.json
         return asdict(self)
@@ -80,7 +89,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.scale = r, alpha / (math.sqrt(r) if rslora else r)
+        self.r, self.scale = r, lora_scale(r, alpha, rslora)
         # in_features/out_features, not weight.shape: under ZeRO-3 the base weight is a 0-element partition.
         device = base.weight.device
         if dtype is None:
@@ -99,8 +108,7 @@ class LoRALinear(nn.Module):
         return y + (self.scale * update).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """s * B @ A in float32."""
-        return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        return lora_delta(self.lora_A, self.lora_B, self.scale)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, merged={self.merged}"
@@ -108,8 +116,7 @@ class LoRALinear(nn.Module):
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     """W + s * B @ A, computed in float32 and cast to W's dtype (the one merge formula used everywhere)."""
-    delta = scale * (lora_B.detach().float() @ lora_A.detach().float())
-    return (weight.detach().float() + delta).to(weight.dtype)
+    return (weight.detach().float() + lora_delta(lora_A, lora_B, scale)).to(weight.dtype)
 
 
 # --- QLoRA: a frozen NF4 linear -------------------------------------------------------------------------------
