@@ -49,15 +49,17 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torc
 @dataclass
 class LoRAConfig:
     r: int = 128
-    alpha: float = 256.0
+    alpha: float | None = None  # None = 2r (the official ratio), resolved here so meta.json records it
     dropout: float = 0.05
     targets: list[str] | None = None  # official names, e.g. ["wqkv", "wo"] or ["attn.qkv"]; None = the defaults
-    vit: bool = False  # with targets=None: also every ViT linear (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)
+    vit: bool = False  # also every ViT linear (attn.qkv, attn.proj, mlp.fc1, mlp.fc2), targets or not
     rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
 
     def __post_init__(self):
         if not (isinstance(self.r, int) and self.r > 0):
             raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if self.alpha is None:
+            self.alpha = 2.0 * self.r
         if not self.alpha > 0:
             raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -257,8 +259,9 @@ def resolve_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Internal module names the adapters go on. A target matches an official module name when it equals its
     last dotted components ('wqkv', 'attention.wqkv', 'attn.qkv'); a target matching nothing is an error."""
     family = model.config.llm.family
-    targets = list(cfg.targets) if cfg.targets is not None else (
-        list(LLM_TARGETS[family]) + (list(VIT_TARGETS) if cfg.vit else []))
+    # Like the official use_llm_lora / use_backbone_lora: the LLM targets and the ViT ones are independent.
+    targets = (list(cfg.targets) if cfg.targets is not None else list(LLM_TARGETS[family])) + (
+        list(VIT_TARGETS) if cfg.vit else [])
     candidates = lora_candidates(model)
     chosen: set[str] = set()
     for target in targets:
@@ -463,9 +466,10 @@ def merge_checkpoint(base_dir: str | Path, trainable: dict[str, torch.Tensor], l
     (or in `dtype`: convert.py asks for float32 and casts once when writing, so a float32 export keeps the
     float32 merge).
 
-    Base tensors are read from `base_dir` (the bf16 checkpoint, never a 4-bit model); each adapted weight becomes
-    W + s * B @ A (float32, cast back), each trained non-LoRA tensor replaces the base one. Every key of
-    `trainable` is checked against the architecture (built on the meta device) before anything is read.
+    Base tensors are read from `base_dir` (the bf16 checkpoint, never a 4-bit model); each trained non-LoRA
+    tensor replaces the base one, then each adapted weight W (base or trained) becomes W + s * B @ A (float32,
+    cast back). Every key of `trainable` is checked against the architecture (built on the meta device)
+    before anything is read.
     """
     from model import build_model, load_config
     from model.weights import iter_checkpoint
@@ -504,12 +508,12 @@ def merge_checkpoint(base_dir: str | Path, trainable: dict[str, torch.Tensor], l
     for name, tensor in iter_checkpoint(base_dir, config):
         if dtype is not None:
             tensor = tensor.to(dtype)
+        if name in replaced:  # trained; if also adapted (a ViT layer unfrozen under LoRA), merged onto below
+            tensor = replaced[name].detach().to(device=tensor.device, dtype=tensor.dtype)
+            used.add(name)
         if name in adapters:
             a, b = adapters[name]
             tensor = merged_weight(tensor, a, b, scale)
-            used.add(name)
-        elif name in replaced:
-            tensor = replaced[name].detach().to(device=tensor.device, dtype=tensor.dtype)
             used.add(name)
         yield name, tensor
     left = sorted((set(adapters) | set(replaced)) - used)

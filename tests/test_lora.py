@@ -207,6 +207,37 @@ def test_merge_checkpoint_equals_in_memory_merge_and_export(family):
         assert not torch.equal(off_b, b)
 
 
+
+def test_merge_checkpoint_onto_trained_vit_layers():
+    """LoRA on the ViT with its last layer unfrozen: that layer's base weights train too, and the merge adds
+    s * B @ A onto the trained weights, not onto the checkpoint's."""
+    path = FIXTURES / "internlm2"
+    cfg = LoRAConfig(r=4, alpha=8, vit=True)
+    model = load_pretrained(str(path), dtype=torch.float32)
+    lora.inject_lora(model, cfg)
+    lora.mark_trainable(model, "lora")
+    for p in model.vit.layers[-1].parameters():  # train.py --unfreeze-vit-layers -1
+        p.requires_grad_(True)
+    randomize_adapters(model)
+    qkv = model.vit.layers[-1].attn.qkv
+    with torch.no_grad():
+        qkv.base.weight.add_(0.01)
+    trained = lora.trainable_state_dict(model)
+    assert any(k.endswith(".attn.qkv.base.weight") for k in trained)
+    streamed = dict(lora.merge_checkpoint(path, trained, cfg))
+    name = f"vit.layers.{len(model.vit.layers) - 1}.attn.qkv.weight"
+    assert torch.equal(streamed[name], lora.merged_weight(qkv.base.weight, qkv.lora_A, qkv.lora_B, cfg.scale))
+    merged = lora.unwrap_lora(model).state_dict()
+    assert all(torch.equal(t, merged[n]) for n, t in streamed.items())
+
+
+def test_alpha_defaults_to_2r():
+    """The official ratio alpha = 2r unless alpha is given; to_dict (meta.json) records the resolved value."""
+    assert LoRAConfig(r=64).alpha == 128 and LoRAConfig(r=64).scale == 2.0
+    assert LoRAConfig(r=64).to_dict()["alpha"] == 128
+    assert LoRAConfig(r=64, alpha=32).scale == 0.5
+    assert LoRAConfig.from_dict(LoRAConfig(r=8).to_dict()).scale == 2.0
+
 def test_merge_refuses_nf4_and_merge_checkpoint_checks_keys():
     model = build_model(preset("tiny"), "cpu")
     lora.quantize_llm(model)
@@ -360,6 +391,16 @@ def test_targets_in_official_names():
     assert lora.resolve_targets(phi3, LoRAConfig(targets=["gate_up_proj"]))[:1] == ["llm.layers.0.mlp.gate_up"]
     assert len(lora.resolve_targets(phi3, LoRAConfig())) == 32 * 4
 
+
+
+def test_targets_and_vit_together():
+    """--lora-targets picks the LLM linears and --lora-vit adds every ViT linear (official use_llm_lora and
+    use_backbone_lora are independent): neither drops the other."""
+    model = build_model(preset("tiny"), "meta")
+    names = lora.resolve_targets(model, LoRAConfig(targets=["wqkv"], vit=True))
+    vit = lora.resolve_targets(model, LoRAConfig(targets=["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]))
+    assert len(vit) == 8 and all(n.startswith("vit.") for n in vit)
+    assert sorted(names) == sorted(vit + ["llm.layers.0.attn.qkv", "llm.layers.1.attn.qkv"])
 
 def test_unmatched_target_is_an_error_listing_candidates():
     model = build_model(preset("tiny"), "meta")
