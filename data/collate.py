@@ -12,6 +12,8 @@ num_samples, num_tokens, num_supervised, label_mismatches, truncated.
 """
 import torch
 
+from model.loss import target_mask
+
 from .templates import IGNORE_INDEX
 
 PAD_ID = 0
@@ -44,7 +46,7 @@ def batch_meta(samples, labels):
         "skipped": [x for m in metas for x in m.get("skipped", [])],
         "num_samples": len(samples),
         "num_tokens": sum(len(s["input_ids"]) for s in samples),
-        "num_supervised": int((labels != IGNORE_INDEX).sum()),
+        "num_supervised": int(target_mask(labels).sum()),  # the loss's count
         "label_mismatches": sum(1 for m in metas if m.get("labels_match_official") is False),
         "truncated": sum(1 for m in metas if m.get("truncated")),
     }

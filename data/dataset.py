@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from model.loss import target_mask
+
 from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, images_to_pixel_values, jpeg_degrade,
                      load_image, num_tiles)
-from .templates import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, get_template, net_labels, official_labels, render
+from .templates import DEFAULT_SYSTEM_MESSAGE, get_template, net_labels, official_labels, render
 from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
 log = logging.getLogger("data")
@@ -159,7 +161,7 @@ def build_sample(record, tokenizer, template=None, image_folder=None, max_num=12
             raise SampleTooLong(f"image tokens end at position {image_end} > max_length {max_length} "
                                 f"({sum(tiles)} tiles, {len(ids)} tokens); lower max_num or raise max_length")
         ids, labels = ids[:max_length], labels[:max_length]
-    if all(l == IGNORE_INDEX for l in labels):
+    if not target_mask(torch.tensor(labels)).any():
         raise SampleTooLong(f"no supervised token left ({len(ids)} tokens, max_length {max_length})")
     return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
                 pixel_values=pixel_values, image_flags=image_flags, num_tiles=len(pixel_values),

@@ -15,11 +15,17 @@ IGNORE_INDEX = -100
 VOCAB_SLICE = 8192  # rows of the weight gradient formed per matmul
 
 
+def target_mask(labels: torch.Tensor) -> torch.Tensor:
+    """The supervised tokens: those whose label is the target of the position before (the causal shift), so
+    a row's first label never counts. The one definition: the loss and the data's counts (its denominator)
+    use it."""
+    return labels[..., 1:] != IGNORE_INDEX
+
+
 def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor):
-    """Hidden states whose next token is supervised, and those targets (the causal shift)."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    return hidden[:, :-1][keep], targets[keep]
+    """Hidden states whose next token is supervised, and those targets."""
+    keep = target_mask(labels)
+    return hidden[:, :-1][keep], labels[:, 1:][keep]
 
 
 def _ce_sum_and_grads(hidden, weight, targets, chunk_size, need_h, need_w):

@@ -1,6 +1,7 @@
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -37,3 +38,34 @@ def test_collate_of_fixture_sample_matches_official_batch():
         for key in ("input_ids", "labels", "attention_mask", "position_ids", "image_flags"):
             assert torch.equal(out[key], t[key]), (case, key)
         assert out["input_ids"].shape[1] == int(t["sample_lengths"][0])
+
+
+def test_supervised_count_is_the_loss_count_when_the_first_label_is_supervised():
+    """The collator's num_supervised (the loss denominator) and the loss count the same tokens: a label is a
+    target of the position before it, so a row's first label never counts (row 0 here starts supervised)."""
+    import torch.nn.functional as F
+
+    from data.packing import collate_packed
+    from model import build_model, preset
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", img_context_token_id=500), "cpu", torch.float32).eval()
+    dummy = dict(pixel_values=torch.zeros(1, 3, 448, 448), image_flags=torch.tensor([0]))
+    a = dict(input_ids=torch.tensor([1, 5, 6, 7, 8, 9]), labels=torch.tensor([1, -100, 6, 7, -100, 9]),
+             **dummy)
+    b = dict(input_ids=torch.tensor([1, 4, 3]), labels=torch.tensor([1, 4, -100]), **dummy)
+    targets = {(0, 2), (0, 3), (0, 5), (1, 1)}  # (row, position) of the supervised tokens
+    batch = collate([a, b])
+    assert batch["meta"]["num_supervised"] == len(targets)
+    meta = batch.pop("meta")
+    with torch.no_grad():
+        out = model(**batch)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    ce = {(r, p): F.cross_entropy(logits[r, p - 1], batch["labels"][r, p]).item() for r, p in targets}
+    assert out.n_supervised == meta["num_supervised"]
+    assert out.loss.item() == pytest.approx(sum(ce.values()) / len(targets), rel=1e-5)
+    # a pack: the second sample starts supervised too; its first token is no target of the first sample's last
+    pack = collate_packed([a, b])
+    assert pack["meta"]["num_supervised"] == 4  # a: 6, 7, 9; b: 4
+    pack.pop("meta")
+    with torch.no_grad():
+        assert model(**pack).n_supervised == 4
