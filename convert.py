@@ -34,10 +34,9 @@ from collections.abc import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from model import load_config, load_pretrained
-from model.weights import checkpoint_files, to_official_name, to_official_tensor
+from model.weights import checkpoint_files, save_safetensors, to_official_name, to_official_tensor
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -187,16 +186,13 @@ def write_weights(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], con
     shards: list[list[str]] = []
     seen: set[str] = set()
     current: dict[str, torch.Tensor] = {}
-    umask = os.umask(0)
-    os.umask(umask)
     size = total = 0
 
     def flush():
         nonlocal current, size
         if current:
             path = os.path.join(out_dir, f"shard-{len(shards):05d}.part")
-            save_file(current, path, metadata={"format": "pt"})
-            os.chmod(path, 0o666 & ~umask)  # safetensors creates files 0600; make them like every other file
+            save_safetensors(current, path)
             shards.append(list(current))
             current, size = {}, 0
 

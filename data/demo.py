@@ -21,10 +21,8 @@ import struct
 import sentencepiece as spm
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
-
 from model.config import InternVLConfig, LLMConfig, VisionConfig
-from model.weights import to_official_state_dict
+from model.weights import save_safetensors, to_official_state_dict
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 200, 20),
            "purple": (140, 40, 170)}
@@ -178,7 +176,6 @@ def write_tokenizer(out: str, model_bytes: bytes) -> int:
                   "<|plugin|>"]
     tokenizer_config = {
         "added_tokens_decoder": decoder, "additional_special_tokens": chat_names + INTERNVL_TOKENS,
-        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
         "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "</s>", "model_max_length": 4096,
         "pad_token": "</s>", "tokenizer_class": "InternLM2Tokenizer", "unk_token": "<unk>"}
     special = {"additional_special_tokens": chat_names + [_token(t) for t in INTERNVL_TOKENS],
@@ -218,8 +215,8 @@ def random_state_dict(config: InternVLConfig, seed: int) -> dict[str, torch.Tens
 
 def write_model(out: str, config: InternVLConfig, seed: int) -> None:
     official = to_official_state_dict(random_state_dict(config, seed), config)
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in official.items()},
-              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors({k: v.to(torch.bfloat16).contiguous() for k, v in official.items()},
+                     os.path.join(out, "model.safetensors"))
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config.to_official(), f, indent=2)
     with open(os.path.join(out, "generation_config.json"), "w") as f:

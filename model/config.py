@@ -146,10 +146,7 @@ class InternVLConfig:
     def to_official(self) -> dict:
         """config.json dict: the source config with our values written over it (or a fresh one for presets)."""
         d = copy.deepcopy(self.official) if self.official else {
-            "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
-            "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-                         "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-                         "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
+            "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",  # no auto_map: no code
             "llm_config": {}, "vision_config": {}, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
             "use_backbone_lora": 0, "use_llm_lora": 0, "pad2square": False}
         v, l = self.vision, self.llm

@@ -139,6 +139,15 @@ def to_official_state_dict(state_dict: dict[str, torch.Tensor], cfg: InternVLCon
 
 # --- reading official checkpoints ---
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors' save_file, with the file then readable like every other one (it creates files 0600)."""
+    from safetensors.torch import save_file
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def checkpoint_files(path: str) -> dict[str, str]:
     """Official tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json."""
     index = os.path.join(path, "model.safetensors.index.json")

@@ -73,3 +73,22 @@ def test_written_once_and_deterministic(demo, tmp_path):
     for name in ("tokenizer.model", "model.safetensors", "config.json", "tokenizer_config.json"):
         assert _digest(os.path.join(base, name)) == _digest(os.path.join(other[0], name)), name
     assert _digest(annotation) == _digest(other[1])
+
+
+def test_no_remote_code_claimed_and_weights_readable(demo):
+    """The demo ships no remote-code files, so neither config.json nor tokenizer_config.json may name one in
+    auto_map (the official from_pretrained(trust_remote_code=True) would look for them); its safetensors file
+    is readable like every other file it writes (safetensors itself creates files 0600)."""
+    base, _, _ = demo
+    for name in ("config.json", "tokenizer_config.json"):
+        cfg = json.load(open(os.path.join(base, name)))
+        assert "auto_map" not in cfg and "auto_map" not in cfg.get("llm_config", {}), name
+    weights = os.stat(os.path.join(base, "model.safetensors"))
+    config = os.stat(os.path.join(base, "config.json"))
+    assert weights.st_mode & 0o777 == config.st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
