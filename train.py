@@ -45,12 +45,12 @@ RECIPES = {
     ("26b", "full"): dict(lr=2e-5, weight_decay=0.05, batch_size=2, grad_accum=8, drop_path_rate=0.4),
     ("26b", "lora"): dict(lr=2e-5, weight_decay=0.05, batch_size=2, grad_accum=4, drop_path_rate=0.0),
 }
-COMMON = dict(warmup_ratio=0.03, epochs=1, max_length=4096, max_tiles=12, save_steps=200, lora_r=16, lora_alpha=32,
-              lora_dropout=0.05, log_interval=1, save_total_limit=3, num_workers=4)
+COMMON = dict(warmup_ratio=0.03, epochs=1, max_length=4096, save_steps=200, lora_r=16, lora_dropout=0.05,
+              log_interval=1, save_total_limit=3, num_workers=4)  # LoRA alpha: 2r; tiles: config.json
 # The demo: a tiny random 2B-like model on synthetic shapes; 400 steps (~30 s on 2 CPU cores) are enough for its
 # answers to follow the image (colour, shape), not just the answer format.
 DEMO = dict(mode="lora", lr=2e-3, weight_decay=0.0, batch_size=4, grad_accum=1, max_steps=400, warmup_ratio=0.05,
-            max_length=512, max_tiles=1, save_steps=200, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+            max_length=512, max_tiles=1, save_steps=200, lora_r=16, lora_dropout=0.0,
             drop_path_rate=0.0, num_workers=0, activation_checkpointing=False)
 # What tells the three released architectures apart (checked against --size before anything heavy is loaded).
 ARCHITECTURES = {"2b": ("internlm2", "layer_norm"), "4b": ("phi3", "layer_norm"), "26b": ("internlm2", "rms_norm")}
@@ -80,7 +80,11 @@ def parse_args(argv=None):
                    help="turn annotation problems into counted skips instead of an error before training")
     g.add_argument("--max-length", type=int, help="max tokens per sample, image tokens included (default 4096); "
                                                   "image spans are never cut")
-    g.add_argument("--max-tiles", type=int, help="max dynamic tiles per image, thumbnail aside (default 12)")
+    g.add_argument("--max-tiles", type=int, help="max dynamic tiles per image, thumbnail aside (default: "
+                                                 "config.json's max_dynamic_patch)")
+    g.add_argument("--min-tiles", type=int, help="min dynamic tiles per image (default: min_dynamic_patch)")
+    g.add_argument("--thumbnail", action=argparse.BooleanOptionalAction, default=None,
+                   help="append a thumbnail tile to multi-tile images (default: config.json's use_thumbnail)")
     g.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default 4; demo 0)")
     g.add_argument("--max-packed-tokens", type=int, metavar="N",
                    help="sequence packing: each micro-batch is one row of whole samples up to N tokens (official "
@@ -105,7 +109,7 @@ def parse_args(argv=None):
                    help="abort after this many optimizer steps in a row with a NaN/inf loss (each is skipped)")
     g = p.add_argument_group("LoRA / freezing")
     g.add_argument("--lora-r", type=int, help="LoRA rank (default 16, official)")
-    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 32 = 2r)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2r, as official)")
     g.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
     g.add_argument("--lora-targets", help="comma-separated official module names (default: every LLM linear but "
                                           "the head: wqkv,wo,w1,w2,w3 / qkv_proj,o_proj,gate_up_proj,down_proj)")
@@ -113,7 +117,7 @@ def parse_args(argv=None):
     g.add_argument("--lora-rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r) instead of alpha / r")
     g.add_argument("--train-vit", action="store_true", help="train the whole ViT (frozen by default, as official)")
     g.add_argument("--unfreeze-vit-layers", type=int, metavar="K",
-                   help="train ViT layers K.. (official unfreeze_vit_layers; negative counts from the end)")
+                   help="train ViT layers K.. (official unfreeze_vit_layers: 0 = off, -K = the last K)")
     g.add_argument("--freeze-projector", action="store_true", help="freeze the mlp1 projector")
     g.add_argument("--freeze-llm", action="store_true", help="full mode: freeze the LLM (train the projector only)")
     g.add_argument("--drop-path-rate", type=float, help="ViT drop path (default 0.1 2b/4b full, 0.4 26b full, 0 LoRA)")
@@ -221,6 +225,14 @@ def main(argv=None):
                              f"--batch-size must be 1, not {args.batch_size}")
         args.batch_size = 1
     args = fill_defaults(args)
+    # Tiling follows the checkpoint's config.json, as chat.py and convert.py do; flags override it.
+    if args.max_tiles is None:  # dynamic_image_size false: one S x S tile, i.e. a cap of 1
+        args.max_tiles = config.max_dynamic_patch if config.dynamic_image_size else 1
+    args.min_tiles = config.min_dynamic_patch if args.min_tiles is None else args.min_tiles
+    args.thumbnail = config.use_thumbnail if args.thumbnail is None else args.thumbnail
+    if not 1 <= args.min_tiles <= args.max_tiles:
+        raise SystemExit(f"error: tiles per image must satisfy 1 <= min ({args.min_tiles}) <= max "
+                         f"({args.max_tiles})")
     if args.max_packed_tokens is not None and args.max_packed_tokens < args.max_length:
         raise SystemExit(f"error: --max-packed-tokens {args.max_packed_tokens} is below --max-length "
                          f"{args.max_length}: the longest sample must fit a pack")
@@ -336,7 +348,7 @@ def main(argv=None):
     if args.freeze_llm:
         for p in model.llm.parameters():
             p.requires_grad_(False)
-    if args.unfreeze_vit_layers is not None:  # official: layers[k:] train
+    if args.unfreeze_vit_layers:  # official: layers[k:] train; 0 (the default) trains none
         for layer in model.vit.layers[args.unfreeze_vit_layers:]:
             for p in layer.parameters():
                 p.requires_grad_(True)
@@ -356,7 +368,9 @@ def main(argv=None):
     from data.packing import PackedBatchSampler, collate_packed, packed_total_steps
     tokenizer = load_tokenizer(args.model_path)
     dataset = SupervisedDataset(sources, tokenizer, config.template, config.system_message, max_num=args.max_tiles,
-                                max_length=args.max_length, seed=args.seed, skip_bad_samples=args.skip_bad_samples)
+                                min_num=args.min_tiles, use_thumbnail=args.thumbnail,
+                                image_size=config.force_image_size, max_length=args.max_length,
+                                seed=args.seed, skip_bad_samples=args.skip_bad_samples)
     if args.max_packed_tokens:  # one pack per micro-batch; the number of packs per epoch is planned in advance
         sampler = PackedBatchSampler(dataset.lengths, args.max_packed_tokens, tiles=dataset.tiles,
                                      max_tiles=args.max_packed_tiles, world_size=world, rank=rank, seed=args.seed)
@@ -460,12 +474,12 @@ def main(argv=None):
         micro = [next(data_iter) for _ in range(args.grad_accum)]
         # What the step will see, agreed by every rank with one all-reduce: its supervised tokens (the loss
         # denominator), tokens, samples and image tiles.
-        local = torch.tensor([sum(b["meta"]["num_supervised"] for b in micro),
-                              sum(b["meta"]["num_tokens"] for b in micro), sum(b["meta"]["num_samples"] for b in micro),
-                              sum(int(b["image_flags"].sum()) for b in micro),
-                              sum(b["meta"]["num_supervised"] == 0 for b in micro)], dtype=torch.float64)
-        dist.all_reduce(local)
-        n_step, tokens, samples, tiles, all_masked = (int(x) for x in local)
+        local = [sum(b["meta"]["num_supervised"] for b in micro), sum(b["meta"]["num_tokens"] for b in micro),
+                 sum(b["meta"]["num_samples"] for b in micro),
+                 sum(int(b["image_flags"].sum()) for b in micro),
+                 sum(b["meta"]["num_supervised"] == 0 for b in micro)]
+        n_step, tokens, samples, tiles, all_masked = (int(x) for x in all_reduce_sum(local, device))
+        lr = scheduler.get_last_lr()[0]  # the lr this step's update uses
         counters["all_masked_micro_batches"] += all_masked
         counters["samples_seen"] += samples
         loss, grad_norm = None, None
@@ -473,21 +487,21 @@ def main(argv=None):
             counters["all_masked_steps"] += 1
             counters["skipped_steps"] += 1
         else:
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once per step: one sync
             for b in micro:
                 b.pop("meta")
                 b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
                 b["pixel_values"] = b["pixel_values"].to(dtype)
                 out = engine(**b)
                 micro_sum = out["loss"].float() * out["n_supervised"]  # this micro-batch's summed CE
-                loss_sum += micro_sum.detach().double().cpu()
+                loss_sum += micro_sum.detach().double()
                 engine.backward(micro_sum * (world / n_step), scale_wrt_gas=False)
                 engine.step()
-            flag = torch.tensor([loss_sum.item(), float(not math.isfinite(loss_sum.item()))], dtype=torch.float64)
-            dist.all_reduce(flag)
-            loss = flag[0].item() / n_step
+            loss_sum = loss_sum.item()
+            loss_total, nonfinite = all_reduce_sum([loss_sum, float(not math.isfinite(loss_sum))], device)
+            loss = loss_total / n_step
             applied = engine.was_step_applied()  # DeepSpeed skips an update whose gradient norm is not finite
-            if flag[1].item() > 0:
+            if nonfinite > 0:
                 counters["nonfinite_steps"] += 1
                 bad_in_a_row += 1
                 if applied:
@@ -502,9 +516,14 @@ def main(argv=None):
                 counters["skipped_steps"] += 1
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
+        # The schedule follows the loop step, skipped or not, so the run, its checkpoints and its metrics
+        # agree on where they are and the schedule ends with the run. DeepSpeed advances the scheduler only
+        # with an applied update: advance it here for a skipped one (non-finite, or no supervised token).
+        if n_step == 0 or not applied:
+            scheduler.step()
         step += 1
         seconds = time.time() - t_step
-        row = dict(step=step, epoch=epoch, loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+        row = dict(step=step, epoch=epoch, loss=loss, lr=lr, grad_norm=grad_norm,
                    tokens=tokens, supervised_tokens=n_step, samples=samples, image_tiles=tiles, seconds=seconds,
                    tokens_per_s=tokens / seconds, samples_per_s=samples / seconds, peak_mem_gb=_peak_memory_gb(on_gpu),
                    **counters)
@@ -562,6 +581,8 @@ def save_checkpoint(engine, args, config, step, epoch, micro_in_epoch, counters,
             "format": FORMAT, "step": step, "tag": tag, "base_model_path": os.path.abspath(args.model_path),
             "size": args.size, "mode": args.mode, "lora": lora_cfg.to_dict() if lora_cfg else None,
             "template": config.template, "system_message": config.system_message,
+            "tiling": {"min_dynamic_patch": args.min_tiles, "max_dynamic_patch": args.max_tiles,
+                       "use_thumbnail": args.thumbnail, "force_image_size": config.force_image_size},
             "zero_stage": engine.zero_optimization_stage(), "world_size": engine.world_size,
             "dtype": "bf16" if engine.bfloat16_enabled() else "fp32",
             "data": {"epoch": epoch, "micro_batches_in_epoch": micro_in_epoch, "seed": args.seed,
@@ -588,6 +609,15 @@ def save_checkpoint(engine, args, config, step, epoch, micro_in_epoch, counters,
 
 # --- small helpers ---
 
+def all_reduce_sum(values, device):
+    """Sum a list of numbers over the ranks. Every collective of the loop goes through here, with its tensor
+    on the training device: NCCL (on GPU) refuses CPU tensors."""
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def _forward_returning_dict(self, **batch):
     out = type(self).forward(self, **batch)
     return {"loss": out.loss, "n_supervised": out.n_supervised}
@@ -598,7 +628,8 @@ def _meta_args(args, world, lora_cfg):
     return dict(size=args.size, mode=args.mode, model_path=os.path.abspath(args.model_path),
                 data=list(args.data), meta_path=args.meta_path, batch_size=args.batch_size,
                 grad_accum=args.grad_accum, world_size=world, seed=args.seed, max_length=args.max_length,
-                max_tiles=args.max_tiles, max_packed_tokens=args.max_packed_tokens,
+                max_tiles=args.max_tiles, min_tiles=args.min_tiles, thumbnail=args.thumbnail,
+                max_packed_tokens=args.max_packed_tokens,
                 max_packed_tiles=args.max_packed_tiles, lora=lora_cfg.to_dict() if lora_cfg else None,
                 train_vit=args.train_vit, unfreeze_vit_layers=args.unfreeze_vit_layers,
                 freeze_projector=args.freeze_projector, freeze_llm=args.freeze_llm)

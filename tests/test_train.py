@@ -193,7 +193,9 @@ def test_packing_trains_one_epoch_with_an_exact_schedule(demo, tmp_path):
     """--max-packed-tokens: every sample once in the epoch, and the LR schedule ends exactly at its last pack."""
     _, rows = run(common(demo, 1, "--max-packed-tokens", "1024", "--epochs", "1", "--warmup-ratio", "0"), tmp_path)
     assert sum(r["samples"] for r in rows) == 128  # the demo fixture's 128 samples, each exactly once
-    assert rows[-1]["samples_seen"] == 128 and rows[-1]["lr"] < 1e-3 * 1e-3  # cosine reached 0 at the last step
+    assert rows[-1]["samples_seen"] == 128
+    n = len(rows)  # no warmup, cosine from 1e-3 over exactly the epoch's packs: step k updates with lr(k - 1)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * k / n)) for k in range(n)])
     assert all(r["tokens"] <= 1024 for r in rows) and max(r["samples"] for r in rows) > 1
     first, last = sum(losses(rows)[:5]) / 5, sum(losses(rows)[-5:]) / 5
     print(f"packing: {len(rows)} packs for 128 samples, first-5 mean loss {first:.3f}, last-5 {last:.3f}")
@@ -217,6 +219,13 @@ def test_nonfinite_and_all_masked_steps_are_skipped_and_counted(demo, tmp_path):
     assert not math.isfinite(by_step[6]["loss"])
     assert rows[-1]["nonfinite_steps"] == 2 and rows[-1]["all_masked_steps"] == 1 and rows[-1]["skipped_steps"] == 3
     assert all(math.isfinite(by_step[s]["loss"]) for s in (1, 2, 5, 7))
+    # The schedule follows the loop step through the skips (warmup ceil(0.03 x 7) = 1 step, then cosine): the
+    # logged lr is the one step s updated with, and the checkpoint's scheduler is at the run's last step.
+    expected = [0.0] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 6)) for s in range(1, 7)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    import torch
+    state = torch.load(tmp_path / "iter_7" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["lr_scheduler"]["last_epoch"] == 7
 
 
 def test_several_nonfinite_steps_in_a_row_abort(demo, tmp_path):
@@ -224,6 +233,131 @@ def test_several_nonfinite_steps_in_a_row_abort(demo, tmp_path):
                   worker=["faults", "2,3,4,5,6,7,8", ""], check=False)
     assert proc.returncode != 0
     assert "aborting: 3 optimizer steps in a row had a NaN/inf loss" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+@pytest.fixture(scope="module")
+def tiled(demo, tmp_path_factory):
+    """The demo base whose config.json asks for exactly 2 tiles and no thumbnail (the demo images are square,
+    so the old fixed defaults, 1..12 tiles with a thumbnail, give 1 tile), and two short runs on it:
+    A = --lora-r 64 --lora-targets wqkv --lora-vit --unfreeze-vit-layers 1 (checkpoints 2 and 3);
+    B = --thumbnail --lora-alpha 8 --unfreeze-vit-layers 0."""
+    import shutil
+    base, data = demo
+    out = tmp_path_factory.mktemp("tiled")
+    shutil.copytree(base, out / "base")
+    cfg = json.loads((out / "base" / "config.json").read_text())
+    cfg.update(min_dynamic_patch=2, max_dynamic_patch=2, use_thumbnail=False)
+    (out / "base" / "config.json").write_text(json.dumps(cfg))
+    args = ["--model-path", str(out / "base"), "--data", data, "--max-length", "1024", "--num-workers", "0",
+            "--batch-size", "4", "--grad-accum", "1", "--seed", "3", "--lora-dropout", "0"]
+    _, a = run([*args, "--max-steps", "3", "--save-steps", "2", "--lora-r", "64", "--lora-targets", "wqkv",
+                "--lora-vit", "--unfreeze-vit-layers", "1"], out / "a")
+    _, b = run([*args, "--max-steps", "2", "--thumbnail", "--lora-alpha", "8", "--unfreeze-vit-layers", "0"],
+               out / "b")
+    meta = lambda run_dir: json.loads((out / run_dir / "iter_2" / "meta.json").read_text())  # noqa: E731
+    return dict(a=(a, meta("a"), out / "a"), b=(b, meta("b"), out / "b"))
+
+
+def test_lora_alpha_follows_r_unless_given(tiled):
+    assert tiled["a"][1]["lora"]["r"] == 64 and tiled["a"][1]["lora"]["alpha"] == 128  # 2r: scale 2
+    assert tiled["b"][1]["lora"]["r"] == 16 and tiled["b"][1]["lora"]["alpha"] == 8
+
+
+def test_unfreeze_vit_layers_k_and_0(tiled):
+    """Official semantics: K trains ViT layers K.. (under ViT LoRA, their base weights too); 0 = none."""
+    base_vit = lambda meta: sorted({n.split(".")[2] for n in meta["run"]["trainable"]  # noqa: E731
+                                    if n.startswith("vit.") and ".lora_" not in n})
+    assert base_vit(tiled["b"][1]) == []
+    assert base_vit(tiled["a"][1]) == ["1"]
+    assert "vit.layers.1.attn.qkv.base.weight" in tiled["a"][1]["run"]["trainable"]
+
+
+def test_lora_targets_with_lora_vit_keeps_both(tiled):
+    adapted = {n.rsplit(".", 1)[0] for n in tiled["a"][1]["run"]["trainable"] if ".lora_" in n}
+    assert adapted == {f"vit.layers.{i}.{m}" for i in (0, 1) for m in ("attn.qkv", "attn.proj", "mlp.fc1",
+                                                                         "mlp.fc2")} | {
+        f"llm.layers.{i}.attn.qkv" for i in (0, 1)}
+
+
+def test_merge_keeps_the_trained_vit_layers(tiled):
+    """convert.py on run A: the unfrozen ViT layer is exported as its trained weight + s * B @ A."""
+    import torch
+
+    import convert
+    from lora import merged_weight
+    from model import load_config
+    from model.weights import iter_checkpoint
+    _, meta, run_dir = tiled["a"]
+    out = run_dir.parent / "a-converted"
+    convert.convert(convert.parse_args([str(run_dir / "iter_2"), str(out)]), log=lambda *a: None)
+    trained = torch.load(run_dir / "iter_2" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    exported = dict(iter_checkpoint(str(out), load_config(str(out))))
+    m = "vit.layers.1.attn.qkv"
+    w = trained[m + ".base.weight"]
+    expect = merged_weight(w, trained[m + ".lora_A"], trained[m + ".lora_B"], 2.0).bfloat16()
+    assert torch.equal(exported[m + ".weight"], expect)
+    base = dict(iter_checkpoint(meta["base_model_path"], load_config(meta["base_model_path"])))
+    assert not torch.equal(base[m + ".weight"], w.bfloat16())  # training moved it: the test can tell
+
+
+def test_tiling_follows_config_json_unless_a_flag_says_otherwise(tiled):
+    rows_a, meta_a, _ = tiled["a"]
+    rows_b, meta_b, _ = tiled["b"]
+    assert meta_a["tiling"] == {"min_dynamic_patch": 2, "max_dynamic_patch": 2, "use_thumbnail": False,
+                                "force_image_size": 448}
+    assert meta_b["tiling"]["use_thumbnail"] is True
+    assert any(r["image_tiles"] for r in rows_a) and any(r["image_tiles"] for r in rows_b)
+    assert all(r["image_tiles"] in (0, 2 * r["samples"]) for r in rows_a)  # min = max = 2, no thumbnail
+    assert all(r["image_tiles"] in (0, 3 * r["samples"]) for r in rows_b)  # 2 + the thumbnail (--thumbnail)
+
+
+# ------------------------------------------------------------------------------------------------ collectives
+
+COLLECTIVES = {"all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object",
+               "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter", "all_to_all",
+               "all_to_all_single", "send", "recv", "isend", "irecv", "broadcast_object_list"}
+
+
+def test_every_collective_has_its_tensor_on_the_training_device(monkeypatch):
+    """On GPU the process group is NCCL only, which refuses CPU tensors: every collective of train.py goes
+    through all_reduce_sum, which puts its tensor on the device it is given, and every call gives `device`
+    (the training device). Checked with a fake collective on a non-CPU device, and in train.py's source."""
+    import ast
+
+    import torch
+    import torch.distributed as dist
+
+    import train
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def fake(tensor, *a, **k):
+        seen.append(tensor.device)
+        raise Reached  # a "meta" tensor cannot be read back; its device is what is checked
+
+    monkeypatch.setattr(dist, "all_reduce", fake)
+    with pytest.raises(Reached):
+        train.all_reduce_sum([1.0, 2.0], torch.device("meta"))
+    assert seen == [torch.device("meta")]
+    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
+    helper_calls = 0
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if not isinstance(node, ast.Call):
+                continue
+            where = f"train.py:{node.lineno}"
+            if isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+                assert fn.name == "all_reduce_sum", f"{where}: {node.func.attr} outside the helper"
+            if getattr(node.func, "id", None) == "all_reduce_sum":
+                helper_calls += 1
+                assert ast.unparse(node.args[1]) == "device", f"{where}: not the training device"
+    assert helper_calls == 2  # the step's counts and its loss / non-finite flag
 
 
 # ------------------------------------------------------------------------------------------------ refusals
