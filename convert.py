@@ -33,11 +33,10 @@ import sys
 from collections.abc import Iterable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import load_config, load_pretrained
-from model.weights import checkpoint_files, to_official_name, to_official_tensor
+from model.weights import checkpoint_files, read_header, to_official_name, to_official_tensor
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -110,15 +109,33 @@ def resolve_base(meta: dict, override: str | None, ckpt_dir: str) -> str:
     return os.path.abspath(base)
 
 
-def trained_tensors(ckpt_dir: str, meta: dict) -> dict[str, torch.Tensor]:
-    """The trained tensors (float32), consolidated from the ZeRO partitions by DeepSpeed's zero_to_fp32.
+def check_base_unchanged(meta: dict, base: str, allow: bool, log=print) -> None:
+    """The base's weights must be those training started from (meta.json's fingerprint of them)."""
+    from model.weights import checkpoint_fingerprint
+    recorded = meta.get("base_fingerprint")
+    if recorded is None:
+        return log("note: this checkpoint records no fingerprint of its base; the base is not verified")
+    now = checkpoint_fingerprint(base)
+    if now != recorded:
+        msg = (f"the base model {base} is not the one this run trained from: its weight files' fingerprint is {now}, "
+               f"meta.json recorded {recorded}. Merging onto other base weights gives a wrong model")
+        if not allow:
+            raise ConvertError(msg + "; pass --allow-base-change if you know the difference does not matter")
+        log(f"warning: {msg} (--allow-base-change given)")
+
+
+def trained_tensors(ckpt_dir: str, meta: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The trained tensors, consolidated from the ZeRO partitions by DeepSpeed's zero_to_fp32 one tensor at a
+    time (lazy mode): LoRA factors in float32 (the merge is float32), every other tensor in the export's `dtype`
+    (it is written in that dtype anyway; a 26B full run's LLM is then 40 GB, not 80 GB of float32).
 
     Strict: exactly the parameters meta.json lists as trainable."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     run_dir, tag = os.path.split(ckpt_dir)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step
-            state = get_fp32_state_dict_from_zero_checkpoint(run_dir, tag=tag, exclude_frozen_parameters=True)
+            state = get_fp32_state_dict_from_zero_checkpoint(run_dir, tag=tag, exclude_frozen_parameters=True,
+                                                             lazy_mode=True)
     except (FileNotFoundError, ValueError) as e:
         raise ConvertError(f"{ckpt_dir}: cannot consolidate the DeepSpeed files: {e}") from e
     expected = meta.get("run", {}).get("trainable")
@@ -128,7 +145,8 @@ def trained_tensors(ckpt_dir: str, meta: dict) -> dict[str, torch.Tensor]:
             raise ConvertError(f"{ckpt_dir}: the DeepSpeed files do not hold the trainable parameters meta.json "
                                f"lists: missing {missing[:8]} ({len(missing)}), unexpected {unexpected[:8]} "
                                f"({len(unexpected)})")
-    return {k: v.float() for k, v in state.items()}
+    return {k: v.contiguous().to(torch.float32 if k.endswith((".lora_A", ".lora_B")) else dtype)
+            for k, v in state.items()}
 
 
 def lora_settings(meta: dict):
@@ -225,15 +243,9 @@ def write_weights(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], con
 
 def tensor_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """Official name -> (shape, dtype) from the safetensors headers of a directory (no tensor is read)."""
-    out = {}
     files = checkpoint_files(path)
-    for fname in sorted(set(files.values())):
-        with safe_open(fname, "pt") as f:
-            for k in f.keys():
-                if files.get(k) == fname:
-                    s = f.get_slice(k)
-                    out[k] = (tuple(s.get_shape()), s.get_dtype())
-    return out
+    headers = {fname: read_header(fname) for fname in set(files.values())}
+    return {k: (tuple(headers[f][k]["shape"]), headers[f][k]["dtype"]) for k, f in files.items()}
 
 
 def check_against_base(out_dir: str, base: str, dtype: torch.dtype) -> int:
@@ -320,8 +332,10 @@ def check_sample(base: str, config) -> dict:
                         use_thumbnail=config.use_thumbnail, check_labels=False)
 
 
-def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, device, nf4: bool = False):
-    """The trained model, from the base + the trained tensors, adapters NOT merged.
+def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, device, nf4: bool = False,
+                  compute_dtype: torch.dtype = torch.float32):
+    """The trained model, from the base + the trained tensors, adapters NOT merged; weights held in `dtype`
+    (the trained tensors in their own dtype).
 
     For QLoRA the reference puts the adapters on the unquantised base: the export merges onto that base, so
     this is the model the export must equal. nf4=True rebuilds the 4-bit model training ran instead; it differs
@@ -331,7 +345,7 @@ def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, 
         from functools import partial
 
         from lora import prepare_qlora
-        prepare = partial(prepare_qlora, device=device, compute_dtype=dtype)
+        prepare = partial(prepare_qlora, device=device, compute_dtype=compute_dtype)
     model = load_pretrained(base, dtype=dtype, device=device, prepare=prepare)
     if lora_cfg is not None:
         from lora import inject_lora
@@ -341,15 +355,63 @@ def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, 
         for name, t in trained.items():
             if name not in params or params[name].shape != t.shape:
                 raise RuntimeError(f"trained tensor {name} {tuple(t.shape)} does not fit the model")
-            params[name].copy_(t.to(device=device, dtype=dtype))
+            params[name].data = t.to(device)
     return model.eval()
 
 
+def _blocks(module, limit: int) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter]]]:
+    """(module, the parameters it casts) covering every parameter once: each outermost module of at most
+    `limit` parameters (a decoder or ViT layer, the projector) casts all of its own; a bigger parent casts its
+    direct parameters and those of its leaf children (the ViT's patch embedding, the LLM's embedding, norm and
+    head), since its forward may read their dtype before they run; those leaves also cast themselves when called
+    from elsewhere (the head, from InternVL.forward)."""
+    n = sum(p.numel() for p in module.parameters())
+    children = list(module.children())
+    if n == 0:
+        return []
+    if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # containers are never called
+        return [b for c in children for b in _blocks(c, limit)]
+    if n <= limit or not children:
+        return [(module, list(module.parameters()))]
+    leaves = [c for c in children if not list(c.children())]
+    own = list(module.parameters(recurse=False)) + [p for c in leaves for p in c.parameters()]
+    return ([(module, own)] if own else []) + [b for c in children for b in _blocks(c, limit)]
+
+
+@contextlib.contextmanager
+def computing_in(model, dtype: torch.dtype):
+    """Run `model` in `dtype` while its weights stay in their storage dtype: each block (a decoder or ViT layer,
+    an embedding, the head) casts its floating parameters and inputs to `dtype` on entry and its parameters
+    back on exit, so a bf16 model is checked in float32 with one block's float32 copy at a time. The numbers
+    equal those of the same weights held in `dtype`."""
+    def enter(module, args, params):
+        module._cast_back = [(p, p.dtype) for p in params if p.is_floating_point() and p.dtype != dtype]
+        for p, _ in module._cast_back:
+            p.data = p.data.to(dtype)
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def leave(module, args, output):
+        for p, storage in module._cast_back:
+            p.data = p.data.to(storage)
+        module._cast_back = []
+
+    limit = max(sum(p.numel() for p in layer.parameters()) for layer in [*model.vit.layers, *model.llm.layers])
+    handles = []
+    for m, params in _blocks(model, limit):
+        handles += [m.register_forward_pre_hook(lambda mod, args, ps=params: enter(mod, args, ps)),
+                    m.register_forward_hook(leave)]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
-def _logits(model, sample, device):
-    dtype = next(model.parameters()).dtype
-    return model(sample["input_ids"][None].to(device), sample["pixel_values"].to(device=device, dtype=dtype),
-                 sample["image_flags"].to(device)).logits[0].float().cpu()
+def _logits(model, sample, device, dtype):
+    with computing_in(model, dtype):
+        return model(sample["input_ids"][None].to(device), sample["pixel_values"].to(device=device, dtype=dtype),
+                     sample["image_flags"].to(device)).logits[0].float().cpu()
 
 
 def tolerance(out_dtype: torch.dtype, compute_dtype: torch.dtype, scale: float) -> float:
@@ -361,10 +423,12 @@ CHECK_QUESTION = "Describe the picture in one sentence."
 CHECK_NEW_TOKENS = 16
 
 
-def _answer(model, tokenizer, sample) -> str:
+def _answer(model, tokenizer, sample, dtype) -> str:
     """The official chat's greedy answer to CHECK_QUESTION about the check image."""
     import chat
-    return chat.chat(model, tokenizer, sample["pixel_values"], CHECK_QUESTION, max_new_tokens=CHECK_NEW_TOKENS)[0]
+    with computing_in(model, dtype):
+        return chat.chat(model, tokenizer, sample["pixel_values"], CHECK_QUESTION,
+                         max_new_tokens=CHECK_NEW_TOKENS)[0]
 
 
 def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dtype, device, tol=None,
@@ -372,20 +436,21 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
     """Logits (and the chat answer) of the export vs the trained model on the fixed input; the untrained base
     gives the scale of what training changed.
 
-    The models are loaded one after the other, so at most one is in memory at a time."""
+    The models are loaded one after the other, each with its weights in the export's dtype and computing in
+    `compute_dtype` (see computing_in), so the check holds at most one model of the export's size at a time."""
     from data import load_tokenizer
     config = load_config(base)
     sample = check_sample(base, config)
-    model = load_pretrained(base, dtype=compute_dtype, device=device)
-    base_logits = _logits(model, sample, device)
+    model = load_pretrained(base, dtype=out_dtype, device=device)
+    base_logits = _logits(model, sample, device, compute_dtype)
     del model
-    model = trained_model(base, trained, lora_cfg, compute_dtype, device)
-    ref = _logits(model, sample, device)
-    ref_answer = _answer(model, load_tokenizer(base), sample)
+    model = trained_model(base, trained, lora_cfg, out_dtype, device, compute_dtype=compute_dtype)
+    ref = _logits(model, sample, device, compute_dtype)
+    ref_answer = _answer(model, load_tokenizer(base), sample, compute_dtype)
     del model
-    model = load_pretrained(out_dir, dtype=compute_dtype, device=device)
-    got = _logits(model, sample, device)
-    answer = _answer(model, load_tokenizer(out_dir), sample)
+    model = load_pretrained(out_dir, dtype=out_dtype, device=device)
+    got = _logits(model, sample, device, compute_dtype)
+    answer = _answer(model, load_tokenizer(out_dir), sample, compute_dtype)
     del model
     scale = ref.abs().max().item()
     result = dict(
@@ -397,8 +462,8 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
         answer=answer, trained_answer=ref_answer)
     result["ok"] = result["max_abs_diff"] <= result["tolerance"]
     if qlora:
-        model = trained_model(base, trained, lora_cfg, compute_dtype, device, nf4=True)
-        result["nf4_gap"] = (_logits(model, sample, device) - ref).abs().max().item()
+        model = trained_model(base, trained, lora_cfg, out_dtype, device, nf4=True, compute_dtype=compute_dtype)
+        result["nf4_gap"] = (_logits(model, sample, device, compute_dtype) - ref).abs().max().item()
         del model
     how = "" if tol is not None else f" = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {scale:.3g})"
     log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {DTYPE_NAMES[compute_dtype]} on "
@@ -437,9 +502,10 @@ def convert(args, log=print) -> dict:
     dtype = DTYPES[args.dtype]
     config = load_config(base)
     lora_cfg = lora_settings(meta)
+    check_base_unchanged(meta, base, args.allow_base_change, log)
     log(f"checkpoint {ckpt_dir} (step {meta['step']}, mode {meta['mode']}, ZeRO-{meta.get('zero_stage')}, "
         f"{meta.get('world_size')} rank(s)); base {base}")
-    trained = trained_tensors(ckpt_dir, meta)
+    trained = trained_tensors(ckpt_dir, meta, dtype)
     log(f"trained tensors: {len(trained)} ({sum(t.numel() for t in trained.values()):,} values)")
 
     from lora import merge_checkpoint
@@ -491,6 +557,8 @@ def parse_args(argv=None):
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                    help="largest safetensors shard, e.g. 5GB (default), 500MB, 2GiB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--allow-base-change", action="store_true",
+                   help="convert even when the base's weights differ from those training started from")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the self-check")
     p.add_argument("--verify-dtype", default="float32", choices=sorted(DTYPES),
                    help="compute dtype of the self-check (float32: exact; bfloat16 halves its memory)")

@@ -125,6 +125,15 @@ def parse_args(argv=None):
     g.add_argument("--save-total-limit", type=int, help="checkpoints to keep (default 3)")
     g.add_argument("--resume", help="'auto' (newest complete checkpoint of --output-dir, if any) or an iter_* path")
     g.add_argument("--log-interval", type=int, help="progress-bar refresh every N steps (metrics.jsonl: every step)")
+    g = p.add_argument_group("memory")
+    g.add_argument("--estimate-memory", action="store_true",
+                   help="print the per-GPU memory estimate of this run (weights, gradients, optimizer, activations) "
+                        "and exit; loads no weights (--size alone is enough)")
+    g.add_argument("--gpus", type=int, help="with --estimate-memory: data-parallel GPUs (default: WORLD_SIZE or 8)")
+    g.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                   help="start even when the estimate exceeds the free memory of a GPU")
+    g.add_argument("--gpu-memory", type=float, default=80.0,
+                   help="with --estimate-memory: GiB per GPU to check the estimate against (default 80)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the `deepspeed` launcher's
     return p.parse_args(argv)
 
@@ -184,8 +193,71 @@ def resolve_resume(args):
     return path
 
 
+def meta_model(config, args, lora_cfg):
+    """The run's model on the meta device (no memory): LoRA injected and requires_grad set as training sets it."""
+    import lora
+    from model import build_model
+    model = build_model(config, "meta")
+    if lora_cfg is not None:
+        lora.inject_lora(model, lora_cfg)
+    lora.mark_trainable(model, "full" if args.mode == "full" else "lora", train_vit=args.train_vit,
+                        freeze_projector=args.freeze_projector)
+    if args.freeze_llm:
+        for p in model.llm.parameters():
+            p.requires_grad_(False)
+    if args.unfreeze_vit_layers is not None:
+        for layer in model.vit.layers[args.unfreeze_vit_layers:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def memory_estimate(config, args, lora_cfg, zero_stage, ds_config, gpus, on_gpu):
+    import memory
+    run = memory.RunShape(mode=args.mode, zero_stage=zero_stage, gpus=gpus,
+                          batch_size=args.batch_size, max_length=args.max_packed_tokens or args.max_length,
+                          tiles=args.max_tiles + (1 if config.use_thumbnail and args.max_tiles > 1 else 0),
+                          activation_checkpointing=args.activation_checkpointing,
+                          dtype_bytes=4 if args.dtype == "fp32" or (args.dtype == "auto" and not on_gpu) else 2,
+                          reduce_bucket=float(ds_config.get("zero_optimization", {}).get("reduce_bucket_size", 5e8)))
+    est = memory.estimate(meta_model(config, args, lora_cfg), config, run, on_gpu=on_gpu)
+    return est, memory.format_table(est, run, f"InternVL 1.5 {args.size}")
+
+
+def print_memory_estimate(args):
+    """--estimate-memory: the table for --model-path's config.json or the --size preset, and a verdict."""
+    import lora
+    import memory
+    from model import load_config, preset
+    if args.model_path is None and args.size is None:
+        raise SystemExit("error: --estimate-memory needs --size or --model-path")
+    config = load_config(args.model_path) if args.model_path else preset(args.size)
+    args.size = args.size or checkpoint_size(config)
+    args.demo = False
+    args = fill_defaults(args)
+    with open(args.deepspeed) as f:
+        ds_config = json.load(f)
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    try:
+        lora.check_supported(args.mode, zero_stage)
+    except ValueError as e:
+        raise SystemExit(f"error: this run cannot start: {e}")
+    lora_cfg = None if args.mode == "full" else lora.LoRAConfig(
+        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit, rslora=args.lora_rslora,
+        targets=args.lora_targets.split(",") if args.lora_targets else None)
+    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "8"))
+    est, table = memory_estimate(config, args, lora_cfg, zero_stage, ds_config, gpus, on_gpu=True)
+    print(table)
+    problem = memory.check_fits(est, [int(args.gpu_memory * memory.GIB)])
+    print(f"verdict: {'does NOT fit' if problem else 'fits'} on {gpus} GPU(s) of {args.gpu_memory:g} GiB"
+          + (f": {problem}" if problem else ""))
+    return est
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.estimate_memory:
+        return print_memory_estimate(args)
 
     # ---------------------------------------------------------------- checks before any heavy work
     args.demo = args.model_path is None and not args.data and not args.meta_path
@@ -304,9 +376,21 @@ def main(argv=None):
         raise SystemExit(f"error: {args.deepspeed} leaves {left} as 'auto'; train.py fills only the batch, "
                          f"accumulation, clipping, precision, lr and weight decay")
 
+    # ---------------------------------------------------------------- memory: refuse before loading anything
+    if on_gpu:
+        import memory
+        est, table = memory_estimate(config, args, lora_cfg, zero_stage, ds_config, world, on_gpu)
+        log(table)
+        problem = memory.check_fits(est, [torch.cuda.mem_get_info(device)[0]])
+        if problem and args.memory_check:
+            raise SystemExit(f"error: {problem}. The estimate can be off by about 15%: --no-memory-check tries "
+                             f"anyway")
+
     # ---------------------------------------------------------------- model
     from model import InternVL
-    from model.weights import check_checkpoint, to_internal_name, to_internal_tensor
+    from model.weights import checkpoint_fingerprint
+    args.base_fingerprint = checkpoint_fingerprint(args.model_path)  # convert.py refuses a base changed since
+    from model.weights import check_checkpoint, iter_checkpoint
     t0 = time.time()
     if zero_stage == 3:
         # Partitioned while it is built; each checkpoint tensor is read on rank 0 only and scattered, so no rank
@@ -316,14 +400,10 @@ def main(argv=None):
             model = InternVL(config)
         params = dict(model.named_parameters())
         files = check_checkpoint(args.model_path, config, {n: p.ds_shape for n, p in params.items()})
-        from safetensors import safe_open
-        for fname in sorted(set(files.values())):
-            with safe_open(fname, "pt") if master else _nothing() as f:
-                for official in sorted(k for k, v in files.items() if v == fname):
-                    name = to_internal_name(official, config.llm.family)
-                    with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
-                        if master:
-                            params[name].data.copy_(to_internal_tensor(name, f.get_tensor(official), config))
+        for name, tensor in iter_checkpoint(args.model_path, config, files, read=master):
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                if master:
+                    params[name].data.copy_(tensor)
     else:
         from model import load_pretrained
         prepare = partial(lora.prepare_qlora, device=device, compute_dtype=dtype) if args.mode == "qlora" else None
@@ -560,6 +640,7 @@ def save_checkpoint(engine, args, config, step, epoch, micro_in_epoch, counters,
             os.kill(os.getpid(), 9)
         meta = {
             "format": FORMAT, "step": step, "tag": tag, "base_model_path": os.path.abspath(args.model_path),
+            "base_fingerprint": args.base_fingerprint,
             "size": args.size, "mode": args.mode, "lora": lora_cfg.to_dict() if lora_cfg else None,
             "template": config.template, "system_message": config.system_message,
             "zero_stage": engine.zero_optimization_stage(), "world_size": engine.world_size,
@@ -616,14 +697,6 @@ def _flatten(d, prefix=""):
         else:
             out[prefix + k] = v
     return out
-
-
-class _nothing:  # a context manager standing in for a file that this rank does not open
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _wait_for(fn, seconds=600):

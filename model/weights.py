@@ -6,13 +6,13 @@ resolution all go through the functions below, in both directions.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from collections.abc import Callable, Iterator
 
 import torch
-from safetensors import safe_open
 
 from .config import InternVLConfig
 
@@ -139,6 +139,37 @@ def to_official_state_dict(state_dict: dict[str, torch.Tensor], cfg: InternVLCon
 
 # --- reading official checkpoints ---
 
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_header(fname: str) -> dict[str, dict]:
+    """A safetensors file's header: {name: {"dtype", "shape", "data_offsets"}} (offsets from the data start,
+    stored as "_data_start" on each entry). Nothing else is read."""
+    with open(fname, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    for entry in header.values():
+        entry["_data_start"] = 8 + size
+    return header
+
+
+def read_tensor(f, entry: dict) -> torch.Tensor:
+    """One tensor of an open safetensors file, read into memory this process owns. (Not memory-mapped: mapped
+    pages stay in the resident set until the file is closed, so a 4-bit load would peak at a shard's bf16 size.)"""
+    start, end = entry["data_offsets"]
+    buf = bytearray(end - start)
+    f.seek(entry["_data_start"] + start)
+    if f.readinto(buf) != len(buf):
+        raise ValueError(f"{f.name}: truncated file (tensor data ends past the end of the file)")
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    if not buf:
+        return torch.empty(entry["shape"], dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+
+
 def checkpoint_files(path: str) -> dict[str, str]:
     """Official tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -152,8 +183,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
             raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
         return files
     if os.path.exists(single):
-        with safe_open(single, "pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in read_header(single)}
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
@@ -170,19 +200,18 @@ def check_checkpoint(path: str, cfg: InternVLConfig, expected: dict[str, torch.S
     for k, fname in files.items():
         by_file.setdefault(fname, []).append(k)
     for fname, keys in by_file.items():
-        with safe_open(fname, "pt") as f:
-            present = set(f.keys())
-            for k in keys:
-                if k not in present:
-                    raise KeyError(f"{fname}: the index lists {k!r} but the shard does not hold it")
-                internal = to_internal_name(k, fam)
-                if internal is None or internal not in expected:
-                    unexpected.append(k)
-                    continue
-                seen.add(internal)
-                shape = torch.Size(f.get_slice(k).get_shape())
-                if shape != expected[internal]:
-                    wrong.append(f"{k}: checkpoint {list(shape)} vs model {list(expected[internal])}")
+        header = read_header(fname)
+        for k in keys:
+            if k not in header:
+                raise KeyError(f"{fname}: the index lists {k!r} but the shard does not hold it")
+            internal = to_internal_name(k, fam)
+            if internal is None or internal not in expected:
+                unexpected.append(k)
+                continue
+            seen.add(internal)
+            shape = torch.Size(header[k]["shape"])
+            if shape != expected[internal]:
+                wrong.append(f"{k}: checkpoint {list(shape)} vs model {list(expected[internal])}")
     missing = [to_official_name(n, fam) for n in expected if n not in seen]
     if missing or unexpected or wrong:
         parts = [f"{path} does not match the model built from its config.json:"]
@@ -196,18 +225,20 @@ def check_checkpoint(path: str, cfg: InternVLConfig, expected: dict[str, torch.S
     return files
 
 
-def iter_checkpoint(path: str, cfg: InternVLConfig, files: dict[str, str] | None = None
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(internal name, tensor in the internal layout), one tensor at a time, in file order."""
+def iter_checkpoint(path: str, cfg: InternVLConfig, files: dict[str, str] | None = None, read: bool = True
+                    ) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(internal name, tensor in the internal layout), one tensor at a time, in file order. read=False yields
+    the same names with None (ZeRO-3: the ranks that do not read still walk the same sequence)."""
     files = files or checkpoint_files(path)
     by_file: dict[str, list[str]] = {}
     for k, fname in files.items():
         by_file.setdefault(fname, []).append(k)
     for fname, keys in by_file.items():
-        with safe_open(fname, "pt") as f:
+        header = read_header(fname) if read else None
+        with open(fname, "rb") if read else contextlib.nullcontext() as f:
             for k in keys:
                 internal = to_internal_name(k, cfg.llm.family)
-                yield internal, to_internal_tensor(internal, f.get_tensor(k), cfg)
+                yield internal, to_internal_tensor(internal, read_tensor(f, header[k]), cfg) if read else None
 
 
 def assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -219,3 +250,19 @@ def assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> No
         return
     old = getattr(module, param_name)
     setattr(module, param_name, torch.nn.Parameter(tensor, requires_grad=old.requires_grad))
+
+
+def checkpoint_fingerprint(path: str, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """A cheap fingerprint of a checkpoint's weights: per weight file its name, size, and `samples` reads of
+    `chunk` bytes at evenly spaced offsets (the first one holds the safetensors header), hashed. A re-saved,
+    retrained or truncated base changes it; it reads about 1 MiB per file, not the whole 4-52 GB."""
+    import hashlib
+    h = hashlib.sha256()
+    for fname in sorted(set(checkpoint_files(path).values())):
+        size = os.path.getsize(fname)
+        h.update(f"{os.path.basename(fname)}:{size}".encode())
+        with open(fname, "rb") as f:
+            for i in range(samples):
+                f.seek(max(0, size - chunk) * i // max(1, samples - 1))
+                h.update(f.read(chunk))
+    return h.hexdigest()[:16]
