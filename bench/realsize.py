@@ -5,9 +5,10 @@ one LoRA and one QLoRA step of train.py, convert, and a 2-process ZeRO-3 load, e
     python3 bench/realsize.py --size 2b --only write,load,estimate     # a subset
 
 Checkpoints are written tensor by tensor into bf16 shards (never the whole model in memory) with the tokenizer
-files of the right family (tests/fixtures); steps use float32 compute on CPU (bf16 matmuls are very slow here),
-256 tokens and 1 tile. Bars (from the project's issues): a bf16 load peaks at <= 1.15x the checkpoint's bytes;
-a QLoRA load at <= the NF4 LLM + the bf16 rest + 1 GiB; convert at <= 1.3x the export + the trained tensors.
+files of the right family (tests/fixtures); steps use float32 compute on CPU (bf16 matmuls are very slow here)
+on samples of about 300 tokens (1 tile = 256 image tokens) under --max-length 512. Bars (the project's issues):
+a bf16 load peaks at <= 1.15x the checkpoint's bytes; a QLoRA load at <= the NF4 LLM + the bf16 rest + 1 GiB;
+convert at <= 1.3x the export + the trained tensors.
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def measure_step(ckpt: str, data: str, out: str, mode: str) -> dict:
     import shutil
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "train.py", "--model-path", ckpt, "--data", data, "--mode", mode, "--dtype", "fp32",
-           "--max-length", "256", "--max-tiles", "1", "--batch-size", "1", "--grad-accum", "1", "--max-steps", "2",
+           "--max-length", "512", "--max-tiles", "1", "--batch-size", "1", "--grad-accum", "1", "--max-steps", "2",
            "--num-workers", "0", "--output-dir", out, "--save-steps", "1000"]
     r = run_cmd(cmd)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -161,7 +162,7 @@ def measure_convert(ckpt_dir: str, out: str) -> dict:
 def estimate(size: str, mode: str) -> dict:
     """train.py --estimate-memory's figures for the CPU runs above (float32, 1 process, ZeRO-1)."""
     import train
-    args = train.parse_args(["--size", size, "--mode", mode, "--dtype", "fp32", "--max-length", "256",
+    args = train.parse_args(["--size", size, "--mode", mode, "--dtype", "fp32", "--max-length", "512",
                              "--max-tiles", "1", "--batch-size", "1", "--gpus", "1", "--estimate-memory"])
     import contextlib
     import io
