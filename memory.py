@@ -6,7 +6,8 @@ The model is built on the meta device with the run's LoRA and freezing applied, 
 the bytes follow from how DeepSpeed keeps each kind of state (mixed precision, AdamW):
 
   weights      every parameter in the compute dtype (QLoRA: the LLM linears as NF4); ZeRO-3 partitions them
-               over the GPUs and gathers about two decoder layers at a time (the one running, the one prefetched)
+               over the GPUs and holds at most stage3_max_live_parameters + stage3_prefetch_bucket_size
+               gathered ones (the DeepSpeed config's bounds)
   gradients    trainable parameters in the compute dtype (ZeRO-3: partitioned), plus the float32 gradient
                partition the optimizer reads, plus DeepSpeed's reduce bucket
   optimizer    float32 master weights + AdamW's two moments, partitioned over the GPUs (ZeRO-1 and ZeRO-3)
@@ -39,6 +40,7 @@ class RunShape:
     activation_checkpointing: bool = True
     dtype_bytes: int = 2  # bf16 on GPU
     reduce_bucket: float = 1e9  # elements, from the DeepSpeed config
+    zero3_gathered: float = 2e9  # elements: stage3_max_live_parameters + stage3_prefetch_bucket_size
 
 
 def _bytes(params, nbytes) -> int:
@@ -59,8 +61,8 @@ def estimate(model, config, run: RunShape, on_gpu: bool = True) -> dict[str, flo
     n_train = sum(p.numel() for p in trainable)
 
     if run.zero_stage == 3:
-        layer = max(_bytes(layer.parameters(), w) for layer in model.llm.layers)
-        weights = _bytes(dense, w) / n + 2 * layer + nf4
+        dense_bytes = _bytes(dense, w)
+        weights = min(dense_bytes, dense_bytes / n + run.zero3_gathered * w) + nf4
         grads = n_train * w / n
     else:
         weights = _bytes(dense, w) + nf4

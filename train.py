@@ -214,12 +214,15 @@ def meta_model(config, args, lora_cfg):
 
 def memory_estimate(config, args, lora_cfg, zero_stage, ds_config, gpus, on_gpu):
     import memory
+    zero = ds_config.get("zero_optimization", {})
     run = memory.RunShape(mode=args.mode, zero_stage=zero_stage, gpus=gpus,
                           batch_size=args.batch_size, max_length=args.max_packed_tokens or args.max_length,
                           tiles=args.max_tiles + (1 if config.use_thumbnail and args.max_tiles > 1 else 0),
                           activation_checkpointing=args.activation_checkpointing,
                           dtype_bytes=4 if args.dtype == "fp32" or (args.dtype == "auto" and not on_gpu) else 2,
-                          reduce_bucket=float(ds_config.get("zero_optimization", {}).get("reduce_bucket_size", 5e8)))
+                          reduce_bucket=float(zero.get("reduce_bucket_size", 5e8)),
+                          zero3_gathered=float(zero.get("stage3_max_live_parameters", 1e9))
+                          + float(zero.get("stage3_prefetch_bucket_size", 5e7)))
     est = memory.estimate(meta_model(config, args, lora_cfg), config, run, on_gpu=on_gpu)
     return est, memory.format_table(est, run, f"InternVL 1.5 {args.size}")
 
