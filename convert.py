@@ -407,6 +407,21 @@ def computing_in(model, dtype: torch.dtype):
             h.remove()
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the system before the next model loads: glibc keeps freed blocks below its
+    mmap threshold (most layer weights) in its arenas, so without malloc_trim models loaded one after the other
+    would still add up in the resident set."""
+    import ctypes
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 @torch.no_grad()
 def _logits(model, sample, device, dtype):
     with computing_in(model, dtype):
@@ -444,14 +459,17 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
     model = load_pretrained(base, dtype=out_dtype, device=device)
     base_logits = _logits(model, sample, device, compute_dtype)
     del model
+    release_memory()
     model = trained_model(base, trained, lora_cfg, out_dtype, device, compute_dtype=compute_dtype)
     ref = _logits(model, sample, device, compute_dtype)
     ref_answer = _answer(model, load_tokenizer(base), sample, compute_dtype)
     del model
+    release_memory()
     model = load_pretrained(out_dir, dtype=out_dtype, device=device)
     got = _logits(model, sample, device, compute_dtype)
     answer = _answer(model, load_tokenizer(out_dir), sample, compute_dtype)
     del model
+    release_memory()
     scale = ref.abs().max().item()
     result = dict(
         tokens=int(sample["input_ids"].numel()), tiles=int(sample["pixel_values"].shape[0]),
@@ -465,6 +483,7 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
         model = trained_model(base, trained, lora_cfg, out_dtype, device, nf4=True, compute_dtype=compute_dtype)
         result["nf4_gap"] = (_logits(model, sample, device, compute_dtype) - ref).abs().max().item()
         del model
+        release_memory()
     how = "" if tol is not None else f" = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {scale:.3g})"
     log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {DTYPE_NAMES[compute_dtype]} on "
         f"{device}: largest |logit difference| export vs trained model = {result['max_abs_diff']:.3g} "
@@ -518,6 +537,7 @@ def convert(args, log=print) -> dict:
         try:
             merged = merge_checkpoint(base, trained, lora_cfg, config, dtype=torch.float32)  # cast once, below
             weight_map = write_weights(tmp, merged, config, dtype, args.max_shard_size)
+            release_memory()
         except ValueError as e:  # the trained tensors do not fit this base
             raise ConvertError(f"{e}\nIs {base} the base model the run was trained from?") from e
         n = check_against_base(tmp, base, dtype)

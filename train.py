@@ -193,6 +193,13 @@ def resolve_resume(args):
     return path
 
 
+def lora_config(args):
+    import lora
+    return None if args.mode == "full" else lora.LoRAConfig(
+        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit, rslora=args.lora_rslora,
+        targets=args.lora_targets.split(",") if args.lora_targets else None)
+
+
 def meta_model(config, args, lora_cfg):
     """The run's model on the meta device (no memory): LoRA injected and requires_grad set as training sets it."""
     import lora
@@ -245,9 +252,7 @@ def print_memory_estimate(args):
         lora.check_supported(args.mode, zero_stage)
     except ValueError as e:
         raise SystemExit(f"error: this run cannot start: {e}")
-    lora_cfg = None if args.mode == "full" else lora.LoRAConfig(
-        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit, rslora=args.lora_rslora,
-        targets=args.lora_targets.split(",") if args.lora_targets else None)
+    lora_cfg = lora_config(args)
     gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "8"))
     est, table = memory_estimate(config, args, lora_cfg, zero_stage, ds_config, gpus, on_gpu=True)
     print(table)
@@ -325,9 +330,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if args.freeze_llm and args.mode != "full":
         raise SystemExit("error: --freeze-llm is for --mode full (LoRA modes already freeze the LLM base)")
-    lora_cfg = None if args.mode == "full" else lora.LoRAConfig(
-        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit, rslora=args.lora_rslora,
-        targets=args.lora_targets.split(",") if args.lora_targets else None)
+    lora_cfg = lora_config(args)
     resume_from = resolve_resume(args)
     if args.resume is None and complete_checkpoints(args.output_dir):
         raise SystemExit(f"error: {args.output_dir} already holds checkpoints "

@@ -39,12 +39,8 @@ def write_checkpoint(out: str, size: str, shard_bytes: int = 2 * GIB, seed: int 
     from model import build_model, preset
     from model.weights import to_official_name, to_official_tensor
     config = preset(size)
-    fixture = os.path.join(ROOT, "tests", "fixtures", FAMILY[size])
     os.makedirs(out, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(os.path.join(fixture, name), out)
-    with open(os.path.join(fixture, "added_tokens.json")) as f:  # the fixture tokenizer's <IMG_CONTEXT> id
-        config.img_context_token_id = json.load(f)["<IMG_CONTEXT>"]
+    write_tokenizer(out, FAMILY[size], config.img_context_token_id)
     g = torch.Generator().manual_seed(seed)
     shards, current, nbytes, total, weight_map = [], {}, 0, 0, {}
 
@@ -71,6 +67,33 @@ def write_checkpoint(out: str, size: str, shard_bytes: int = 2 * GIB, seed: int 
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(official, f, indent=2)
     return {"checkpoint_bytes": total, "shards": len(shards)}
+
+
+def write_tokenizer(out: str, family: str, img_context_id: int) -> None:
+    """The family's fixture tokenizer grown to the released vocabulary: unused pieces appended to the
+    SentencePiece model until the added tokens (<img>, <IMG_CONTEXT>, ...) sit at their released ids, so every
+    id the model can produce decodes."""
+    import shutil
+
+    from data.demo import _piece_message, _varint
+    fixture = os.path.join(ROOT, "tests", "fixtures", family)
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(fixture, name), out)
+    with open(os.path.join(fixture, "added_tokens.json")) as f:
+        added = json.load(f)
+    first, shift = min(added.values()), img_context_id - added["<IMG_CONTEXT>"]
+    with open(os.path.join(out, "tokenizer.model"), "ab") as f:  # a repeated protobuf field may continue
+        for i in range(shift):
+            piece = _piece_message(f"<unused_{i}>", 0.0, 4)  # USER_DEFINED
+            f.write(b"\x0a" + _varint(len(piece)) + piece)
+    with open(os.path.join(out, "added_tokens.json"), "w") as f:
+        json.dump({k: v + shift for k, v in added.items()}, f)
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    cfg["added_tokens_decoder"] = {str(int(k) + shift if int(k) >= first else int(k)): v
+                                   for k, v in cfg["added_tokens_decoder"].items()}
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 def write_data(out: str, n: int = 64) -> str:
@@ -134,13 +157,19 @@ RESULT = dict(load_s=time.time() - t0, nf4_bytes=nf4, dense_bf16_bytes=dense)
 """)
 
 
-def measure_step(ckpt: str, data: str, out: str, mode: str) -> dict:
+def measure_step(ckpt: str, data: str, out: str, mode: str, zero3_procs: int = 0) -> dict:
+    """Two steps of train.py (one process, ZeRO-1; or zero3_procs processes under ZeRO-3, where the largest
+    rank's peak RSS is what GNU time reports for the process tree)."""
     import shutil
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "train.py", "--model-path", ckpt, "--data", data, "--mode", mode, "--dtype", "fp32",
+    launch = [sys.executable] if not zero3_procs else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(zero3_procs)]
+    cmd = launch + ["train.py", "--model-path", ckpt, "--data", data, "--mode", mode, "--dtype", "fp32",
            "--max-length", "512", "--max-tiles", "1", "--batch-size", "1", "--grad-accum", "1", "--max-steps", "2",
            "--num-workers", "0", "--output-dir", out, "--save-steps", "1000"]
-    r = run_cmd(cmd)
+    if zero3_procs:
+        cmd += ["--deepspeed", "ds_zero3.json"]
+    r = run_cmd(cmd, env={"OMP_NUM_THREADS": "1"} if zero3_procs else None)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     r["step_s"] = [row["seconds"] for row in rows]  # the first includes warm-up allocations
     r["loss"] = [row["loss"] for row in rows]
@@ -175,7 +204,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="2b", choices=["2b", "4b"])
     p.add_argument("--out", default="/tmp/realsize")
-    p.add_argument("--only", default="write,load,qlora_load,estimate,lora_step,qlora_step,convert")
+    p.add_argument("--only", default="write,load,qlora_load,estimate,lora_step,qlora_step,convert,zero3")
     args = p.parse_args(argv)
     steps = args.only.split(",")
     root = os.path.join(args.out, args.size)
@@ -202,6 +231,12 @@ def main(argv=None):
     for mode in ("lora", "qlora"):
         if f"{mode}_step" in steps:
             res[f"{mode}_step"] = measure_step(ckpt, data, os.path.join(root, f"run_{mode}"), mode)
+    if "zero3" in steps:  # bar: each rank about half the model (float32 here) + the largest tensor
+        r = measure_step(ckpt, data, os.path.join(root, "run_zero3"), "lora", zero3_procs=2)
+        from model import build_model, preset
+        largest = max(v.numel() for v in build_model(preset(args.size), "meta").state_dict().values())
+        r["bar_gib"] = (ckpt_bytes * 2 / 2 + largest * 4) / GIB
+        res["zero3_x2_lora_step"] = r
     if "convert" in steps and "lora_step" in res:
         r = measure_convert(res["lora_step"]["checkpoint"], os.path.join(root, "converted"))
         trained = res["lora_step"]["optimizer_file_bytes"] / 3  # fp32 master = 1/3 of master + 2 moments
