@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -33,10 +34,10 @@ import sys
 from collections.abc import Iterable
 
 import torch
-from safetensors.torch import save_file
 
 from model import load_config, load_pretrained
-from model.weights import checkpoint_files, read_header, to_official_name, to_official_tensor
+from model.weights import (SafetensorsWriter, checkpoint_files, iter_checkpoint, read_header, to_official_name,
+                           to_official_tensor)
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -197,45 +198,39 @@ def parse_size(text: str) -> int:
     return size
 
 
-def write_weights(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], config, dtype: torch.dtype,
-                  max_shard_bytes: int) -> dict[str, str]:
-    """(internal name, tensor) stream -> official names/layouts in `dtype`, shards of at most max_shard_bytes
-    (a tensor larger than that gets a shard of its own) + model.safetensors.index.json. Holds one shard at once."""
+def write_weights(out_dir: str, base: str, tensors: Iterable[tuple[str, torch.Tensor]], config,
+                  dtype: torch.dtype, max_shard_bytes: int) -> dict[str, str]:
+    """(internal name, tensor) stream, in the base checkpoint's order -> official names/layouts in `dtype`,
+    shards of at most max_shard_bytes (a tensor larger than that gets a shard of its own) +
+    model.safetensors.index.json. The shards are planned from the base's headers and streamed tensor by tensor,
+    so nothing close to a shard is ever held in memory."""
     family = config.llm.family
-    shards: list[list[str]] = []
-    seen: set[str] = set()
-    current: dict[str, torch.Tensor] = {}
+    shapes = tensor_shapes(base)
+    plan, size = [[]], 0
+    for internal, _ in iter_checkpoint(base, config, read=False):
+        official = to_official_name(internal, family)
+        nbytes = math.prod(shapes[official][0]) * dtype.itemsize
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append((official, shapes[official][0], dtype))
+        size += nbytes
+    names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
     umask = os.umask(0)
     os.umask(umask)
-    size = total = 0
-
-    def flush():
-        nonlocal current, size
-        if current:
-            path = os.path.join(out_dir, f"shard-{len(shards):05d}.part")
-            save_file(current, path, metadata={"format": "pt"})
-            os.chmod(path, 0o666 & ~umask)  # safetensors creates files 0600; make them like every other file
-            shards.append(list(current))
-            current, size = {}, 0
-
-    for name, tensor in tensors:
-        official = to_official_name(name, family)
-        t = to_official_tensor(name, tensor, config).to(dtype).contiguous()
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            flush()
-        if official in seen:
-            raise RuntimeError(f"tensor {official} produced twice")
-        seen.add(official)
-        current[official] = t
-        size += nbytes
-        total += nbytes
-    flush()
-    weight_map = {}
-    for i, keys in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(os.path.join(out_dir, f"shard-{i:05d}.part"), os.path.join(out_dir, final))
-        weight_map.update({k: final for k in keys})
+    stream = iter(tensors)
+    for fname, entries in zip(names, plan):
+        path = os.path.join(out_dir, fname)
+        writer = SafetensorsWriter(path, entries, metadata={"format": "pt"})
+        for _ in entries:
+            name, tensor = next(stream)
+            writer.write(to_official_name(name, family), to_official_tensor(name, tensor, config).to(dtype))
+        writer.close()
+        os.chmod(path, 0o666 & ~umask)  # like every other file the process writes
+    if next(stream, None) is not None:
+        raise RuntimeError("the merged model has more tensors than the base checkpoint")
+    weight_map = {name: fname for fname, entries in zip(names, plan) for name, _, _ in entries}
+    total = sum(math.prod(shape) * dtype.itemsize for entries in plan for _, shape, _ in entries)
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
     return weight_map
@@ -536,7 +531,7 @@ def convert(args, log=print) -> dict:
     try:
         try:
             merged = merge_checkpoint(base, trained, lora_cfg, config, dtype=torch.float32)  # cast once, below
-            weight_map = write_weights(tmp, merged, config, dtype, args.max_shard_size)
+            weight_map = write_weights(tmp, base, merged, config, dtype, args.max_shard_size)
             release_memory()
         except ValueError as e:  # the trained tensors do not fit this base
             raise ConvertError(f"{e}\nIs {base} the base model the run was trained from?") from e

@@ -29,44 +29,44 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 
 
 def write_checkpoint(out: str, size: str, shard_bytes: int = 2 * GIB, seed: int = 0) -> dict:
-    """A random official-format InternVL 1.5 directory at the preset's shapes, streamed shard by shard."""
-    import shutil
+    """A random official-format InternVL 1.5 directory at the preset's shapes, streamed tensor by tensor into
+    bf16 shards named as the released ones."""
+    import math
 
     import torch
-    from safetensors.torch import save_file
 
     from data.demo import random_tensor
     from model import build_model, preset
-    from model.weights import to_official_name, to_official_tensor
+    from model.weights import SafetensorsWriter, to_official_name, to_official_tensor
     config = preset(size)
     os.makedirs(out, exist_ok=True)
     write_tokenizer(out, FAMILY[size], config.img_context_token_id)
-    g = torch.Generator().manual_seed(seed)
-    shards, current, nbytes, total, weight_map = [], {}, 0, 0, {}
-
-    def flush():
-        nonlocal current, nbytes
-        if current:
-            fname = f"model-{len(shards) + 1:05d}.safetensors"
-            save_file(current, os.path.join(out, fname), metadata={"format": "pt"})
-            shards.append(fname)
-            weight_map.update({k: fname for k in current})
-            current, nbytes = {}, 0
-
-    for name, p in build_model(config, "meta").state_dict().items():
-        t = to_official_tensor(name, random_tensor(name, p.shape, config, g), config).to(torch.bfloat16)
-        if current and nbytes + 2 * t.numel() > shard_bytes:
-            flush()
-        current[to_official_name(name, config.llm.family)] = t.contiguous()
+    tensors = build_model(config, "meta").state_dict()
+    plan, nbytes = [[]], 0
+    for name, p in tensors.items():
+        t = to_official_tensor(name, p, config)  # the official layout's shape (meta: no memory)
+        if plan[-1] and nbytes + 2 * t.numel() > shard_bytes:
+            plan.append([])
+            nbytes = 0
+        plan[-1].append((name, to_official_name(name, config.llm.family), tuple(t.shape)))
         nbytes += 2 * t.numel()
-        total += 2 * t.numel()
-    flush()
+    g = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, entries in enumerate(plan):
+        fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        writer = SafetensorsWriter(os.path.join(out, fname), [(o, s, torch.bfloat16) for _, o, s in entries],
+                                   metadata={"format": "pt"})
+        for name, official, _ in entries:
+            t = random_tensor(name, tensors[name].shape, config, g)
+            writer.write(official, to_official_tensor(name, t, config).to(torch.bfloat16))
+            weight_map[official] = fname
+            total += 2 * math.prod(t.shape)
+        writer.close()
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    official = config.to_official()
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(official, f, indent=2)
-    return {"checkpoint_bytes": total, "shards": len(shards)}
+        json.dump(config.to_official(), f, indent=2)
+    return {"checkpoint_bytes": total, "shards": len(plan)}
 
 
 def write_tokenizer(out: str, family: str, img_context_id: int) -> None:
@@ -243,6 +243,18 @@ def main(argv=None):
         r["bar_gib"] = (1.3 * r["export_bytes"] + trained) / GIB
         r["bar_ok"] = r["peak_rss_gib"] <= r["bar_gib"]
         res["convert"] = r
+    if "estimate_gib" in res:  # train.py --estimate-memory against what the runs above held
+        cmp = {}
+        if "load_bf16" in res:
+            # the estimate is for float32 compute (4 bytes a parameter), the load bf16
+            cmp["weights"] = res["estimate_gib"]["full"]["weights"] * GIB / (2 * res["load_bf16"]["param_bytes"])
+        for mode in ("lora", "qlora"):
+            if f"{mode}_step" in res:
+                measured = res[f"{mode}_step"]["optimizer_file_bytes"] / GIB
+                cmp[f"optimizer_{mode}"] = res["estimate_gib"][mode]["optimizer"] / measured
+                cmp[f"total_{mode}_vs_peak_rss"] = res["estimate_gib"][mode]["total"] / res[f"{mode}_step"][
+                    "peak_rss_gib"]
+        res["estimate_over_measured"] = cmp
     print(json.dumps(res, indent=2))
     return res
 

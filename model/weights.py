@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -142,6 +143,39 @@ def to_official_state_dict(state_dict: dict[str, torch.Tensor], cfg: InternVLCon
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsWriter:
+    """Streams tensors into one safetensors file whose names, shapes and dtypes are known in advance: the header
+    first, then each tensor's bytes as it arrives, so a shard is never held in memory (safetensors' save_file
+    holds the tensors and a bytes copy of each)."""
+
+    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata=None):
+        names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+        header, offset = {}, 0
+        for name, shape, dtype in entries:
+            end = offset + math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        if metadata:
+            header["__metadata__"] = metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.pending = [(n, tuple(s), d) for n, s, d in reversed(entries)]
+        self.f = open(path, "wb")
+        self.f.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.pending.pop()
+        if (name, tuple(tensor.shape), tensor.dtype) != expected:
+            raise ValueError(f"{self.f.name}: got {name} {tuple(tensor.shape)} {tensor.dtype}, the header "
+                             f"promised {expected}")
+        self.f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def close(self) -> None:
+        if self.pending:
+            raise ValueError(f"{self.f.name}: {len(self.pending)} tensors never written, e.g. {self.pending[-1]}")
+        self.f.close()
 
 
 def read_header(fname: str) -> dict[str, dict]:
