@@ -341,13 +341,15 @@ def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, 
 
         from lora import prepare_qlora
         prepare = partial(prepare_qlora, device=device, compute_dtype=compute_dtype)
-    model = load_pretrained(base, dtype=dtype, device=device, prepare=prepare)
+    adapters = {k: v for k, v in trained.items() if k.endswith((".lora_A", ".lora_B"))}
+    plain = {k.replace(".base.", "."): v for k, v in trained.items() if k not in adapters}
+    model = load_pretrained(base, dtype=dtype, device=device, prepare=prepare, replace=plain)
     if lora_cfg is not None:
         from lora import inject_lora
         inject_lora(model, lora_cfg)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, t in trained.items():
+        for name, t in adapters.items():
             if name not in params or params[name].shape != t.shape:
                 raise RuntimeError(f"trained tensor {name} {tuple(t.shape)} does not fit the model")
             params[name].data = t.to(device)
@@ -447,7 +449,9 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
     gives the scale of what training changed.
 
     The models are loaded one after the other, each with its weights in the export's dtype and computing in
-    `compute_dtype` (see computing_in), so the check holds at most one model of the export's size at a time."""
+    `compute_dtype` (see computing_in), so the check holds at most one model of the export's size at a time.
+    `trained` is consumed: its tensors become the trained model's and are freed with it (a 26B full run's
+    are 40 GB)."""
     from data import load_tokenizer
     config = load_config(base)
     sample = check_sample(base, config)
@@ -455,7 +459,13 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
     base_logits = _logits(model, sample, device, compute_dtype)
     del model
     release_memory()
+    if qlora:  # the 4-bit model training ran, apart (see trained_model)
+        model = trained_model(base, trained, lora_cfg, out_dtype, device, nf4=True, compute_dtype=compute_dtype)
+        nf4_logits = _logits(model, sample, device, compute_dtype)
+        del model
+        release_memory()
     model = trained_model(base, trained, lora_cfg, out_dtype, device, compute_dtype=compute_dtype)
+    trained.clear()
     ref = _logits(model, sample, device, compute_dtype)
     ref_answer = _answer(model, load_tokenizer(base), sample, compute_dtype)
     del model
@@ -475,10 +485,7 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
         answer=answer, trained_answer=ref_answer)
     result["ok"] = result["max_abs_diff"] <= result["tolerance"]
     if qlora:
-        model = trained_model(base, trained, lora_cfg, out_dtype, device, nf4=True, compute_dtype=compute_dtype)
-        result["nf4_gap"] = (_logits(model, sample, device, compute_dtype) - ref).abs().max().item()
-        del model
-        release_memory()
+        result["nf4_gap"] = (nf4_logits - ref).abs().max().item()
     how = "" if tol is not None else f" = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {scale:.3g})"
     log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {DTYPE_NAMES[compute_dtype]} on "
         f"{device}: largest |logit difference| export vs trained model = {result['max_abs_diff']:.3g} "

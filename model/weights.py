@@ -259,10 +259,11 @@ def check_checkpoint(path: str, cfg: InternVLConfig, expected: dict[str, torch.S
     return files
 
 
-def iter_checkpoint(path: str, cfg: InternVLConfig, files: dict[str, str] | None = None, read: bool = True
-                    ) -> Iterator[tuple[str, torch.Tensor | None]]:
-    """(internal name, tensor in the internal layout), one tensor at a time, in file order. read=False yields
-    the same names with None (ZeRO-3: the ranks that do not read still walk the same sequence)."""
+def iter_checkpoint(path: str, cfg: InternVLConfig, files: dict[str, str] | None = None, read: bool = True,
+                    skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(internal name, tensor in the internal layout), one tensor at a time, in file order. Names in `skip`,
+    and every name when read=False, come with None instead of a tensor (ZeRO-3: the ranks that do not read
+    still walk the same sequence)."""
     files = files or checkpoint_files(path)
     by_file: dict[str, list[str]] = {}
     for k, fname in files.items():
@@ -272,7 +273,10 @@ def iter_checkpoint(path: str, cfg: InternVLConfig, files: dict[str, str] | None
         with open(fname, "rb") if read else contextlib.nullcontext() as f:
             for k in keys:
                 internal = to_internal_name(k, cfg.llm.family)
-                yield internal, to_internal_tensor(internal, read_tensor(f, header[k]), cfg) if read else None
+                if not read or internal in skip:
+                    yield internal, None
+                else:
+                    yield internal, to_internal_tensor(internal, read_tensor(f, header[k]), cfg)
 
 
 def assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
