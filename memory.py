@@ -6,7 +6,8 @@ The model is built on the meta device with the run's LoRA and freezing applied, 
 the bytes follow from how DeepSpeed keeps each kind of state (mixed precision, AdamW):
 
   weights      every parameter in the compute dtype (QLoRA: the LLM linears as NF4); ZeRO-3 partitions them
-               over the GPUs and holds at most stage3_max_live_parameters + stage3_prefetch_bucket_size
+               over the GPUs, except those under stage3_param_persistence_threshold elements (kept whole on
+               every GPU), and holds at most stage3_max_live_parameters + stage3_prefetch_bucket_size
                gathered ones (the DeepSpeed config's bounds)
   gradients    trainable parameters in the compute dtype (ZeRO-3: partitioned), plus the float32 gradient
                partition the optimizer reads, plus DeepSpeed's reduce bucket
@@ -41,6 +42,7 @@ class RunShape:
     dtype_bytes: int = 2  # bf16 on GPU
     reduce_bucket: float = 1e9  # elements, from the DeepSpeed config
     zero3_gathered: float = 2e9  # elements: stage3_max_live_parameters + stage3_prefetch_bucket_size
+    zero3_persistence: float = 1e7  # elements: stage3_param_persistence_threshold
 
 
 def _bytes(params, nbytes) -> int:
@@ -62,7 +64,8 @@ def estimate(model, config, run: RunShape, on_gpu: bool = True) -> dict[str, flo
 
     if run.zero_stage == 3:
         dense_bytes = _bytes(dense, w)
-        weights = min(dense_bytes, dense_bytes / n + run.zero3_gathered * w) + nf4
+        whole = _bytes([p for p in dense if p.numel() < run.zero3_persistence], w)
+        weights = min(dense_bytes, whole + (dense_bytes - whole) / n + run.zero3_gathered * w) + nf4
         grads = n_train * w / n
     else:
         weights = _bytes(dense, w) + nf4

@@ -96,7 +96,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup-ratio", type=float, help="linear warmup fraction of the steps, then cosine to 0 "
                                                       "(default 0.03)")
     g.add_argument("--epochs", type=float, help="epochs (default 1); ignored when --max-steps is given")
-    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs); 0 = a dry run: load the "
+                                                 "model and data, build the engine, print the summary, exit")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto = bf16 on GPU, fp32 on CPU")
     g.add_argument("--seed", type=int, default=42,
@@ -229,7 +230,8 @@ def memory_estimate(config, args, lora_cfg, zero_stage, ds_config, gpus, on_gpu)
                           dtype_bytes=4 if args.dtype == "fp32" or (args.dtype == "auto" and not on_gpu) else 2,
                           reduce_bucket=float(zero.get("reduce_bucket_size", 5e8)),
                           zero3_gathered=float(zero.get("stage3_max_live_parameters", 1e9))
-                          + float(zero.get("stage3_prefetch_bucket_size", 5e7)))
+                          + float(zero.get("stage3_prefetch_bucket_size", 5e7)),
+                          zero3_persistence=float(zero.get("stage3_param_persistence_threshold", 1e5)))
     est = memory.estimate(meta_model(config, args, lora_cfg), config, run, on_gpu=on_gpu)
     return est, memory.format_table(est, run, f"InternVL 1.5 {args.size}")
 
@@ -458,7 +460,7 @@ def main(argv=None):
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} samples make no full step of "
                          f"{args.batch_size * args.grad_accum * world}")
-    total_steps = args.max_steps or epoch_steps
+    total_steps = args.max_steps if args.max_steps is not None else epoch_steps
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
     def lr_lambda(step):  # HF get_cosine_schedule_with_warmup, as the official trainer

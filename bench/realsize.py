@@ -158,18 +158,20 @@ RESULT = dict(load_s=time.time() - t0, nf4_bytes=nf4, dense_bf16_bytes=dense)
 
 
 def measure_step(ckpt: str, data: str, out: str, mode: str, zero3_procs: int = 0) -> dict:
-    """Two steps of train.py (one process, ZeRO-1; or zero3_procs processes under ZeRO-3, where the largest
-    rank's peak RSS is what GNU time reports for the process tree)."""
+    """Two steps of train.py in one process (ZeRO-1); or, with zero3_procs, a dry run (--max-steps 0: load,
+    engine, exit) in that many processes under ZeRO-3, where GNU time reports the largest rank's peak RSS."""
     import shutil
     shutil.rmtree(out, ignore_errors=True)
     launch = [sys.executable] if not zero3_procs else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(zero3_procs)]
     cmd = launch + ["train.py", "--model-path", ckpt, "--data", data, "--mode", mode, "--dtype", "fp32",
-           "--max-length", "512", "--max-tiles", "1", "--batch-size", "1", "--grad-accum", "1", "--max-steps", "2",
+           "--max-length", "512", "--max-tiles", "1", "--batch-size", "1", "--grad-accum", "1",
+           "--max-steps", "0" if zero3_procs else "2",
            "--num-workers", "0", "--output-dir", out, "--save-steps", "1000"]
     if zero3_procs:
         cmd += ["--deepspeed", "ds_zero3.json"]
-    r = run_cmd(cmd, env={"OMP_NUM_THREADS": "1"} if zero3_procs else None)
+        return run_cmd(cmd, env={"OMP_NUM_THREADS": "1"})
+    r = run_cmd(cmd)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     r["step_s"] = [row["seconds"] for row in rows]  # the first includes warm-up allocations
     r["loss"] = [row["loss"] for row in rows]
@@ -200,16 +202,31 @@ def estimate(size: str, mode: str) -> dict:
     return {k: v / GIB for k, v in est.items()}
 
 
+class Results(dict):
+    """The JSON so far, rewritten to `path` after every measurement (a later one may be killed for memory)."""
+
+    def __init__(self, path, **kw):
+        super().__init__(**kw)
+        self.path = path
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self, f, indent=2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="2b", choices=["2b", "4b"])
     p.add_argument("--out", default="/tmp/realsize")
     p.add_argument("--only", default="write,load,qlora_load,estimate,lora_step,qlora_step,convert,zero3")
+    p.add_argument("--json", help="also write the results here, after every measurement")
     args = p.parse_args(argv)
     steps = args.only.split(",")
     root = os.path.join(args.out, args.size)
     ckpt = os.path.join(root, "base")
-    res = {"size": args.size}
+    res = Results(args.json, size=args.size)
     if "write" in steps or not os.path.exists(os.path.join(ckpt, "config.json")):
         t0 = time.time()
         res["write"] = {**write_checkpoint(ckpt, args.size), "seconds": time.time() - t0}
@@ -231,12 +248,14 @@ def main(argv=None):
     for mode in ("lora", "qlora"):
         if f"{mode}_step" in steps:
             res[f"{mode}_step"] = measure_step(ckpt, data, os.path.join(root, f"run_{mode}"), mode)
-    if "zero3" in steps:  # bar: each rank about half the model (float32 here) + the largest tensor
+    if "zero3" in steps:  # each rank: half the partitioned model (float32 here), the parameters below
+        # stage3_param_persistence_threshold (1e7 elements: kept whole on every rank), the largest tensor
         r = measure_step(ckpt, data, os.path.join(root, "run_zero3"), "lora", zero3_procs=2)
         from model import build_model, preset
-        largest = max(v.numel() for v in build_model(preset(args.size), "meta").state_dict().values())
-        r["bar_gib"] = (ckpt_bytes * 2 / 2 + largest * 4) / GIB
-        res["zero3_x2_lora_step"] = r
+        sizes = [p.numel() for p in build_model(preset(args.size), "meta").parameters()]
+        whole = sum(n for n in sizes if n < 1e7)
+        r["expected_gib"] = 4 * ((sum(sizes) - whole) / 2 + whole + max(sizes)) / GIB
+        res["zero3_x2_lora_load"] = r
     if "convert" in steps and "lora_step" in res:
         r = measure_convert(res["lora_step"]["checkpoint"], os.path.join(root, "converted"))
         trained = res["lora_step"]["optimizer_file_bytes"] / 3  # fp32 master = 1/3 of master + 2 moments
