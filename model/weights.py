@@ -194,14 +194,11 @@ def read_tensor(f, entry: dict) -> torch.Tensor:
     """One tensor of an open safetensors file, read into memory this process owns. (Not memory-mapped: mapped
     pages stay in the resident set until the file is closed, so a 4-bit load would peak at a shard's bf16 size.)"""
     start, end = entry["data_offsets"]
-    buf = bytearray(end - start)
+    raw = torch.empty(end - start, dtype=torch.uint8)
     f.seek(entry["_data_start"] + start)
-    if f.readinto(buf) != len(buf):
+    if f.readinto(raw.numpy()) != raw.numel():
         raise ValueError(f"{f.name}: truncated file (tensor data ends past the end of the file)")
-    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-    if not buf:
-        return torch.empty(entry["shape"], dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+    return raw.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def checkpoint_files(path: str) -> dict[str, str]:

@@ -442,3 +442,12 @@ def test_load_pretrained_replace_uses_the_given_tensors_and_checks_them():
         load_pretrained(path, dtype=torch.float32, replace={"llm.head.weight": new[:3]})
     with pytest.raises(KeyError, match="no parameter of this model"):
         load_pretrained(path, dtype=torch.float32, replace={"llm.nothing": new})
+
+
+def test_a_truncated_weight_file_is_named(tmp_path):
+    base = tmp_path / "phi3"
+    shutil.copytree(os.path.join(FIXTURES, "phi3"), base)
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model.safetensors: truncated file"):
+        load_pretrained(str(base), dtype=torch.float32)
