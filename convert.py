@@ -37,7 +37,7 @@ import torch
 
 from model import load_config, load_pretrained
 from model.weights import (SafetensorsWriter, checkpoint_files, iter_checkpoint, read_header, to_official_name,
-                           to_official_tensor)
+                           to_official_tensor, trim_heap)
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -405,18 +405,12 @@ def computing_in(model, dtype: torch.dtype):
 
 
 def release_memory() -> None:
-    """Hand freed memory back to the system before the next model loads: glibc keeps freed blocks below its
-    mmap threshold (most layer weights) in its arenas, so without malloc_trim models loaded one after the other
-    would still add up in the resident set."""
-    import ctypes
+    """Give a freed model's memory back before the next one loads (see trim_heap)."""
     import gc
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim_heap()
 
 
 @torch.no_grad()

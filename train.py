@@ -398,7 +398,7 @@ def main(argv=None):
     from model import InternVL
     from model.weights import checkpoint_fingerprint
     args.base_fingerprint = checkpoint_fingerprint(args.model_path)  # convert.py refuses a base changed since
-    from model.weights import check_checkpoint, iter_checkpoint
+    from model.weights import check_checkpoint, iter_checkpoint, trim_heap
     t0 = time.time()
     if zero_stage == 3:
         # Partitioned while it is built; each checkpoint tensor is read on rank 0 only and scattered, so no rank
@@ -412,6 +412,8 @@ def main(argv=None):
             with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
                 if master:
                     params[name].data.copy_(tensor)
+            del tensor
+            trim_heap()  # the gathered copy and the read buffer are freed: give them back
     else:
         from model import load_pretrained
         prepare = partial(lora.prepare_qlora, device=device, compute_dtype=dtype) if args.mode == "qlora" else None

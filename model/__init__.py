@@ -9,7 +9,7 @@ import torch
 
 from .config import PRESETS, InternVLConfig, LLMConfig, VisionConfig, preset
 from .internvl import InternVL, ModelOutput
-from .weights import assign_tensor, check_checkpoint, iter_checkpoint
+from .weights import assign_tensor, check_checkpoint, iter_checkpoint, trim_heap
 
 __all__ = ["InternVL", "InternVLConfig", "LLMConfig", "VisionConfig", "ModelOutput", "PRESETS", "preset",
            "build_model", "load_config", "load_pretrained"]
@@ -78,6 +78,8 @@ def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, device: str 
     for name, tensor in iter_checkpoint(path, config, files, skip=set(replace)):
         assign_tensor(model, name, replace[name].to(device) if tensor is None else tensor.to(device=device,
                                                                                              dtype=dtype))
+        del tensor
+        trim_heap()  # the read buffer, when converted or quantised, is freed: give it back
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:  # a prepare() that added parameters must initialise them itself
         raise RuntimeError(f"parameters left uninitialised after loading {path}: {leftover}")

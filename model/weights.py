@@ -7,6 +7,7 @@ resolution all go through the functions below, in both directions.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -176,6 +177,17 @@ class SafetensorsWriter:
         if self.pending:
             raise ValueError(f"{self.f.name}: {len(self.pending)} tensors never written, e.g. {self.pending[-1]}")
         self.f.close()
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim; a no-op elsewhere). glibc keeps freed
+    blocks under its mmap threshold (up to 32 MB: most weight matrices) for reuse, so a loader that reads,
+    converts and frees tensor after tensor, or a process that loads models one after the other, would otherwise
+    keep the freed memory resident: a 2B QLoRA load peaked at 3.16 GiB instead of 2.40."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def read_header(fname: str) -> dict[str, dict]:
