@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -33,10 +34,10 @@ import sys
 from collections.abc import Iterable
 
 import torch
-from safetensors import safe_open
 
 from model import load_config, load_pretrained
-from model.weights import checkpoint_files, save_safetensors, to_official_name, to_official_tensor
+from model.weights import (SafetensorsWriter, checkpoint_files, iter_checkpoint, read_header, to_official_name,
+                           to_official_tensor, trim_heap)
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -109,15 +110,33 @@ def resolve_base(meta: dict, override: str | None, ckpt_dir: str) -> str:
     return os.path.abspath(base)
 
 
-def trained_tensors(ckpt_dir: str, meta: dict) -> dict[str, torch.Tensor]:
-    """The trained tensors (float32), consolidated from the ZeRO partitions by DeepSpeed's zero_to_fp32.
+def check_base_unchanged(meta: dict, base: str, allow: bool, log=print) -> None:
+    """The base's weights must be those training started from (meta.json's fingerprint of them)."""
+    from model.weights import checkpoint_fingerprint
+    recorded = meta.get("base_fingerprint")
+    if recorded is None:
+        return log("note: this checkpoint records no fingerprint of its base; the base is not verified")
+    now = checkpoint_fingerprint(base)
+    if now != recorded:
+        msg = (f"the base model {base} is not the one this run trained from: its weight files' fingerprint is {now}, "
+               f"meta.json recorded {recorded}. Merging onto other base weights gives a wrong model")
+        if not allow:
+            raise ConvertError(msg + "; pass --allow-base-change if you know the difference does not matter")
+        log(f"warning: {msg} (--allow-base-change given)")
+
+
+def trained_tensors(ckpt_dir: str, meta: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The trained tensors, consolidated from the ZeRO partitions by DeepSpeed's zero_to_fp32 one tensor at a
+    time (lazy mode): LoRA factors in float32 (the merge is float32), every other tensor in the export's `dtype`
+    (it is written in that dtype anyway; a 26B full run's LLM is then 40 GB, not 80 GB of float32).
 
     Strict: exactly the parameters meta.json lists as trainable."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     run_dir, tag = os.path.split(ckpt_dir)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step
-            state = get_fp32_state_dict_from_zero_checkpoint(run_dir, tag=tag, exclude_frozen_parameters=True)
+            state = get_fp32_state_dict_from_zero_checkpoint(run_dir, tag=tag, exclude_frozen_parameters=True,
+                                                             lazy_mode=True)
     except (FileNotFoundError, ValueError) as e:
         raise ConvertError(f"{ckpt_dir}: cannot consolidate the DeepSpeed files: {e}") from e
     expected = meta.get("run", {}).get("trainable")
@@ -127,7 +146,8 @@ def trained_tensors(ckpt_dir: str, meta: dict) -> dict[str, torch.Tensor]:
             raise ConvertError(f"{ckpt_dir}: the DeepSpeed files do not hold the trainable parameters meta.json "
                                f"lists: missing {missing[:8]} ({len(missing)}), unexpected {unexpected[:8]} "
                                f"({len(unexpected)})")
-    return {k: v.float() for k, v in state.items()}
+    return {k: v.contiguous().to(torch.float32 if k.endswith((".lora_A", ".lora_B")) else dtype)
+            for k, v in state.items()}
 
 
 def lora_settings(meta: dict):
@@ -178,42 +198,36 @@ def parse_size(text: str) -> int:
     return size
 
 
-def write_weights(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], config, dtype: torch.dtype,
-                  max_shard_bytes: int) -> dict[str, str]:
-    """(internal name, tensor) stream -> official names/layouts in `dtype`, shards of at most max_shard_bytes
-    (a tensor larger than that gets a shard of its own) + model.safetensors.index.json. Holds one shard at once."""
+def write_weights(out_dir: str, base: str, tensors: Iterable[tuple[str, torch.Tensor]], config,
+                  dtype: torch.dtype, max_shard_bytes: int) -> dict[str, str]:
+    """(internal name, tensor) stream, in the base checkpoint's order -> official names/layouts in `dtype`,
+    shards of at most max_shard_bytes (a tensor larger than that gets a shard of its own) +
+    model.safetensors.index.json. The shards are planned from the base's headers and streamed tensor by tensor,
+    so nothing close to a shard is ever held in memory."""
     family = config.llm.family
-    shards: list[list[str]] = []
-    seen: set[str] = set()
-    current: dict[str, torch.Tensor] = {}
-    size = total = 0
-
-    def flush():
-        nonlocal current, size
-        if current:
-            path = os.path.join(out_dir, f"shard-{len(shards):05d}.part")
-            save_safetensors(current, path)
-            shards.append(list(current))
-            current, size = {}, 0
-
-    for name, tensor in tensors:
-        official = to_official_name(name, family)
-        t = to_official_tensor(name, tensor, config).to(dtype).contiguous()
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            flush()
-        if official in seen:
-            raise RuntimeError(f"tensor {official} produced twice")
-        seen.add(official)
-        current[official] = t
+    shapes = tensor_shapes(base)
+    plan, size = [[]], 0
+    for internal, _ in iter_checkpoint(base, config, read=False):
+        official = to_official_name(internal, family)
+        nbytes = math.prod(shapes[official][0]) * dtype.itemsize
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append((official, shapes[official][0], dtype))
         size += nbytes
-        total += nbytes
-    flush()
-    weight_map = {}
-    for i, keys in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(os.path.join(out_dir, f"shard-{i:05d}.part"), os.path.join(out_dir, final))
-        weight_map.update({k: final for k in keys})
+    names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    stream = iter(tensors)
+    for fname, entries in zip(names, plan):
+        path = os.path.join(out_dir, fname)
+        writer = SafetensorsWriter(path, entries, metadata={"format": "pt"})
+        for _ in entries:
+            name, tensor = next(stream)
+            writer.write(to_official_name(name, family), to_official_tensor(name, tensor, config).to(dtype))
+        writer.close()
+    if next(stream, None) is not None:
+        raise RuntimeError("the merged model has more tensors than the base checkpoint")
+    weight_map = {name: fname for fname, entries in zip(names, plan) for name, _, _ in entries}
+    total = sum(math.prod(shape) * dtype.itemsize for entries in plan for _, shape, _ in entries)
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
     return weight_map
@@ -221,15 +235,9 @@ def write_weights(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], con
 
 def tensor_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """Official name -> (shape, dtype) from the safetensors headers of a directory (no tensor is read)."""
-    out = {}
     files = checkpoint_files(path)
-    for fname in sorted(set(files.values())):
-        with safe_open(fname, "pt") as f:
-            for k in f.keys():
-                if files.get(k) == fname:
-                    s = f.get_slice(k)
-                    out[k] = (tuple(s.get_shape()), s.get_dtype())
-    return out
+    headers = {fname: read_header(fname) for fname in set(files.values())}
+    return {k: (tuple(headers[f][k]["shape"]), headers[f][k]["dtype"]) for k, f in files.items()}
 
 
 def check_against_base(out_dir: str, base: str, dtype: torch.dtype) -> int:
@@ -316,8 +324,10 @@ def check_sample(base: str, config) -> dict:
                         use_thumbnail=config.use_thumbnail, check_labels=False)
 
 
-def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, device, nf4: bool = False):
-    """The trained model, from the base + the trained tensors, adapters NOT merged.
+def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, device, nf4: bool = False,
+                  compute_dtype: torch.dtype = torch.float32):
+    """The trained model, from the base + the trained tensors, adapters NOT merged; weights held in `dtype`
+    (the trained tensors in their own dtype).
 
     For QLoRA the reference puts the adapters on the unquantised base: the export merges onto that base, so
     this is the model the export must equal. nf4=True rebuilds the 4-bit model training ran instead; it differs
@@ -327,25 +337,84 @@ def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, 
         from functools import partial
 
         from lora import prepare_qlora
-        prepare = partial(prepare_qlora, device=device, compute_dtype=dtype)
-    model = load_pretrained(base, dtype=dtype, device=device, prepare=prepare)
+        prepare = partial(prepare_qlora, device=device, compute_dtype=compute_dtype)
+    adapters = {k: v for k, v in trained.items() if k.endswith((".lora_A", ".lora_B"))}
+    plain = {k.replace(".base.", "."): v for k, v in trained.items() if k not in adapters}
+    model = load_pretrained(base, dtype=dtype, device=device, prepare=prepare, replace=plain)
     if lora_cfg is not None:
         from lora import inject_lora
         inject_lora(model, lora_cfg)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, t in trained.items():
+        for name, t in adapters.items():
             if name not in params or params[name].shape != t.shape:
                 raise RuntimeError(f"trained tensor {name} {tuple(t.shape)} does not fit the model")
-            params[name].copy_(t.to(device=device, dtype=dtype))
+            params[name].data = t.to(device)
     return model.eval()
 
 
+def _blocks(module, limit: int) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter]]]:
+    """(module, the parameters it casts) covering every parameter once: each outermost module of at most
+    `limit` parameters (a decoder or ViT layer, the projector) casts all of its own; a bigger parent casts its
+    direct parameters and those of its leaf children (the ViT's patch embedding, the LLM's embedding, norm and
+    head), since its forward may read their dtype before they run; those leaves also cast themselves when called
+    from elsewhere (the head, from InternVL.forward)."""
+    n = sum(p.numel() for p in module.parameters())
+    children = list(module.children())
+    if n == 0:
+        return []
+    if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # containers are never called
+        return [b for c in children for b in _blocks(c, limit)]
+    if n <= limit or not children:
+        return [(module, list(module.parameters()))]
+    leaves = [c for c in children if not list(c.children())]
+    own = list(module.parameters(recurse=False)) + [p for c in leaves for p in c.parameters()]
+    return ([(module, own)] if own else []) + [b for c in children for b in _blocks(c, limit)]
+
+
+@contextlib.contextmanager
+def computing_in(model, dtype: torch.dtype):
+    """Run `model` in `dtype` while its weights stay in their storage dtype: each block (a decoder or ViT layer,
+    an embedding, the head) casts its floating parameters and inputs to `dtype` on entry and its parameters
+    back on exit, so a bf16 model is checked in float32 with one block's float32 copy at a time. The numbers
+    equal those of the same weights held in `dtype`."""
+    def enter(module, args, params):
+        module._cast_back = [(p, p.dtype) for p in params if p.is_floating_point() and p.dtype != dtype]
+        for p, _ in module._cast_back:
+            p.data = p.data.to(dtype)
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def leave(module, args, output):
+        for p, storage in module._cast_back:
+            p.data = p.data.to(storage)
+        module._cast_back = []
+
+    limit = max(sum(p.numel() for p in layer.parameters()) for layer in [*model.vit.layers, *model.llm.layers])
+    handles = []
+    for m, params in _blocks(model, limit):
+        handles += [m.register_forward_pre_hook(lambda mod, args, ps=params: enter(mod, args, ps)),
+                    m.register_forward_hook(leave)]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def release_memory() -> None:
+    """Give a freed model's memory back before the next one loads (see trim_heap)."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    trim_heap()
+
+
 @torch.no_grad()
-def _logits(model, sample, device):
-    dtype = next(model.parameters()).dtype
-    return model(sample["input_ids"][None].to(device), sample["pixel_values"].to(device=device, dtype=dtype),
-                 sample["image_flags"].to(device)).logits[0].float().cpu()
+def _logits(model, sample, device, dtype):
+    with computing_in(model, dtype):
+        return model(sample["input_ids"][None].to(device), sample["pixel_values"].to(device=device, dtype=dtype),
+                     sample["image_flags"].to(device)).logits[0].float().cpu()
 
 
 def tolerance(out_dtype: torch.dtype, compute_dtype: torch.dtype, scale: float) -> float:
@@ -357,10 +426,12 @@ CHECK_QUESTION = "Describe the picture in one sentence."
 CHECK_NEW_TOKENS = 16
 
 
-def _answer(model, tokenizer, sample) -> str:
+def _answer(model, tokenizer, sample, dtype) -> str:
     """The official chat's greedy answer to CHECK_QUESTION about the check image."""
     import chat
-    return chat.chat(model, tokenizer, sample["pixel_values"], CHECK_QUESTION, max_new_tokens=CHECK_NEW_TOKENS)[0]
+    with computing_in(model, dtype):
+        return chat.chat(model, tokenizer, sample["pixel_values"], CHECK_QUESTION,
+                         max_new_tokens=CHECK_NEW_TOKENS)[0]
 
 
 def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dtype, device, tol=None,
@@ -368,21 +439,33 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
     """Logits (and the chat answer) of the export vs the trained model on the fixed input; the untrained base
     gives the scale of what training changed.
 
-    The models are loaded one after the other, so at most one is in memory at a time."""
+    The models are loaded one after the other, each with its weights in the export's dtype and computing in
+    `compute_dtype` (see computing_in), so the check holds at most one model of the export's size at a time.
+    `trained` is consumed: its tensors become the trained model's and are freed with it (a 26B full run's
+    are 40 GB)."""
     from data import load_tokenizer
     config = load_config(base)
     sample = check_sample(base, config)
-    model = load_pretrained(base, dtype=compute_dtype, device=device)
-    base_logits = _logits(model, sample, device)
+    model = load_pretrained(base, dtype=out_dtype, device=device)
+    base_logits = _logits(model, sample, device, compute_dtype)
     del model
-    model = trained_model(base, trained, lora_cfg, compute_dtype, device)
-    ref = _logits(model, sample, device)
-    ref_answer = _answer(model, load_tokenizer(base), sample)
+    release_memory()
+    if qlora:  # the 4-bit model training ran, apart (see trained_model)
+        model = trained_model(base, trained, lora_cfg, out_dtype, device, nf4=True, compute_dtype=compute_dtype)
+        nf4_logits = _logits(model, sample, device, compute_dtype)
+        del model
+        release_memory()
+    model = trained_model(base, trained, lora_cfg, out_dtype, device, compute_dtype=compute_dtype)
+    trained.clear()
+    ref = _logits(model, sample, device, compute_dtype)
+    ref_answer = _answer(model, load_tokenizer(base), sample, compute_dtype)
     del model
-    model = load_pretrained(out_dir, dtype=compute_dtype, device=device)
-    got = _logits(model, sample, device)
-    answer = _answer(model, load_tokenizer(out_dir), sample)
+    release_memory()
+    model = load_pretrained(out_dir, dtype=out_dtype, device=device)
+    got = _logits(model, sample, device, compute_dtype)
+    answer = _answer(model, load_tokenizer(out_dir), sample, compute_dtype)
     del model
+    release_memory()
     scale = ref.abs().max().item()
     result = dict(
         tokens=int(sample["input_ids"].numel()), tiles=int(sample["pixel_values"].shape[0]),
@@ -393,9 +476,7 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
         answer=answer, trained_answer=ref_answer)
     result["ok"] = result["max_abs_diff"] <= result["tolerance"]
     if qlora:
-        model = trained_model(base, trained, lora_cfg, compute_dtype, device, nf4=True)
-        result["nf4_gap"] = (_logits(model, sample, device) - ref).abs().max().item()
-        del model
+        result["nf4_gap"] = (nf4_logits - ref).abs().max().item()
     how = "" if tol is not None else f" = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {scale:.3g})"
     log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {DTYPE_NAMES[compute_dtype]} on "
         f"{device}: largest |logit difference| export vs trained model = {result['max_abs_diff']:.3g} "
@@ -433,9 +514,10 @@ def convert(args, log=print) -> dict:
     dtype = DTYPES[args.dtype]
     config = load_config(base)
     lora_cfg = lora_settings(meta)
+    check_base_unchanged(meta, base, args.allow_base_change, log)
     log(f"checkpoint {ckpt_dir} (step {meta['step']}, mode {meta['mode']}, ZeRO-{meta.get('zero_stage')}, "
         f"{meta.get('world_size')} rank(s)); base {base}")
-    trained = trained_tensors(ckpt_dir, meta)
+    trained = trained_tensors(ckpt_dir, meta, dtype)
     log(f"trained tensors: {len(trained)} ({sum(t.numel() for t in trained.values()):,} values)")
 
     from lora import merge_checkpoint
@@ -447,7 +529,8 @@ def convert(args, log=print) -> dict:
     try:
         try:
             merged = merge_checkpoint(base, trained, lora_cfg, config, dtype=torch.float32)  # cast once, below
-            weight_map = write_weights(tmp, merged, config, dtype, args.max_shard_size)
+            weight_map = write_weights(tmp, base, merged, config, dtype, args.max_shard_size)
+            release_memory()
         except ValueError as e:  # the trained tensors do not fit this base
             raise ConvertError(f"{e}\nIs {base} the base model the run was trained from?") from e
         n = check_against_base(tmp, base, dtype)
@@ -487,6 +570,8 @@ def parse_args(argv=None):
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                    help="largest safetensors shard, e.g. 5GB (default), 500MB, 2GiB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--allow-base-change", action="store_true",
+                   help="convert even when the base's weights differ from those training started from")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the self-check")
     p.add_argument("--verify-dtype", default="float32", choices=sorted(DTYPES),
                    help="compute dtype of the self-check (float32: exact; bfloat16 halves its memory)")

@@ -100,7 +100,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup-ratio", type=float, help="linear warmup fraction of the steps, then cosine to 0 "
                                                       "(default 0.03)")
     g.add_argument("--epochs", type=float, help="epochs (default 1); ignored when --max-steps is given")
-    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs); 0 = a dry run: load the "
+                                                 "model and data, build the engine, print the summary, exit")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto = bf16 on GPU, fp32 on CPU")
     g.add_argument("--seed", type=int, default=42,
@@ -129,6 +130,15 @@ def parse_args(argv=None):
     g.add_argument("--save-total-limit", type=int, help="checkpoints to keep (default 3)")
     g.add_argument("--resume", help="'auto' (newest complete checkpoint of --output-dir, if any) or an iter_* path")
     g.add_argument("--log-interval", type=int, help="progress-bar refresh every N steps (metrics.jsonl: every step)")
+    g = p.add_argument_group("memory")
+    g.add_argument("--estimate-memory", action="store_true",
+                   help="print the per-GPU memory estimate of this run (weights, gradients, optimizer, activations) "
+                        "and exit; loads no weights (--size alone is enough)")
+    g.add_argument("--gpus", type=int, help="with --estimate-memory: data-parallel GPUs (default: WORLD_SIZE or 8)")
+    g.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                   help="start even when the estimate exceeds the free memory of a GPU")
+    g.add_argument("--gpu-memory", type=float, default=80.0,
+                   help="with --estimate-memory: GiB per GPU to check the estimate against (default 80)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the `deepspeed` launcher's
     return p.parse_args(argv)
 
@@ -188,8 +198,98 @@ def resolve_resume(args):
     return path
 
 
+def resolve_tiling(args, config):
+    """Tiling follows the checkpoint's config.json, as chat.py and convert.py do; flags override it."""
+    if args.max_tiles is None:  # dynamic_image_size false: one S x S tile, i.e. a cap of 1
+        args.max_tiles = config.max_dynamic_patch if config.dynamic_image_size else 1
+    args.min_tiles = config.min_dynamic_patch if args.min_tiles is None else args.min_tiles
+    args.thumbnail = config.use_thumbnail if args.thumbnail is None else args.thumbnail
+    if not 1 <= args.min_tiles <= args.max_tiles:
+        raise SystemExit(f"error: tiles per image must satisfy 1 <= min ({args.min_tiles}) <= max "
+                         f"({args.max_tiles})")
+
+
+def lora_config(args):
+    import lora
+    return None if args.mode == "full" else lora.LoRAConfig(
+        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit, rslora=args.lora_rslora,
+        targets=args.lora_targets.split(",") if args.lora_targets else None)
+
+
+def set_trainable(model, args, mode):
+    """requires_grad for the run's mode and freeze options (lora.mark_trainable, then --freeze-llm and the
+    official --unfreeze-vit-layers: layers[K:] train, 0 = none, -K = the last K)."""
+    import lora
+    lora.mark_trainable(model, mode, train_vit=args.train_vit, freeze_projector=args.freeze_projector)
+    if args.freeze_llm:
+        for p in model.llm.parameters():
+            p.requires_grad_(False)
+    if args.unfreeze_vit_layers:
+        for layer in model.vit.layers[args.unfreeze_vit_layers:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+
+
+def meta_model(config, args, lora_cfg):
+    """The run's model on the meta device (no memory): LoRA injected and requires_grad set as training sets it."""
+    import lora
+    from model import build_model
+    model = build_model(config, "meta")
+    if lora_cfg is not None:
+        lora.inject_lora(model, lora_cfg)
+    set_trainable(model, args, "lora" if args.mode == "qlora" else args.mode)  # no 4-bit layers on meta
+    return model
+
+
+def memory_estimate(config, args, lora_cfg, zero_stage, ds_config, gpus, on_gpu):
+    import memory
+    zero = ds_config.get("zero_optimization", {})
+    run = memory.RunShape(mode=args.mode, zero_stage=zero_stage, gpus=gpus,
+                          batch_size=args.batch_size, max_length=args.max_packed_tokens or args.max_length,
+                          tiles=args.max_tiles + (1 if args.thumbnail and args.max_tiles > 1 else 0),
+                          activation_checkpointing=args.activation_checkpointing,
+                          dtype_bytes=4 if args.dtype == "fp32" or (args.dtype == "auto" and not on_gpu) else 2,
+                          reduce_bucket=float(zero.get("reduce_bucket_size", 5e8)),
+                          zero3_gathered=float(zero.get("stage3_max_live_parameters", 1e9))
+                          + float(zero.get("stage3_prefetch_bucket_size", 5e7)),
+                          zero3_persistence=float(zero.get("stage3_param_persistence_threshold", 1e5)))
+    est = memory.estimate(meta_model(config, args, lora_cfg), config, run, on_gpu=on_gpu)
+    return est, memory.format_table(est, run, f"InternVL 1.5 {args.size}")
+
+
+def print_memory_estimate(args):
+    """--estimate-memory: the table for --model-path's config.json or the --size preset, and a verdict."""
+    import lora
+    import memory
+    from model import load_config, preset
+    if args.model_path is None and args.size is None:
+        raise SystemExit("error: --estimate-memory needs --size or --model-path")
+    config = load_config(args.model_path) if args.model_path else preset(args.size)
+    args.size = args.size or checkpoint_size(config)
+    args.demo = False
+    args = fill_defaults(args)
+    resolve_tiling(args, config)
+    with open(args.deepspeed) as f:
+        ds_config = json.load(f)
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    try:
+        lora.check_supported(args.mode, zero_stage)
+    except ValueError as e:
+        raise SystemExit(f"error: this run cannot start: {e}")
+    lora_cfg = lora_config(args)
+    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "8"))
+    est, table = memory_estimate(config, args, lora_cfg, zero_stage, ds_config, gpus, on_gpu=True)
+    print(table)
+    problem = memory.check_fits(est, [int(args.gpu_memory * memory.GIB)])
+    print(f"verdict: {'does NOT fit' if problem else 'fits'} on {gpus} GPU(s) of {args.gpu_memory:g} GiB"
+          + (f": {problem}" if problem else ""))
+    return est
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.estimate_memory:
+        return print_memory_estimate(args)
 
     # ---------------------------------------------------------------- checks before any heavy work
     args.demo = args.model_path is None and not args.data and not args.meta_path
@@ -225,14 +325,7 @@ def main(argv=None):
                              f"--batch-size must be 1, not {args.batch_size}")
         args.batch_size = 1
     args = fill_defaults(args)
-    # Tiling follows the checkpoint's config.json, as chat.py and convert.py do; flags override it.
-    if args.max_tiles is None:  # dynamic_image_size false: one S x S tile, i.e. a cap of 1
-        args.max_tiles = config.max_dynamic_patch if config.dynamic_image_size else 1
-    args.min_tiles = config.min_dynamic_patch if args.min_tiles is None else args.min_tiles
-    args.thumbnail = config.use_thumbnail if args.thumbnail is None else args.thumbnail
-    if not 1 <= args.min_tiles <= args.max_tiles:
-        raise SystemExit(f"error: tiles per image must satisfy 1 <= min ({args.min_tiles}) <= max "
-                         f"({args.max_tiles})")
+    resolve_tiling(args, config)
     if args.max_packed_tokens is not None and args.max_packed_tokens < args.max_length:
         raise SystemExit(f"error: --max-packed-tokens {args.max_packed_tokens} is below --max-length "
                          f"{args.max_length}: the longest sample must fit a pack")
@@ -262,9 +355,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if args.freeze_llm and args.mode != "full":
         raise SystemExit("error: --freeze-llm is for --mode full (LoRA modes already freeze the LLM base)")
-    lora_cfg = None if args.mode == "full" else lora.LoRAConfig(
-        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vit=args.lora_vit, rslora=args.lora_rslora,
-        targets=args.lora_targets.split(",") if args.lora_targets else None)
+    lora_cfg = lora_config(args)
     resume_from = resolve_resume(args)
     if args.resume is None and complete_checkpoints(args.output_dir):
         raise SystemExit(f"error: {args.output_dir} already holds checkpoints "
@@ -316,9 +407,21 @@ def main(argv=None):
         raise SystemExit(f"error: {args.deepspeed} leaves {left} as 'auto'; train.py fills only the batch, "
                          f"accumulation, clipping, precision, lr and weight decay")
 
+    # ---------------------------------------------------------------- memory: refuse before loading anything
+    if on_gpu:
+        import memory
+        est, table = memory_estimate(config, args, lora_cfg, zero_stage, ds_config, world, on_gpu)
+        log(table)
+        problem = memory.check_fits(est, [torch.cuda.mem_get_info(device)[0]])
+        if problem and args.memory_check:
+            raise SystemExit(f"error: {problem}. The estimate can be off by about 15%: --no-memory-check tries "
+                             f"anyway")
+
     # ---------------------------------------------------------------- model
     from model import InternVL
-    from model.weights import check_checkpoint, to_internal_name, to_internal_tensor
+    from model.weights import checkpoint_fingerprint
+    args.base_fingerprint = checkpoint_fingerprint(args.model_path)  # convert.py refuses a base changed since
+    from model.weights import check_checkpoint, iter_checkpoint, trim_heap
     t0 = time.time()
     if zero_stage == 3:
         # Partitioned while it is built; each checkpoint tensor is read on rank 0 only and scattered, so no rank
@@ -328,14 +431,12 @@ def main(argv=None):
             model = InternVL(config)
         params = dict(model.named_parameters())
         files = check_checkpoint(args.model_path, config, {n: p.ds_shape for n, p in params.items()})
-        from safetensors import safe_open
-        for fname in sorted(set(files.values())):
-            with safe_open(fname, "pt") if master else _nothing() as f:
-                for official in sorted(k for k, v in files.items() if v == fname):
-                    name = to_internal_name(official, config.llm.family)
-                    with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
-                        if master:
-                            params[name].data.copy_(to_internal_tensor(name, f.get_tensor(official), config))
+        for name, tensor in iter_checkpoint(args.model_path, config, files, read=master):
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                if master:
+                    params[name].data.copy_(tensor)
+            del tensor
+            trim_heap()  # the gathered copy and the read buffer are freed: give them back
     else:
         from model import load_pretrained
         prepare = partial(lora.prepare_qlora, device=device, compute_dtype=dtype) if args.mode == "qlora" else None
@@ -344,14 +445,7 @@ def main(argv=None):
         torch.manual_seed(args.seed)  # the same adapters on every rank and for every world size
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage == 3):
             lora.inject_lora(model, lora_cfg)
-    report = lora.mark_trainable(model, args.mode, train_vit=args.train_vit, freeze_projector=args.freeze_projector)
-    if args.freeze_llm:
-        for p in model.llm.parameters():
-            p.requires_grad_(False)
-    if args.unfreeze_vit_layers:  # official: layers[k:] train; 0 (the default) trains none
-        for layer in model.vit.layers[args.unfreeze_vit_layers:]:
-            for p in layer.parameters():
-                p.requires_grad_(True)
+    set_trainable(model, args, args.mode)
     report = lora.parameter_report(model)
     model.vit.set_drop_path_rate(args.drop_path_rate)  # stays active though the ViT is frozen (official, §10.3)
     model.set_gradient_checkpointing(vit=args.activation_checkpointing, llm=args.activation_checkpointing)
@@ -386,7 +480,7 @@ def main(argv=None):
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} samples make no full step of "
                          f"{args.batch_size * args.grad_accum * world}")
-    total_steps = args.max_steps or epoch_steps
+    total_steps = args.max_steps if args.max_steps is not None else epoch_steps
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
     def lr_lambda(step):  # HF get_cosine_schedule_with_warmup, as the official trainer
@@ -579,6 +673,7 @@ def save_checkpoint(engine, args, config, step, epoch, micro_in_epoch, counters,
             os.kill(os.getpid(), 9)
         meta = {
             "format": FORMAT, "step": step, "tag": tag, "base_model_path": os.path.abspath(args.model_path),
+            "base_fingerprint": args.base_fingerprint,
             "size": args.size, "mode": args.mode, "lora": lora_cfg.to_dict() if lora_cfg else None,
             "template": config.template, "system_message": config.system_message,
             "tiling": {"min_dynamic_patch": args.min_tiles, "max_dynamic_patch": args.max_tiles,
@@ -647,14 +742,6 @@ def _flatten(d, prefix=""):
         else:
             out[prefix + k] = v
     return out
-
-
-class _nothing:  # a context manager standing in for a file that this rank does not open
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _wait_for(fn, seconds=600):

@@ -153,19 +153,17 @@ def build(cfg, mode, device, dtype, lora_r):
     return model.train()
 
 
-def memory_estimate_gib(cfg, mode) -> float:
-    """Weights + gradients + fp32 master and AdamW states + a fixed activation allowance."""
-    m = build_model(cfg, "meta")
-    n_vit = sum(p.numel() for p in m.vit.parameters())
-    n_proj = sum(p.numel() for p in m.projector.parameters())
-    n_llm = sum(p.numel() for p in m.llm.parameters())
-    n_head_embed = m.llm.head.weight.numel() + m.llm.embed.weight.numel()
-    if mode == "full":
-        weights, trainable = 2 * (n_vit + n_proj + n_llm), n_proj + n_llm
-    else:
-        llm_bytes = 2 * n_llm if mode == "lora" else 2 * n_head_embed + 0.53 * (n_llm - n_head_embed)
-        weights, trainable = 2 * (n_vit + n_proj) + llm_bytes, n_proj + 0.01 * n_llm  # adapters: ~1%
-    return gib(weights + 18 * trainable) + 16.0  # 18 B/trainable: bf16 grad, fp32 master + grad, 2 fp32 states
+def memory_estimate_gib(cfg, mode, tokens, tiles, batch, lora_r) -> float:
+    """train.py --estimate-memory's figure for this one-GPU step (no DeepSpeed bucket: MasterAdamW)."""
+    import memory
+    from lora import LoRAConfig, inject_lora, mark_trainable
+    model = build_model(cfg, "meta")
+    if mode != "full":
+        inject_lora(model, LoRAConfig(r=lora_r, alpha=2 * lora_r))
+    mark_trainable(model, "full" if mode == "full" else "lora")
+    run = memory.RunShape(mode=mode, zero_stage=1, gpus=1, batch_size=batch, max_length=tokens, tiles=tiles,
+                          reduce_bucket=0)
+    return gib(memory.estimate(model, cfg, run)["total"])
 
 
 # ---------------------------------------------------------------- one configuration
@@ -189,7 +187,7 @@ def run_config(args, size, mode, device, dtype, total_gib) -> dict:
     if cfg.img_context_token_id is None:  # the tiny preset: the 3rd of the 9 added tokens at the end
         cfg.img_context_token_id = cfg.llm.vocab_size - 7
     row = {"size": size, "mode": mode}
-    need = memory_estimate_gib(cfg, mode)
+    need = memory_estimate_gib(cfg, mode, args.tokens, args.tiles, args.batch, args.lora_r)
     if total_gib is not None and need > total_gib:
         row["skipped"] = (f"{size} {mode} needs about {need:.0f} GiB (bf16 weights and grads, fp32 master weights "
                           f"and AdamW states) but this GPU has {total_gib:.0f} GiB: train it with ZeRO-3 over "

@@ -190,27 +190,25 @@ def write_tokenizer(out: str, model_bytes: bytes) -> int:
 
 # --- model ---
 
+def random_tensor(name: str, shape, config: InternVLConfig, g: torch.Generator) -> torch.Tensor:
+    """One random weight by its internal name: std 0.02 (HEAD_STD for the output head), unit norms, zero
+    biases, layer scales at the init factor (also used tensor by tensor for real-size checkpoints)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("ls1", "ls2"):
+        return torch.full(shape, config.vision.initializer_factor)
+    if "norm" in name and leaf == "weight":
+        return torch.ones(shape)
+    if leaf == "bias":
+        return torch.zeros(shape)
+    # the head: wide enough that a frozen head can express confident answers
+    return torch.randn(shape, generator=g) * (HEAD_STD if name == "llm.head.weight" else 0.02)
+
+
 def random_state_dict(config: InternVLConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights: std 0.02 (HEAD_STD for the output head), unit norms, zero biases, layer scales at the init
-    factor."""
     from model import build_model
     g = torch.Generator().manual_seed(seed)
-    model = build_model(config, "cpu", torch.float32)
-    sd = {}
-    for name, p in model.state_dict().items():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("ls1", "ls2"):
-            t = torch.full_like(p, config.vision.initializer_factor)
-        elif "norm" in name and leaf == "weight":
-            t = torch.ones_like(p)
-        elif leaf == "bias":
-            t = torch.zeros_like(p)
-        elif name == "llm.head.weight":  # wide enough that a frozen head can express confident answers
-            t = torch.randn(p.shape, generator=g) * HEAD_STD
-        else:
-            t = torch.randn(p.shape, generator=g) * 0.02
-        sd[name] = t
-    return sd
+    return {name: random_tensor(name, p.shape, config, g)
+            for name, p in build_model(config, "meta").state_dict().items()}
 
 
 def write_model(out: str, config: InternVLConfig, seed: int) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from .config import PRESETS, InternVLConfig, LLMConfig, VisionConfig, preset
 from .internvl import InternVL, ModelOutput
-from .weights import assign_tensor, check_checkpoint, iter_checkpoint
+from .weights import assign_tensor, check_checkpoint, iter_checkpoint, trim_heap
 
 __all__ = ["InternVL", "InternVLConfig", "LLMConfig", "VisionConfig", "ModelOutput", "PRESETS", "preset",
            "build_model", "load_config", "load_pretrained"]
@@ -56,11 +56,14 @@ def build_model(config: InternVLConfig, device: str | torch.device = "meta", dty
 
 
 def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                    prepare: Callable[[InternVL], None] | None = None) -> InternVL:
+                    prepare: Callable[[InternVL], None] | None = None,
+                    replace: dict[str, torch.Tensor] | None = None) -> InternVL:
     """Load an official InternVL 1.5 directory strictly: every tensor present, expected and of the right shape.
 
     The model is built on the meta device and filled one tensor at a time, so no second copy is ever held.
-    `prepare(model)` runs on the meta model before filling (QLoRA swaps in 4-bit layers there).
+    `prepare(model)` runs on the meta model before filling (QLoRA swaps in 4-bit layers there). `replace`
+    {internal name: tensor} is used as it is instead of the checkpoint's tensor, which is then not read
+    (convert.py's trained model: a full run's trained LLM is not loaded twice).
     """
     config = load_config(path)
     model = build_model(config, "meta")
@@ -68,8 +71,15 @@ def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, device: str 
     files = check_checkpoint(path, config, expected)
     if prepare is not None:
         prepare(model)
-    for name, tensor in iter_checkpoint(path, config, files):
-        assign_tensor(model, name, tensor.to(device=device, dtype=dtype))
+    replace = replace or {}
+    wrong = sorted(k for k, t in replace.items() if expected.get(k) != t.shape)
+    if wrong:
+        raise KeyError(f"replacement tensors that are no parameter of this model, or of another shape: {wrong[:8]}")
+    for name, tensor in iter_checkpoint(path, config, files, skip=set(replace)):
+        assign_tensor(model, name, replace[name].to(device) if tensor is None else tensor.to(device=device,
+                                                                                             dtype=dtype))
+        del tensor
+        trim_heap()  # the read buffer, when converted or quantised, is freed: give it back
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:  # a prepare() that added parameters must initialise them itself
         raise RuntimeError(f"parameters left uninitialised after loading {path}: {leftover}")

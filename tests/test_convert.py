@@ -333,9 +333,40 @@ def test_broken_checkpoints_and_wrong_bases(lora_run, workdir):
     with pytest.raises(convert.ConvertError, match="cannot consolidate the DeepSpeed files"):
         conv(broken, workdir / "broken-out", "--no-verify")
     other = REPO / "tests" / "fixtures" / "internlm2"  # an official directory, but not this run's base
-    with pytest.raises(convert.ConvertError, match="the model expects .*\n.*the base model the run was trained from"):
+    with pytest.raises(convert.ConvertError, match="is not the one this run trained from.*--allow-base-change"):
         conv(lora_run / "iter_2", workdir / "wrong-base", "--base-model", other, "--no-verify")
+    with pytest.raises(convert.ConvertError, match="the model expects .*\n.*the base model the run was trained from"):
+        conv(lora_run / "iter_2", workdir / "wrong-base", "--base-model", other, "--no-verify", "--allow-base-change")
     assert not (workdir / "wrong-base").exists()
+
+
+def test_a_base_changed_since_training_is_refused(lora_run, workdir):
+    """meta.json fingerprints the base's weight files; one changed byte in a sampled block is caught."""
+    base = workdir / "changed-base"
+    shutil.copytree(lora_run / "demo" / "base", base)
+    weights = next(base.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # the last sampled block ends at the end of the file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(convert.ConvertError, match="is not the one this run trained from"):
+        conv(lora_run / "iter_2", workdir / "changed-out", "--base-model", base, "--no-verify")
+    lines = []
+    convert.convert(convert.parse_args([str(lora_run / "iter_2"), str(workdir / "changed-out"), "--base-model",
+                                        str(base), "--no-verify", "--allow-base-change"]), log=lines.append)
+    assert any(line.startswith("warning: the base model") for line in lines)
+
+
+def test_computing_in_float32_equals_a_float32_model():
+    """The self-check keeps weights in bf16 and computes in float32 module by module: the logits are those of
+    the model loaded in float32, bit for bit (so the check needs one bf16 model of memory, not a float32 one)."""
+    fixture = str(REPO / "tests" / "fixtures" / "internlm2")
+    sample = convert.check_sample(fixture, load_config(fixture))
+    lean = load_pretrained(fixture, dtype=torch.bfloat16)
+    got = convert._logits(lean, sample, torch.device("cpu"), torch.float32)
+    want = convert._logits(load_pretrained(fixture, dtype=torch.bfloat16).float(), sample, torch.device("cpu"),
+                           torch.float32)  # the same bf16 weights, held in float32
+    assert torch.equal(got, want)
+    assert all(p.dtype == torch.bfloat16 for p in lean.parameters())  # cast back after the forward
 
 
 def test_config_records_the_system_message_training_used(tmp_path):

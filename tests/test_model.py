@@ -428,3 +428,26 @@ def test_sampling_top_p_and_temperature():
     again = m.generate(ids, max_new_tokens=6, do_sample=True, temperature=5.0,
                        generator=torch.Generator().manual_seed(0))
     assert tuple(again[0].tolist()) in draws  # seeded: reproducible
+
+
+def test_load_pretrained_replace_uses_the_given_tensors_and_checks_them():
+    """convert.py's trained model: replaced tensors are taken as given (the checkpoint's are not read) and must be
+    parameters of the model with their shape."""
+    path = os.path.join(FIXTURES, "phi3")
+    head = load_pretrained(path, dtype=torch.float32).llm.head.weight
+    new = torch.randn_like(head)
+    model = load_pretrained(path, dtype=torch.float32, replace={"llm.head.weight": new})
+    assert model.llm.head.weight.data_ptr() == new.data_ptr()
+    with pytest.raises(KeyError, match="of another shape: \\['llm.head.weight'\\]"):
+        load_pretrained(path, dtype=torch.float32, replace={"llm.head.weight": new[:3]})
+    with pytest.raises(KeyError, match="no parameter of this model"):
+        load_pretrained(path, dtype=torch.float32, replace={"llm.nothing": new})
+
+
+def test_a_truncated_weight_file_is_named(tmp_path):
+    base = tmp_path / "phi3"
+    shutil.copytree(os.path.join(FIXTURES, "phi3"), base)
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model.safetensors: truncated file"):
+        load_pretrained(str(base), dtype=torch.float32)

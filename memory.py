@@ -1,0 +1,116 @@
+"""Per-GPU memory of a training run, estimated from the architecture alone (no weights are loaded).
+
+    python train.py --size 26b --mode lora --gpus 8 --estimate-memory      # prints the table, exits
+
+The model is built on the meta device with the run's LoRA and freezing applied, so parameter counts are exact;
+the bytes follow from how DeepSpeed keeps each kind of state (mixed precision, AdamW):
+
+  weights      every parameter in the compute dtype (QLoRA: the LLM linears as NF4); ZeRO-3 partitions them
+               over the GPUs, except those under stage3_param_persistence_threshold elements (kept whole on
+               every GPU), and holds at most stage3_max_live_parameters + stage3_prefetch_bucket_size
+               gathered ones (the DeepSpeed config's bounds)
+  gradients    trainable parameters in the compute dtype (ZeRO-3: partitioned), plus the float32 gradient
+               partition the optimizer reads, plus DeepSpeed's reduce bucket
+  optimizer    float32 master weights + AdamW's two moments, partitioned over the GPUs (ZeRO-1 and ZeRO-3)
+  activations  with per-layer checkpointing, each layer's input for the backward, plus one layer recomputed; the
+               ViT only when it trains; the output head's 512-row float32 chunks; the micro-batch's pixels
+  overhead     CUDA context and allocator slack (a fixed 1.5 GiB; 0 on CPU)
+
+Estimates, not measurements: bench/realsize.py compares the parameter and optimizer bytes with what a real step
+holds, and bench/gpu.py measures peaks on a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GIB = 2**30
+CUDA_OVERHEAD = 1.5 * GIB  # context (~0.5 GiB) + caching-allocator fragmentation, a rough constant
+HEAD_CHUNK = 512  # rows of the fused output-head loss (model/loss.py)
+
+
+@dataclass
+class RunShape:
+    mode: str  # full | lora | qlora
+    zero_stage: int
+    gpus: int
+    batch_size: int  # micro-batch per GPU
+    max_length: int  # tokens per sample, image tokens included
+    tiles: int  # tiles per sample (dynamic tiles + thumbnail)
+    activation_checkpointing: bool = True
+    dtype_bytes: int = 2  # bf16 on GPU
+    reduce_bucket: float = 1e9  # elements, from the DeepSpeed config
+    zero3_gathered: float = 2e9  # elements: stage3_max_live_parameters + stage3_prefetch_bucket_size
+    zero3_persistence: float = 1e7  # elements: stage3_param_persistence_threshold
+
+
+def _bytes(params, nbytes) -> int:
+    return sum(p.numel() for p in params) * nbytes
+
+
+def estimate(model, config, run: RunShape, on_gpu: bool = True) -> dict[str, float]:
+    """{component: bytes per GPU} for `model`, a meta-device InternVL with LoRA injected and requires_grad set as
+    the run will train it."""
+    from lora import NF4Linear, nf4_nbytes, quantizable_names
+    w, n = run.dtype_bytes, max(1, run.gpus)
+    quantized = set(quantizable_names(model)) if run.mode == "qlora" else set()
+    params = dict(model.named_parameters())
+    dense = [p for name, p in params.items() if name.rsplit(".", 1)[0] not in quantized]
+    nf4 = sum(nf4_nbytes(m.out_features, m.in_features) for name, m in model.named_modules()
+              if name in quantized and isinstance(m, (torch.nn.Linear, NF4Linear)))
+    trainable = [p for p in params.values() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+
+    if run.zero_stage == 3:
+        dense_bytes = _bytes(dense, w)
+        whole = _bytes([p for p in dense if p.numel() < run.zero3_persistence], w)
+        weights = min(dense_bytes, whole + (dense_bytes - whole) / n + run.zero3_gathered * w) + nf4
+        grads = n_train * w / n
+    else:
+        weights = _bytes(dense, w) + nf4
+        grads = n_train * w  # every rank holds its full gradient before the reduce
+    grads += n_train * 4 / n + min(run.reduce_bucket, n_train) * w
+    optimizer = n_train * (4 + 8) / n
+
+    c, v = config.llm, config.vision
+    b, s = run.batch_size, run.max_length
+    act = b * s * c.hidden_size * w  # input embeddings
+    per_layer = b * s * (10 * c.hidden_size + 4 * c.intermediate_size) * w  # norms, qkv, attention, MLP
+    act += (c.num_layers * b * s * c.hidden_size * w + per_layer) if run.activation_checkpointing \
+        else c.num_layers * per_layer
+    act += HEAD_CHUNK * c.vocab_size * 4 * 2  # one chunk of logits and its softmax gradient, float32
+    tokens_v = b * run.tiles * (config.vision.image_size // config.vision.patch_size) ** 2
+    vit_layer = tokens_v * (8 * v.hidden_size + 2 * v.intermediate_size) * w
+    vit_trains = any(p.requires_grad for p in model.vit.parameters())
+    if vit_trains:
+        act += (v.num_layers * tokens_v * v.hidden_size * w + vit_layer) if run.activation_checkpointing \
+            else v.num_layers * vit_layer
+    else:
+        act += vit_layer  # transient: no autograd state is kept for a frozen ViT
+    act += b * run.tiles * 3 * config.vision.image_size ** 2 * w
+    out = dict(weights=weights, gradients=grads, optimizer=optimizer, activations=act,
+               overhead=CUDA_OVERHEAD if on_gpu else 0.0)
+    out["total"] = sum(out.values())
+    return out
+
+
+def format_table(est: dict[str, float], run: RunShape, title: str) -> str:
+    lines = [f"estimated memory per GPU: {title}, {run.mode}, ZeRO-{run.zero_stage}, {run.gpus} GPU(s), "
+             f"micro-batch {run.batch_size} x {run.max_length} tokens x {run.tiles} tiles, activation "
+             f"checkpointing {'on' if run.activation_checkpointing else 'off'}"]
+    for k, v in est.items():
+        lines.append(f"  {k:<12} {v / GIB:8.2f} GiB")
+    return "\n".join(lines)
+
+
+def check_fits(est: dict[str, float], free_bytes: list[int]) -> str | None:
+    """An error message when the estimate exceeds the smallest visible GPU's free memory, else None."""
+    if not free_bytes:
+        return None
+    free = min(free_bytes)
+    if est["total"] <= free:
+        return None
+    return (f"the run needs about {est['total'] / GIB:.1f} GiB per GPU but the smallest visible GPU has "
+            f"{free / GIB:.1f} GiB free; use more GPUs with ZeRO-3 (--deepspeed ds_zero3.json), LoRA or QLoRA, "
+            f"a smaller --batch-size or --max-length, fewer --max-tiles, or --activation-checkpointing")
