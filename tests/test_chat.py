@@ -180,14 +180,14 @@ def test_batched_answers_equal_one_by_one(case, tmp_path):
 
 def test_scores_exact_and_contained(tmp_path, monkeypatch):
     """exact match = stripped strings equal; contained = the stripped reference is a substring of the answer."""
-    rows = [("a", "Purple."), ("b", "Green."), ("c", "Three."), ("d", "Yes")]
-    answers = {"a": "Purple.", "b": "It is Green.", "c": "Four.", "d": None}
+    from types import SimpleNamespace as NS
+    refs = {"a": " Purple.", "b": "Green.", "c": "Three.", "d": "Yes"}
+    answers = iter(["Purple.", "It is Green.", "Four.", "Yes it is"])
     monkeypatch.setattr(chat, "record_prompt", lambda rec, *a: (rec["q"], rec["ref"], [1, 2], None))
     monkeypatch.setattr(chat, "generate_batch", lambda m, prompts, *a: [[7]] * len(prompts))
-    queue = iter(["Purple.", "It is Green.", "Four.", "Yes it is"])
-    monkeypatch.setattr(chat, "decode_answer", lambda *a: next(queue))
-    model = type("M", (), {"config": type("C", (), {"template": "internlm2-chat", "system_message": "s"})()})()
-    tok = type("T", (), {"convert_tokens_to_ids": lambda self, s: 7})()
-    records = [(k, {"q": k, "ref": ref}, None) for k, ref in rows]
+    monkeypatch.setattr(chat, "decode_answer", lambda *a: next(answers))
+    model = NS(config=NS(template="internlm2-chat", system_message="s", llm=NS(family="internlm2")))
+    tok = NS(convert_tokens_to_ids=lambda s: 7)
+    records = [(k, {"q": k, "ref": ref}, None) for k, ref in refs.items()]
     scores = chat.answer_test_set(model, tok, records, tmp_path / "a.jsonl", batch_size=4)
-    assert (scores["exact_match"], scores["contained"], scores["scored"]) == (0.25, 0.75, 4), (scores, answers)
+    assert (scores["exact_match"], scores["contained"], scores["scored"]) == (0.25, 0.75, 4)
