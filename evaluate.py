@@ -14,6 +14,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -76,7 +77,7 @@ def setup(args, config, tokenizer, world, rank, zero_stage, log):
     prompts = []
     for i in range(min(args.eval_samples, len(dataset))):
         si, k = dataset.index[i]
-        line, record = dataset.records[si][k]
+        _, record = dataset.records[si][k]
         try:
             question, reference, ids, pv = record_prompt(record, sources[si].image_folder, tokenizer, config,
                                                          dataset.system_message, dataset._max_num(si))
@@ -115,7 +116,7 @@ class Evaluator:
 
     def loader(self):
         return torch.utils.data.DataLoader(self.plan, batch_size=None, num_workers=self.num_workers,
-                                           collate_fn=lambda b: eval_collate(b, self.dataset),
+                                           collate_fn=partial(eval_collate, dataset=self.dataset),
                                            generator=torch.Generator().manual_seed(0))
 
     def count(self):

@@ -457,6 +457,7 @@ def main(argv=None):
             log(f"packing: one pack of <= {args.max_packed_tokens} tokens and <= {args.max_packed_tiles} tiles per "
                 f"micro-batch; {sampler.micro_batches(0) * world} packs in epoch 0 for {len(dataset)} samples")
         _truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step)
+        _truncate_metrics(os.path.join(args.output_dir, "samples.jsonl"), step)  # --eval-samples rows
     metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if master else None
     tb = _tensorboard(args.output_dir) if master else None
     from tqdm import tqdm

@@ -191,3 +191,19 @@ def test_scores_exact_and_contained(tmp_path, monkeypatch):
     records = [(k, {"q": k, "ref": ref}, None) for k, ref in refs.items()]
     scores = chat.answer_test_set(model, tok, records, tmp_path / "a.jsonl", batch_size=4)
     assert (scores["exact_match"], scores["contained"], scores["scored"]) == (0.25, 0.75, 4)
+
+
+def test_batched_answers_equal_one_by_one_on_the_demo(tmp_path):
+    """The demo base (random weights: long, varied answers) on 12 held-out records: batches of 5 == one by one,
+    through the bench script, which reports the same."""
+    from bench import chat as bench_chat
+    from data.demo import make_demo
+    base, _, folder = make_demo(str(tmp_path / "demo"), n_images=8, text_only=4)
+    lines = open(os.path.join(folder, "eval.jsonl")).readlines()
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(lines[:12]))
+    result = bench_chat.main([base, "--data", f"{test},{folder}", "--batch-sizes", "1", "5", "--repeats", "1",
+                              "--max-new-tokens", "12", "--json", str(tmp_path / "b.json")])
+    assert [r["identical"] for r in result["runs"]] == [True, True]
+    assert result["runs"][0]["new_tokens"] == result["runs"][1]["new_tokens"] > 12
+    assert json.loads((tmp_path / "b.json").read_text())["records"] == 12
