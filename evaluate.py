@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -136,6 +137,7 @@ class Evaluator:
         """{"eval_loss": ...} over the whole held-out set (and the --eval-samples answers written); training's
         RNG states and train mode are restored afterwards."""
         import torch.distributed as dist
+        t0 = time.time()
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         state = random.getstate(), torch.get_rng_state(), cuda
         engine.eval()
@@ -158,7 +160,7 @@ class Evaluator:
             if state[2] is not None:
                 torch.cuda.set_rng_state_all(state[2])
         self.last = total[0].item() / total[1].item()
-        return {"eval_loss": self.last, "eval_supervised_tokens": int(total[1])}
+        return {"eval_loss": self.last, "eval_supervised_tokens": int(total[1]), "eval_seconds": time.time() - t0}
 
     def write_samples(self, model, step):
         """Greedy answers to the fixed prompts, one batch on every rank (the same one: under ZeRO-3 the ranks
