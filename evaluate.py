@@ -29,7 +29,7 @@ MAX_NEW_TOKENS = 64  # for the --eval-samples answers
 def eval_plan(dataset, batch_size: int, world: int, rank: int) -> list[list[int]]:
     """This rank's batches of dataset indices, grouped by modality and length; [] pads the ranks that have fewer
     batches, so that every rank has the same number."""
-    order = sorted(range(len(dataset)), key=lambda i: (dataset.is_image[i], dataset.lengths[i], i))
+    order = sorted(range(len(dataset.lengths)), key=lambda i: (dataset.is_image[i], dataset.lengths[i], i))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     mine = batches[rank::world]
     return mine + [[]] * (math.ceil(len(batches) / world) - len(mine))

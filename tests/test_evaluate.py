@@ -14,11 +14,11 @@ from tests.test_train import ROOT, common, demo, losses, run  # noqa: F401  (dem
 
 @pytest.fixture(scope="module")
 def held_out(demo, tmp_path_factory):  # noqa: F811
-    """7 held-out records (5 with an image, 2 text-only): no world size or batch size divides it."""
+    """5 held-out records (3 with an image, 2 text-only): in batches of 2 over 2 ranks, rank 1 pads."""
     _, data = demo
     folder = data.split(",")[1]
     records = [json.loads(line) for line in open(os.path.join(folder, "eval.jsonl"))]
-    picked = [r for r in records if "image" in r][:5] + [r for r in records if "image" not in r][:2]
+    picked = [r for r in records if "image" in r][:3] + [r for r in records if "image" not in r][:2]
     path = tmp_path_factory.mktemp("held_out") / "held_out.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in picked))
     return f"{path},{folder}"
@@ -33,7 +33,7 @@ def test_evaluation_does_not_change_training(demo, held_out, tmp_path):  # noqa:
     assert losses(plain) == losses(ev) and [r["grad_norm"] for r in plain] == [r["grad_norm"] for r in ev]
     assert [r["step"] for r in ev if "eval_loss" in r] == [3, 6]
     assert all(math.isfinite(r["eval_loss"]) for r in ev if "eval_loss" in r)
-    assert "held-out: 7 samples" in proc.stdout
+    assert "held-out: 5 samples" in proc.stdout
     rows = [json.loads(line) for line in open(tmp_path / "eval" / "samples.jsonl")]
     assert [(r["step"], r["id"]) for r in rows] == [(3, "held_out:1"), (3, "held_out:2"), (6, "held_out:1"),
                                                      (6, "held_out:2")]
@@ -41,7 +41,7 @@ def test_evaluation_does_not_change_training(demo, held_out, tmp_path):  # noqa:
 
 
 def test_eval_loss_same_for_one_and_two_processes_zero3(demo, held_out, tmp_path):  # noqa: F811
-    """ZeRO-3, full mode: 1 process x batch 4 vs 2 processes x batch 2 (eval batches of 4 vs 2; 7 samples, so rank 1
+    """ZeRO-3, full mode: 1 process x batch 4 vs 2 processes x batch 2 (eval batches of 4 vs 2; 5 samples, so rank 1
     runs a padding batch), greedy answers on both ranks: eval_loss agrees to float32 rounding, nothing hangs."""
     args = ["--deepspeed", os.path.join(ROOT, "ds_zero3.json"), "--max-steps", "2", "--mode", "full",
             "--drop-path-rate", "0", "--eval-data", held_out, "--eval-steps", "1", "--eval-samples", "2"]
@@ -73,3 +73,22 @@ def test_bad_held_out_data_is_refused_at_start(demo, held_out, tmp_path):  # noq
     long.write_text(json.dumps({"conversations": [{"from": "human", "value": "red blue " * 400},
                                                   {"from": "gpt", "value": "Purple."}]}) + "\n")
     _refused(common(demo, 4, "--eval-data", str(long)), tmp_path / "b", "no supervised token in the held-out set")
+
+
+def test_eval_plan_gives_every_rank_the_same_number_of_batches():
+    from types import SimpleNamespace as NS
+    from evaluate import eval_plan
+    ds = NS(is_image=[True, False, True, True, False], lengths=[30, 10, 20, 40, 5])
+    plans = [eval_plan(ds, 2, 2, r) for r in range(2)]
+    assert plans == [[[4, 1], [3]], [[2, 0], []]]  # text first, then images by length; [] = a padding batch
+    assert sorted(i for p in plans for b in p for i in b) == list(range(5))
+    assert eval_plan(ds, 4, 1, 0) == [[4, 1, 2, 0], [3]]
+
+
+def test_a_padding_batch_has_no_supervised_token():
+    from types import SimpleNamespace as NS
+    from data.images import IMAGE_SIZE
+    from evaluate import eval_collate
+    b = eval_collate([], NS(image_size=IMAGE_SIZE))
+    assert b["meta"]["num_supervised"] == 0 and b["meta"]["num_samples"] == 0 and b["input_ids"].shape == (1, 1)
+    assert b["image_flags"].tolist() == [0] and b["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
