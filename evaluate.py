@@ -165,12 +165,16 @@ class Evaluator:
     def write_samples(self, model, step):
         """Greedy answers to the fixed prompts, one batch on every rank (the same one: under ZeRO-3 the ranks
         must run the same forwards), appended to OUTPUT/samples.jsonl by rank 0."""
-        from chat import decode_answer, generate_batch
-        new = generate_batch(model, [(ids, pv) for _, _, _, ids, pv in self.prompts], self.eos_id,
-                             MAX_NEW_TOKENS, self.stop_early)
+        from chat import decode_answer, generate_batch, plan_batches
+        new = {}
+        for chunk in plan_batches([(k, p[3], p[4]) for k, p in enumerate(self.prompts)], len(self.prompts),
+                                  MAX_NEW_TOKENS, model.config):
+            answers = generate_batch(model, [(ids, pv) for _, ids, pv in chunk], self.eos_id, MAX_NEW_TOKENS,
+                                     self.stop_early)
+            new.update(zip([k for k, _, _ in chunk], answers))
         if self.master:
             with open(os.path.join(self.output_dir, "samples.jsonl"), "a") as f:
-                for (rid, question, reference, _, _), ids in zip(self.prompts, new):
+                for k, (rid, question, reference, _, _) in enumerate(self.prompts):
                     f.write(json.dumps(dict(step=step, id=rid, question=question, reference=reference,
-                                            answer=decode_answer(self.dataset.tokenizer, ids, self.sep)),
+                                            answer=decode_answer(self.dataset.tokenizer, new[k], self.sep)),
                                        ensure_ascii=False) + "\n")
