@@ -51,8 +51,7 @@ def main(argv=None):
                                        tokens_per_s=scores["new_tokens"] / timing["median_s"],
                                        speedup=first[1] / timing["median_s"], identical=rows == first[0],
                                        exact_match=scores["exact_match"], contained=scores["contained"]))
-    print(json.dumps(result, indent=2))
-    write_json(args.json, result)
+    write_json(args.json, result)  # prints it too
     return result
 
 
