@@ -63,7 +63,7 @@ def losses(rows):
 
 def test_demo_learns_and_prints_the_convert_command(tmp_path):
     proc, rows = run(["--max-steps", "40", "--save-steps", "20", "--system-message", "Be brief.", "--eval-steps",
-                      "20"], tmp_path / "demo_run")
+                      "20"], tmp_path / "demo_run", timeout=900)
     first, last = sum(losses(rows)[:10]) / 10, sum(losses(rows)[-10:]) / 10
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]  # the demo's own held-out eval.jsonl
     print(f"demo: 40 steps, first-10 mean loss {first:.3f}, last-10 mean {last:.3f} ({last / first:.0%}); "
