@@ -2,6 +2,7 @@
 
     python chat.py MODEL_DIR --image photo.jpg --question "What is in the picture?"
     python chat.py MODEL_DIR --image photo.jpg      # interactive: one question per line, history kept
+    python chat.py MODEL_DIR --data test.jsonl,images/ --output answers.jsonl --batch-size 8   # a test set
 
 What `InternVLChatModel.chat` does, step by step: the system message is config.json's `system_message`, else the
 template default (read from the directory's own conversation.py when it ships one); the image is tiled with the
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import sys
+import time
 
 import torch
 
-from data.images import dynamic_preprocess, load_image, to_tensor
+from data.dataset import SampleError, parse_record, read_annotation
+from data.images import ImageLoadError, dynamic_preprocess, load_image, to_tensor
 from data.templates import DEFAULT_SYSTEM_MESSAGE, generation_prompt, get_template
 from data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
 from model import load_pretrained
@@ -138,9 +142,126 @@ def chat(model, tokenizer, pixel_values: torch.Tensor | None, question: str, his
     out = model.generate(input_ids, pixel_values, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                          do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator,
                          streamer=streamer)[0]
-    response = tokenizer.decode(out.tolist(), skip_special_tokens=True).split(sep)[0].strip()
+    response = decode_answer(tokenizer, out.tolist(), sep)
     history.append((question, response))
     return response, history, out
+
+
+def decode_answer(tokenizer, ids, sep: str) -> str:
+    """As the official chat: decoded without special tokens, cut at the terminator text, stripped."""
+    return tokenizer.decode(ids, skip_special_tokens=True).split(sep)[0].strip()
+
+
+def record_prompt(record, image_folder, tokenizer, config: InternVLConfig, system_message=None, max_num=None):
+    """A LLaVA record -> (question, reference, prompt ids, pixel values or None). The question is the first human
+    turn and the reference the first gpt turn (a leading gpt turn is dropped, as in training); the image tag goes
+    in front of the question when it has none, as in chat() and in training. Several images share the tile cap
+    (max(1, cap // n) each), as in training. Raises SampleError, ImageLoadError or ValueError."""
+    conv = parse_record(record)
+    question, reference = conv.turns[0]
+    pixel_values, patches = None, []
+    if conv.images:
+        cap = max_num or config.max_dynamic_patch
+        cap = cap if len(conv.images) == 1 else max(1, cap // len(conv.images))
+        tiles = [image_to_pixel_values(load_image(p if image_folder is None else os.path.join(image_folder, p)),
+                                       config, cap) for p in conv.images]
+        pixel_values, patches = torch.cat(tiles), [t.shape[0] for t in tiles]
+    _, ids = build_prompt(tokenizer, config, question, [], patches, system_message)
+    return question, reference, ids, pixel_values
+
+
+@torch.no_grad()
+def generate_batch(model, prompts, eos_id: int, max_new_tokens: int, stop_early: bool = True) -> list[list[int]]:
+    """Greedy answers for [(prompt ids, pixel values or None)] in one left-padded batch with the KV cache: the new
+    ids of each prompt, cut after its terminator. stop_early=False always runs max_new_tokens steps (ZeRO-3 ranks
+    must run the same number of forwards)."""
+    device, dtype = next(model.parameters()).device, model.llm.embed.weight.dtype
+    width = max(len(ids) for ids, _ in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, (ids, _) in enumerate(prompts):
+        input_ids[b, width - len(ids):] = torch.tensor(ids)
+        mask[b, width - len(ids):] = 1
+    tiles = [pv for _, pv in prompts if pv is not None]
+    pixel_values = torch.cat(tiles).to(device=device, dtype=dtype) if tiles else None
+    out = model.generate(input_ids.to(device), pixel_values, attention_mask=mask.to(device),
+                         max_new_tokens=max_new_tokens, eos_token_id=eos_id if stop_early else None)
+    return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in out.tolist()]
+
+
+def plan_batches(prompts, batch_size, max_new_tokens, config: InternVLConfig):
+    """Batches of [(row, ids, pixel values)], longest first (less padding). Phi-3's 'su' RoPE picks its factors
+    from the largest position of the whole batch, so a batch mixes only prompts that stay on one side of
+    original_max_position_embeddings for the whole generation, and one that may cross it runs alone: every
+    answer then equals the prompt's answer alone."""
+    prompts = sorted(prompts, key=lambda p: -len(p[1]))
+    llm = config.llm
+    if llm.family != "phi3" or (llm.rope_scaling or {}).get("type") not in ("su", "longrope"):
+        return [prompts[k:k + batch_size] for k in range(0, len(prompts), batch_size)]
+    orig = llm.original_max_position_embeddings
+    long = [p for p in prompts if len(p[1]) > orig]
+    short = [p for p in prompts if len(p[1]) + max_new_tokens <= orig]
+    alone = [[p] for p in prompts if orig - max_new_tokens < len(p[1]) <= orig]
+    return [g[k:k + batch_size] for g in (long, short) for k in range(0, len(g), batch_size)] + alone
+
+
+def answer_test_set(model, tokenizer, records, output, batch_size=8, max_new_tokens=1024, system_message=None,
+                    max_num=None):
+    """Greedy answers for [(id, record, image folder)], `batch_size` prompts at a time (longest first, less
+    padding), written to `output` as JSON lines in the input order: id, question, reference, answer, tokens (or
+    error). Returns the scores: exact match (stripped strings equal) and reference contained in the answer,
+    over the rows that have a reference and no error."""
+    from tqdm import tqdm
+    config = model.config
+    sep = get_template(config.template).sep
+    eos_id = tokenizer.convert_tokens_to_ids(sep)
+    system_message = system_message if system_message is not None else resolve_system_message(config)
+    rows, ready = [], []
+    for rid, record, folder in records:
+        row = {"id": rid}
+        try:
+            if isinstance(record, Exception):  # a line that is not JSON (read_test_set)
+                raise record
+            row["question"], row["reference"], ids, pv = record_prompt(record, folder, tokenizer, config,
+                                                                       system_message, max_num)
+            ready.append((len(rows), ids, pv))
+        except (SampleError, ImageLoadError, ValueError) as e:  # reported in its row; the run goes on
+            row["error"] = str(e)
+        rows.append(row)
+    bar = tqdm(total=len(ready), desc="answers", dynamic_ncols=True)
+    tokens, t0 = 0, time.time()
+    for chunk in plan_batches(ready, batch_size, max_new_tokens, config):
+        for (i, _, _), ids in zip(chunk, generate_batch(model, [(ids, pv) for _, ids, pv in chunk], eos_id,
+                                                        max_new_tokens)):
+            rows[i].update(answer=decode_answer(tokenizer, ids, sep), tokens=len(ids))
+            tokens += len(ids)
+        bar.update(len(chunk))
+        bar.set_postfix_str(f"tok/s {tokens / (time.time() - t0):.1f}")
+    bar.close()
+    seconds = time.time() - t0
+    with open(output, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    scored = [r for r in rows if "answer" in r and r.get("reference") is not None]
+    ref = lambda r: r["reference"].strip()  # noqa: E731
+    return dict(records=len(rows), answered=len(ready), errors=len(rows) - len(ready), scored=len(scored),
+                exact_match=sum(r["answer"] == ref(r) for r in scored) / max(1, len(scored)),
+                contained=sum(ref(r) in r["answer"] for r in scored) / max(1, len(scored)),
+                new_tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9))
+
+
+def read_test_set(spec: str):
+    """--data ANNOTATION[,IMAGE_FOLDER] -> [(id, record, image folder)]; id = the record's "id", else file:line.
+    A malformed line becomes a record that fails with its file:line in the error."""
+    path, _, folder = spec.partition(",")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --data {path}: no such file")
+    out = []
+    for line, rec in read_annotation(path):
+        rid = rec.get("id") if isinstance(rec, dict) and rec.get("id") is not None else f"{path}:{line}"
+        out.append((str(rid), SampleError(f"{path}:{line}: {rec}") if isinstance(rec, Exception) else rec,
+                    folder or None))
+    return out
 
 
 def pick_device(name: str) -> torch.device:
@@ -173,12 +294,28 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights and compute dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
+    p.add_argument("--data", metavar="ANNOTATION[,IMAGE_FOLDER]",
+                   help="a LLaVA-format test set: greedy answers to each record's first question, batched, to "
+                        "--output; prints exact-match and contained rates against the first answers")
+    p.add_argument("--output", help="with --data: the answers (JSON lines)")
+    p.add_argument("--batch-size", type=int, default=8, help="with --data: prompts per batch (left padded)")
     args = p.parse_args(argv)
+    if (args.data is None) != (args.output is None):
+        p.error("--data and --output go together")
 
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(args.model_dir)
     model = load_pretrained(args.model_dir, dtype=dtype, device=device)
+    if args.data:
+        scores = answer_test_set(model, tokenizer, read_test_set(args.data), args.output, args.batch_size,
+                                 args.max_new_tokens, resolve_system_message(model.config, args.system_message,
+                                                                             args.model_dir), args.max_num)
+        print(f"{scores['answered']} of {scores['records']} records answered ({scores['errors']} errors) -> "
+              f"{args.output}; exact match {scores['exact_match']:.1%}, reference contained "
+              f"{scores['contained']:.1%} (of {scores['scored']} with a reference); {scores['tokens_per_s']:.1f} "
+              f"tokens/s\n{json.dumps(scores)}")
+        return 0
     pixel_values = None
     if args.image:
         pixel_values = image_to_pixel_values(load_image(args.image), model.config, args.max_num)

@@ -72,6 +72,11 @@ def parse_args(argv=None):
     g.add_argument("--data", action="append", default=[], metavar="ANNOTATION[,IMAGE_FOLDER[,REPEAT[,MAX_TILES]]]",
                    help="a .json/.jsonl LLaVA-format annotation file with its image folder, repeat ratio "
                         "(r < 1: seeded fraction; r > 1: floor(r) copies + a seeded fraction) and tile cap; repeatable")
+    g.add_argument("--eval-data", action="append", default=[], metavar="ANNOTATION[,IMAGE_FOLDER[,REPEAT[,MAX_TILES]]]",
+                   help="held-out data (the --data syntax, repeatable): eval_loss every --eval-steps and at the end")
+    g.add_argument("--eval-steps", type=int, help="evaluate every N optimizer steps (default: --save-steps)")
+    g.add_argument("--eval-samples", type=int, default=0, metavar="K",
+                   help="at each evaluation, greedy answers to the first K held-out prompts -> OUTPUT/samples.jsonl")
     g.add_argument("--meta-path", help="official meta file {name: {root, annotation, repeat_time, max_dynamic_patch}}")
     g.add_argument("--system-message", help="the system prompt of every training sample (default: config.json's "
                                             "system_message, else the official template default); convert.py "
@@ -302,6 +307,9 @@ def main(argv=None):
             make_demo(demo_root)
         args.model_path = os.path.join(demo_root, "base")
         args.data = [f"{os.path.join(demo_root, 'data', 'train.jsonl')},{os.path.join(demo_root, 'data')}"]
+        args.eval_data = args.eval_data or [f"{os.path.join(demo_root, 'data', 'eval.jsonl')},"
+                                            f"{os.path.join(demo_root, 'data')}"]
+        args.eval_steps, args.eval_samples = args.eval_steps or 100, args.eval_samples or 4
     if args.model_path is None:
         raise SystemExit("error: --model-path is missing: give an official InternVL 1.5 directory "
                          "(or run `python train.py` with no model and no data for the demo)")
@@ -481,6 +489,10 @@ def main(argv=None):
         raise SystemExit(f"error: {len(dataset)} samples make no full step of "
                          f"{args.batch_size * args.grad_accum * world}")
     total_steps = args.max_steps if args.max_steps is not None else epoch_steps
+    import evaluate
+    args.eval_steps = args.eval_steps or args.save_steps
+    evaluator = evaluate.setup(args, config, tokenizer, world, rank, zero_stage, log,
+                               sum_over_ranks=lambda values: all_reduce_sum(values, device))
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
     def lr_lambda(step):  # HF get_cosine_schedule_with_warmup, as the official trainer
@@ -554,6 +566,7 @@ def main(argv=None):
             log(f"packing: one pack of <= {args.max_packed_tokens} tokens and <= {args.max_packed_tiles} tiles per "
                 f"micro-batch; {sampler.micro_batches(0) * world} packs in epoch 0 for {len(dataset)} samples")
         _truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step)
+        _truncate_metrics(os.path.join(args.output_dir, "samples.jsonl"), step)  # --eval-samples rows
     metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if master else None
     tb = _tensorboard(args.output_dir) if master else None
     from tqdm import tqdm
@@ -621,6 +634,8 @@ def main(argv=None):
                    tokens=tokens, supervised_tokens=n_step, samples=samples, image_tiles=tiles, seconds=seconds,
                    tokens_per_s=tokens / seconds, samples_per_s=samples / seconds, peak_mem_gb=_peak_memory_gb(on_gpu),
                    **counters)
+        if evaluator and (step % args.eval_steps == 0 or step == total_steps):
+            row.update(evaluator.run(engine, step, device, dtype))
         if master:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
@@ -628,10 +643,14 @@ def main(argv=None):
                 for k in ("loss", "lr", "grad_norm", "tokens_per_s", "supervised_tokens", "peak_mem_gb"):
                     if row[k] is not None and math.isfinite(row[k]):
                         tb.add_scalar(f"train/{k}", row[k], step)
+                if "eval_loss" in row:
+                    tb.add_scalar("eval/loss", row["eval_loss"], step)
             if step % args.log_interval == 0 or step == total_steps:
                 bar.set_postfix_str(f"loss {_fmt(loss, '.4f')} lr {row['lr']:.2e} gnorm {_fmt(grad_norm, '.3f')} "
                                     f"tok/s {row['tokens_per_s']:.0f} smp/s {row['samples_per_s']:.2f} "
-                                    f"sup {n_step} mem {row['peak_mem_gb']:.1f}G", refresh=False)
+                                    f"sup {n_step} mem {row['peak_mem_gb']:.1f}G" +
+                                    (f" eval {evaluator.last:.4f}" if evaluator and evaluator.last else ""),
+                                    refresh=False)
         bar.update(1)
         if step % args.save_steps == 0 or step == total_steps:
             save_checkpoint(engine, args, config, step, epoch, micro_in_epoch, counters, meta_args, lora_cfg,

@@ -7,6 +7,8 @@
           added_tokens.json) that data.load_tokenizer reads exactly like a released checkpoint.
   data/   images/*.png (a coloured shape at a position on a light background) and train.jsonl in LLaVA format:
           captions and questions about colour, shape and position, a few multi-turn, plus text-only samples.
+          eval.jsonl + images/eval_*.png: a held-out set from the same generator with other draws (48 image and
+          16 text-only records), train.py's default --eval-data for the demo.
 The answers are a function of the image, so the loss can fall well below the format-only level.
 """
 from __future__ import annotations
@@ -100,21 +102,22 @@ def conversation(colour: str, shape: str, position: str, rng: random.Random) -> 
     return conv
 
 
-def make_data(data_dir: str, n_images: int, text_only: int, seed: int) -> str:
-    """images/*.png + train.jsonl (LLaVA format); returns the annotation path."""
+def make_data(data_dir: str, n_images: int, text_only: int, seed: int, name: str = "train") -> str:
+    """images/*.png + {name}.jsonl (LLaVA format); returns the annotation path. Images of a set other than
+    "train" are named images/{name}_*.png."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(data_dir, "images"), exist_ok=True)
     records = []
     for i in range(n_images):
         colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
-        name = f"images/{i:05d}.png"
-        draw(colour, shape, position, rng).save(os.path.join(data_dir, name))
-        records.append({"id": f"img{i}", "image": name, "conversations": conversation(colour, shape, position, rng)})
+        image = f"images/{'' if name == 'train' else name + '_'}{i:05d}.png"
+        draw(colour, shape, position, rng).save(os.path.join(data_dir, image))
+        records.append({"id": f"img{i}", "image": image, "conversations": conversation(colour, shape, position, rng)})
     for i in range(text_only):
         q, a = rng.choice(TEXT_ONLY)
         records.append({"id": f"txt{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
     rng.shuffle(records)
-    path = os.path.join(data_dir, "train.jsonl")
+    path = os.path.join(data_dir, f"{name}.jsonl")
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -229,12 +232,14 @@ def make_demo(root: str, n_images: int = 480, text_only: int = 96, seed: int = 0
     root = os.path.abspath(root)
     model_dir, data_dir = os.path.join(root, "base"), os.path.join(root, "data")
     annotation = os.path.join(data_dir, "train.jsonl")
-    if os.path.exists(os.path.join(model_dir, "config.json")) and os.path.exists(annotation):
+    if all(os.path.exists(p) for p in (os.path.join(model_dir, "config.json"), annotation,
+                                         os.path.join(data_dir, "eval.jsonl"))):
         return model_dir, annotation, data_dir
     tmp = root + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "base"))
     make_data(os.path.join(tmp, "data"), n_images, text_only, seed)
+    make_data(os.path.join(tmp, "data"), 48, 16, seed + 1, "eval")  # held-out: same generator, other draws
     # The fixed parts of every prompt are repeated so that BPE learns them as few pieces.
     with open(os.path.join(tmp, "data", "train.jsonl")) as f:
         messages = [t["value"].replace("<image>\n", "") for line in f for t in json.loads(line)["conversations"]]

@@ -122,3 +122,88 @@ def test_system_message_from_the_directory_conversation_py(tmp_path):
     cfg.system_message = "From config."
     assert chat.resolve_system_message(cfg, None, str(d)) == "From config."
     assert chat.directory_system_message(os.path.join(FIXTURES, "internlm2"), "internlm2-chat") is None
+
+
+# ------------------------------------------------------------------------------------------------ --data (batched)
+
+def _test_set(case, tmp_path):
+    q = case["info"]["chat"]["question"]
+    records = [{"id": "img", "image": "image.png", "conversations": [
+                   {"from": "human", "value": q}, {"from": "gpt", "value": "x"},
+                   {"from": "human", "value": "And?"}, {"from": "gpt", "value": "y"}]},
+               {"id": "short", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello"}]},
+               {"id": "gone", "image": "missing.png", "conversations": [
+                   {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "z"}]},
+               {"id": "long", "conversations": [
+                   {"from": "human", "value": "Tell me a long story about a cat and a dog. " * 3},
+                   {"from": "gpt", "value": "Once"}]},
+               {"id": "tagged", "image": "image.png", "conversations": [
+                   {"from": "human", "value": "Look: <image>\nWhat is it?"}, {"from": "gpt", "value": "A"}]}]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
+    return chat.read_test_set(f"{path},{case['dir']}")
+
+
+def _answers(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_batched_answers_equal_one_by_one(case, tmp_path):
+    """Left-padded batches of 3 (image and text prompts mixed, different lengths) give the same new tokens as one
+    prompt at a time, and the image record's answer equals the official chat's."""
+    m, tok, info = case["model"], case["tokenizer"], case["info"]["chat"]
+    records = _test_set(case, tmp_path)
+    one = chat.answer_test_set(m, tok, records, tmp_path / "one.jsonl", batch_size=1, max_new_tokens=8)
+    three = chat.answer_test_set(m, tok, records, tmp_path / "three.jsonl", batch_size=3, max_new_tokens=8)
+    rows1, rows3 = _answers(tmp_path / "one.jsonl"), _answers(tmp_path / "three.jsonl")
+    assert [r["id"] for r in rows1] == ["img", "short", "gone", "long", "tagged", f"{tmp_path}/test.jsonl:6"]
+    for a, b in zip(rows1, rows3):
+        assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}
+    assert rows1[0]["question"] == info["question"] and rows1[0]["reference"] == "x"  # first turns only
+    assert rows1[0]["answer"] == info["response"]  # the official chat() answer to that question and image
+    assert "missing.png" in rows1[2]["error"] and "answer" not in rows1[2]
+    assert "test.jsonl:6" in rows1[5]["error"] and "malformed JSON" in rows1[5]["error"]
+    assert one["answered"] == three["answered"] == 4 and one["errors"] == 2 and one["scored"] == 4
+    # token for token: re-generate the ids one by one and in one batch of 4
+    sep = "<|im_end|>" if "internlm2" in case["dir"] else "<|end|>"
+    eos = tok.convert_tokens_to_ids(sep)
+    prompts = [chat.record_prompt(r, f, tok, m.config)[2:] for _, r, f in records
+               if not isinstance(r, Exception) and r["id"] != "gone"]
+    alone = [chat.generate_batch(m, [p], eos, 8)[0] for p in prompts]
+    mixed = chat.generate_batch(m, prompts, eos, 8)
+    if "internlm2" in case["dir"]:
+        assert mixed == alone
+    else:  # Phi-3 'su' RoPE: the image prompt (> 1024 tokens) switches the whole batch to the long factors;
+        assert mixed != alone  # this is why plan_batches never mixes the two sides (rows above are equal)
+    assert alone[0] == case["ref"]["chat_output_ids"][0].tolist()
+
+
+def test_scores_exact_and_contained(tmp_path, monkeypatch):
+    """exact match = stripped strings equal; contained = the stripped reference is a substring of the answer."""
+    from types import SimpleNamespace as NS
+    refs = {"a": " Purple.", "b": "Green.", "c": "Three.", "d": "Yes"}
+    answers = iter(["Purple.", "It is Green.", "Four.", "Yes it is"])
+    monkeypatch.setattr(chat, "record_prompt", lambda rec, *a: (rec["q"], rec["ref"], [1, 2], None))
+    monkeypatch.setattr(chat, "generate_batch", lambda m, prompts, *a: [[7]] * len(prompts))
+    monkeypatch.setattr(chat, "decode_answer", lambda *a: next(answers))
+    model = NS(config=NS(template="internlm2-chat", system_message="s", llm=NS(family="internlm2")))
+    tok = NS(convert_tokens_to_ids=lambda s: 7)
+    records = [(k, {"q": k, "ref": ref}, None) for k, ref in refs.items()]
+    scores = chat.answer_test_set(model, tok, records, tmp_path / "a.jsonl", batch_size=4)
+    assert (scores["exact_match"], scores["contained"], scores["scored"]) == (0.25, 0.75, 4)
+
+
+def test_batched_answers_equal_one_by_one_on_the_demo(tmp_path):
+    """The demo base (random weights: long, varied answers) on 12 held-out records: batches of 5 == one by one,
+    through the bench script, which reports the same."""
+    from bench import chat as bench_chat
+    from data.demo import make_demo
+    base, _, folder = make_demo(str(tmp_path / "demo"), n_images=8, text_only=4)
+    lines = open(os.path.join(folder, "eval.jsonl")).readlines()
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(lines[:12]))
+    result = bench_chat.main([base, "--data", f"{test},{folder}", "--batch-sizes", "1", "5", "--repeats", "1",
+                              "--max-new-tokens", "12", "--json", str(tmp_path / "b.json")])
+    assert [r["identical"] for r in result["runs"]] == [True, True]
+    assert result["runs"][0]["new_tokens"] == result["runs"][1]["new_tokens"] > 12
+    assert json.loads((tmp_path / "b.json").read_text())["records"] == 12

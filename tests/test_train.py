@@ -62,12 +62,15 @@ def losses(rows):
 # ------------------------------------------------------------------------------------------------ the demo
 
 def test_demo_learns_and_prints_the_convert_command(tmp_path):
-    proc, rows = run(["--max-steps", "40", "--save-steps", "20", "--system-message", "Be brief."],
-                     tmp_path / "demo_run")
+    proc, rows = run(["--max-steps", "40", "--save-steps", "20", "--system-message", "Be brief.", "--eval-steps",
+                      "20"], tmp_path / "demo_run", timeout=900)
     first, last = sum(losses(rows)[:10]) / 10, sum(losses(rows)[-10:]) / 10
-    print(f"demo: 40 steps, first-10 mean loss {first:.3f}, last-10 mean {last:.3f} ({last / first:.0%})")
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]  # the demo's own held-out eval.jsonl
+    print(f"demo: 40 steps, first-10 mean loss {first:.3f}, last-10 mean {last:.3f} ({last / first:.0%}); "
+          f"eval_loss at 20, 40: {evals}")
     assert len(rows) == 40
     assert last <= 0.7 * first, (first, last)
+    assert len(evals) == 2 and evals[1] < evals[0]
     ckpt = tmp_path / "demo_run" / "iter_40"
     assert f"python convert.py {ckpt}" in proc.stdout
     assert (tmp_path / "demo_run" / "latest").read_text() == "iter_40"
@@ -357,7 +360,10 @@ def test_every_collective_has_its_tensor_on_the_training_device(monkeypatch):
             if getattr(node.func, "id", None) == "all_reduce_sum":
                 helper_calls += 1
                 assert ast.unparse(node.args[1]) == "device", f"{where}: not the training device"
-    assert helper_calls == 2  # the step's counts and its loss / non-finite flag
+    assert helper_calls == 3  # the step's counts, its loss / non-finite flag, the held-out sums (evaluate.py)
+    for node in ast.walk(ast.parse(open(os.path.join(ROOT, "evaluate.py")).read())):
+        assert not (isinstance(node, ast.Attribute) and node.attr in COLLECTIVES), \
+            f"evaluate.py:{node.lineno}: a collective outside train.all_reduce_sum"
 
 
 # ------------------------------------------------------------------------------------------------ refusals

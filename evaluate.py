@@ -1,0 +1,181 @@
+"""Held-out evaluation during training (train.py --eval-data): the held-out loss and a few greedy answers.
+
+eval_loss = the summed cross-entropy over ALL supervised tokens of the held-out set / their number, on all ranks
+together: the training loss's reduction, so it does not depend on the number of processes or the batch size.
+Each rank evaluates its share of the batches; every rank runs the same number of forwards (ZeRO-3 gathers
+parameters in each), ranks with fewer batches running one-token batches with no supervised token (weight 0).
+Evaluation leaves training untouched: the model is put in eval mode (no dropout) and back, the RNG states are
+saved and restored, and the held-out data has its own loader.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from data import ImageLoadError, SampleTooLong, SupervisedDataset, collate
+from data.images import dummy_pixel_values
+from data.templates import IGNORE_INDEX
+
+MAX_NEW_TOKENS = 64  # for the --eval-samples answers
+
+
+def eval_plan(dataset, batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's batches of dataset indices, grouped by modality and length; [] pads the ranks that have fewer
+    batches, so that every rank has the same number."""
+    order = sorted(range(len(dataset.lengths)), key=lambda i: (dataset.is_image[i], dataset.lengths[i], i))
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    mine = batches[rank::world]
+    return mine + [[]] * (math.ceil(len(batches) / world) - len(mine))
+
+
+def eval_collate(indices, dataset):
+    """A held-out batch. A sample that cannot be built (unreadable image, too long) is left out and named in
+    meta["skipped"] (never replaced: the held-out set stays what it is); an empty batch is one token with no
+    supervised label and one dummy tile, so the forward still runs."""
+    samples, skipped = [], []
+    for i in indices:
+        try:
+            s = dataset.build(i)
+        except (ImageLoadError, SampleTooLong) as e:
+            skipped.append(f"{dataset.sample_id(i)}: {e}")
+            continue
+        samples.append({k: s[k] for k in ("input_ids", "labels", "pixel_values", "image_flags")})
+    real = len(samples)
+    if not samples:
+        samples = [dict(input_ids=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), IGNORE_INDEX),
+                        pixel_values=dummy_pixel_values(dataset.image_size),
+                        image_flags=torch.zeros(1, dtype=torch.long))]
+    batch = collate(samples)
+    batch["meta"].update(skipped=skipped, num_samples=real)
+    return batch
+
+
+def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks):
+    """The Evaluator of --eval-data, or None. The held-out data gets the training data's checks (file:line errors
+    before training); a held-out set with no supervised token is an error here, before the first step.
+    `sum_over_ranks(list of numbers)` sums them over the ranks (train.py's all_reduce_sum on the training device)."""
+    if not args.eval_data:
+        return None
+    from chat import record_prompt
+    from data import DataError, SampleError, Source, get_template
+    try:
+        sources = [Source.parse(s) for s in args.eval_data]
+        for s in sources:
+            if s.image_folder is not None and not os.path.isdir(s.image_folder):
+                raise DataError(f"image folder {s.image_folder} does not exist (source {s.name})")
+        dataset = SupervisedDataset(sources, tokenizer, config.template, config.system_message,
+                                    max_num=args.max_tiles, min_num=args.min_tiles, use_thumbnail=args.thumbnail,
+                                    max_length=args.max_length, seed=args.seed,
+                                    skip_bad_samples=args.skip_bad_samples)
+    except (ValueError, DataError) as e:
+        raise SystemExit(f"error: held-out data (--eval-data): {e}")
+    template = get_template(config.template)
+    prompts = []
+    for i in range(min(args.eval_samples, len(dataset))):
+        si, k = dataset.index[i]
+        _, record = dataset.records[si][k]
+        try:
+            question, reference, ids, pv = record_prompt(record, sources[si].image_folder, tokenizer, config,
+                                                         dataset.system_message, dataset._max_num(si))
+        except (SampleError, ImageLoadError, ValueError) as e:
+            log(f"--eval-samples: leaving out {dataset.sample_id(i)}: {e}")
+            continue
+        prompts.append((dataset.sample_id(i), question, reference, ids, pv))
+    ev = Evaluator(dataset, eval_plan(dataset, args.batch_size, world, rank), args.num_workers, prompts,
+                   tokenizer.convert_tokens_to_ids(template.sep), zero_stage != 3, args.output_dir, rank == 0,
+                   template.sep, sum_over_ranks)
+    n_sup, n_samples, n_skipped, skipped = ev.count()
+    for s in skipped:
+        log(f"held-out sample left out: {s}")
+    if n_sup == 0:
+        raise SystemExit(f"error: --eval-data {' '.join(args.eval_data)}: no supervised token in the held-out set "
+                         f"({n_samples} usable samples, {n_skipped} left out{': ' + skipped[0] if skipped else ''})")
+    log(f"held-out: {n_samples} samples, {n_sup} supervised tokens ({n_skipped} left out); eval every "
+        f"{args.eval_steps} steps and at the end" + (f", {len(prompts)} greedy answers to "
+                                                     f"{os.path.join(args.output_dir, 'samples.jsonl')}"
+                                                     if prompts else ""))
+    return ev
+
+
+@dataclass
+class Evaluator:
+    dataset: SupervisedDataset
+    plan: list  # this rank's batches (eval_plan)
+    num_workers: int
+    prompts: list  # [(id, question, reference, ids, pixel values)] of the --eval-samples answers
+    eos_id: int
+    stop_early: bool  # False under ZeRO-3: every rank then runs MAX_NEW_TOKENS decoding steps
+    output_dir: str
+    master: bool
+    sep: str  # the template terminator, where answers are cut
+    sum_over_ranks: Callable  # a list of numbers summed over the ranks
+    last: float | None = None  # the latest eval_loss, for the progress bar
+
+    def loader(self):
+        return torch.utils.data.DataLoader(self.plan, batch_size=None, num_workers=self.num_workers,
+                                           collate_fn=partial(eval_collate, dataset=self.dataset),
+                                           generator=torch.Generator().manual_seed(0))
+
+    def count(self):
+        """(supervised tokens, samples, skipped samples) of the whole held-out set, all ranks together: the data
+        side of an evaluation, without the model."""
+        local, skipped = [0, 0, 0], []
+        for b in self.loader():
+            m = b["meta"]
+            local = [x + y for x, y in zip(local, (m["num_supervised"], m["num_samples"], len(m["skipped"])))]
+            skipped += m["skipped"]
+        return (*(int(x) for x in self.sum_over_ranks(local)), skipped)
+
+    @torch.no_grad()
+    def run(self, engine, step, device, dtype):
+        """{"eval_loss": ...} over the whole held-out set (and the --eval-samples answers written); training's
+        RNG states and train mode are restored afterwards."""
+        t0 = time.time()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        state = random.getstate(), torch.get_rng_state(), cuda
+        engine.eval()
+        try:
+            total = torch.zeros(2, dtype=torch.float64, device=device)
+            for b in self.loader():
+                b.pop("meta")
+                b = {k: v.to(device) for k, v in b.items()}
+                b["pixel_values"] = b["pixel_values"].to(dtype)
+                out = engine(**b)
+                total[0] += out["loss"].double() * out["n_supervised"]
+                total[1] += out["n_supervised"]
+            total = self.sum_over_ranks(total.tolist())
+            if self.prompts:
+                self.write_samples(engine.module, step)
+        finally:
+            engine.train()
+            random.setstate(state[0])
+            torch.set_rng_state(state[1])
+            if state[2] is not None:
+                torch.cuda.set_rng_state_all(state[2])
+        self.last = total[0] / total[1]
+        return {"eval_loss": self.last, "eval_supervised_tokens": int(total[1]), "eval_seconds": time.time() - t0}
+
+    def write_samples(self, model, step):
+        """Greedy answers to the fixed prompts, one batch on every rank (the same one: under ZeRO-3 the ranks
+        must run the same forwards), appended to OUTPUT/samples.jsonl by rank 0."""
+        from chat import decode_answer, generate_batch, plan_batches
+        new = {}
+        for chunk in plan_batches([(k, p[3], p[4]) for k, p in enumerate(self.prompts)], len(self.prompts),
+                                  MAX_NEW_TOKENS, model.config):
+            answers = generate_batch(model, [(ids, pv) for _, ids, pv in chunk], self.eos_id, MAX_NEW_TOKENS,
+                                     self.stop_early)
+            new.update(zip([k for k, _, _ in chunk], answers))
+        if self.master:
+            with open(os.path.join(self.output_dir, "samples.jsonl"), "a") as f:
+                for k, (rid, question, reference, _, _) in enumerate(self.prompts):
+                    f.write(json.dumps(dict(step=step, id=rid, question=question, reference=reference,
+                                            answer=decode_answer(self.dataset.tokenizer, new[k], self.sep)),
+                                       ensure_ascii=False) + "\n")

@@ -1,0 +1,94 @@
+"""train.py --eval-data: eval_loss is exact under data parallelism (1 vs 2 processes, ZeRO-3, an odd-size held-out
+set), evaluation leaves the training trajectory untouched, greedy answers go to samples.jsonl, and bad held-out
+data is refused at start with file:line."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train import ROOT, common, demo, losses, run  # noqa: F401  (demo is a fixture)
+
+
+@pytest.fixture(scope="module")
+def held_out(demo, tmp_path_factory):  # noqa: F811
+    """5 held-out records (3 with an image, 2 text-only): in batches of 2 over 2 ranks, rank 1 pads."""
+    _, data = demo
+    folder = data.split(",")[1]
+    records = [json.loads(line) for line in open(os.path.join(folder, "eval.jsonl"))]
+    picked = [r for r in records if "image" in r][:3] + [r for r in records if "image" not in r][:2]
+    path = tmp_path_factory.mktemp("held_out") / "held_out.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return f"{path},{folder}"
+
+
+def test_evaluation_does_not_change_training(demo, held_out, tmp_path):  # noqa: F811
+    """Same per-step losses and grad norms with and without --eval-data (LoRA dropout on, so the RNG matters);
+    eval_loss at steps 3 and 6 only; 2 greedy answers per evaluation in samples.jsonl."""
+    base = common(demo, 4, "--max-steps", "6", "--lora-dropout", "0.1")
+    _, plain = run(base, tmp_path / "plain")
+    proc, ev = run(base + ["--eval-data", held_out, "--eval-steps", "3", "--eval-samples", "2"], tmp_path / "eval")
+    assert losses(plain) == losses(ev) and [r["grad_norm"] for r in plain] == [r["grad_norm"] for r in ev]
+    assert [r["step"] for r in ev if "eval_loss" in r] == [3, 6]
+    assert all(math.isfinite(r["eval_loss"]) for r in ev if "eval_loss" in r)
+    assert "held-out: 5 samples" in proc.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "eval" / "samples.jsonl")]
+    assert [(r["step"], r["id"]) for r in rows] == [(3, "held_out:1"), (3, "held_out:2"), (6, "held_out:1"),
+                                                     (6, "held_out:2")]
+    assert all(set(r) == {"step", "id", "question", "reference", "answer"} for r in rows)
+
+
+def test_eval_loss_same_for_one_and_two_processes_zero3(demo, held_out, tmp_path):  # noqa: F811
+    """ZeRO-3, full mode: 1 process x batch 4 vs 2 processes x batch 2 (eval batches of 4 vs 2; 5 samples, so rank 1
+    runs a padding batch), greedy answers on both ranks: eval_loss agrees to float32 rounding, nothing hangs."""
+    args = ["--deepspeed", os.path.join(ROOT, "ds_zero3.json"), "--max-steps", "2", "--mode", "full",
+            "--drop-path-rate", "0", "--eval-data", held_out, "--eval-steps", "1", "--eval-samples", "2"]
+    _, one = run(common(demo, 4, *args), tmp_path / "one")
+    _, two = run(common(demo, 2, *args), tmp_path / "two", nproc=2)
+    ev1, ev2 = [r["eval_loss"] for r in one], [r["eval_loss"] for r in two]
+    print(f"eval_loss 1 process {ev1}, 2 processes {ev2}")
+    assert ev1 == pytest.approx(ev2, rel=1e-5) and ev1[1] < ev1[0]
+    assert [r["eval_supervised_tokens"] for r in one] == [r["eval_supervised_tokens"] for r in two]
+    assert len(open(tmp_path / "two" / "samples.jsonl").readlines()) == 4
+
+
+def _refused(argv, out, match):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv, "--output-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and match in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # before the first step
+
+
+def test_bad_held_out_data_is_refused_at_start(demo, held_out, tmp_path):  # noqa: F811
+    path, folder = held_out.split(",")
+    lines = open(path).read().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([lines[0], '{"conversations": []}', lines[1]]) + "\n")
+    _refused(common(demo, 4, "--eval-data", f"{bad},{folder}"), tmp_path / "a",
+             f"{bad}:2: 'conversations' must be a non-empty list")
+    # every answer is cut by --max-length: nothing supervised is an error, not a division by zero
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"conversations": [{"from": "human", "value": "red blue " * 400},
+                                                  {"from": "gpt", "value": "Purple."}]}) + "\n")
+    _refused(common(demo, 4, "--eval-data", str(long)), tmp_path / "b", "no supervised token in the held-out set")
+
+
+def test_eval_plan_gives_every_rank_the_same_number_of_batches():
+    from types import SimpleNamespace as NS
+    from evaluate import eval_plan
+    ds = NS(is_image=[True, False, True, True, False], lengths=[30, 10, 20, 40, 5])
+    plans = [eval_plan(ds, 2, 2, r) for r in range(2)]
+    assert plans == [[[4, 1], [3]], [[2, 0], []]]  # text first, then images by length; [] = a padding batch
+    assert sorted(i for p in plans for b in p for i in b) == list(range(5))
+    assert eval_plan(ds, 4, 1, 0) == [[4, 1, 2, 0], [3]]
+
+
+def test_a_padding_batch_has_no_supervised_token():
+    from types import SimpleNamespace as NS
+    from data.images import IMAGE_SIZE
+    from evaluate import eval_collate
+    b = eval_collate([], NS(image_size=IMAGE_SIZE))
+    assert b["meta"]["num_supervised"] == 0 and b["meta"]["num_samples"] == 0 and b["input_ids"].shape == (1, 1)
+    assert b["image_flags"].tolist() == [0] and b["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
