@@ -49,44 +49,66 @@ def num_tiles(width, height, min_num=1, max_num=12, image_size=IMAGE_SIZE, use_t
     return cols * rows + (1 if use_thumbnail and cols * rows != 1 else 0)
 
 
-def dynamic_preprocess(image, min_num=1, max_num=12, image_size=IMAGE_SIZE, use_thumbnail=True):
-    """Split a PIL image into a grid of image_size tiles (row-major), thumbnail last when > 1 tile."""
+def resize_to_grid(image, min_num=1, max_num=12, image_size=IMAGE_SIZE, use_thumbnail=True):
+    """The PIL half of the tiling: (image resized to cols x rows tiles, cols, rows, thumbnail or None).
+    Image.resize's default filter is bicubic for RGB; say so explicitly."""
     width, height = image.size
     cols, rows = choose_grid(width, height, min_num, max_num, image_size)
-    # Image.resize's default filter is bicubic for RGB; say so explicitly.
     resized = image.resize((image_size * cols, image_size * rows), Image.BICUBIC)
+    thumb = None
+    if use_thumbnail and cols * rows != 1:
+        thumb = image.resize((image_size, image_size), Image.BICUBIC)
+    return resized, cols, rows, thumb
+
+
+def dynamic_preprocess(image, min_num=1, max_num=12, image_size=IMAGE_SIZE, use_thumbnail=True):
+    """Split a PIL image into a grid of image_size tiles (row-major), thumbnail last when > 1 tile."""
+    resized, cols, rows, thumb = resize_to_grid(image, min_num, max_num, image_size, use_thumbnail)
     tiles = []
     for k in range(cols * rows):
         x, y = (k % cols) * image_size, (k // cols) * image_size
         tiles.append(resized.crop((x, y, x + image_size, y + image_size)))
-    if use_thumbnail and len(tiles) != 1:
-        tiles.append(image.resize((image_size, image_size), Image.BICUBIC))
-    return tiles
+    return tiles + ([thumb] if thumb is not None else [])
 
 
-_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32)
+
+
+def _planes(image):
+    """uint8 [3, H, W] channel planes of an RGB PIL image (a tile's rows are then contiguous)."""
+    buf = bytearray().join(image.tobytes("raw", band) for band in "RGB")
+    return torch.frombuffer(buf, dtype=torch.uint8).view(3, image.height, image.width)
+
+
+def _normalise(planes, out):
+    """uint8 [3, S, S] -> out, float32 [3, S, S]. Bit-identical to torchvision's ToTensor + Normalize: the same
+    float32 operations in the same order, x / 255, then (x - mean) / std. One channel at a time, so that the
+    four passes run in cache."""
+    for c in range(3):
+        out[c].copy_(planes[c]).div_(255).sub_(_MEAN[c]).div_(_STD[c])
 
 
 def to_tensor(tiles, image_size=IMAGE_SIZE):
     """PIL tiles -> float32 [T, 3, S, S], bit-identical to torchvision Resize(S, bicubic) + ToTensor +
-    Normalize(ImageNet): the same float32 operations, x / 255, then (x - mean) / std."""
-    hwc = []
-    for tile in tiles:
+    Normalize(ImageNet)."""
+    out = torch.empty(len(tiles), 3, image_size, image_size)
+    for tile, o in zip(tiles, out):
         if tile.mode != "RGB":
             tile = tile.convert("RGB")
         if tile.size != (image_size, image_size):  # torchvision Resize; a 448 tile is left untouched
             tile = tile.resize((image_size, image_size), Image.BICUBIC)
-        hwc.append(torch.frombuffer(bytearray(tile.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3))
-    x = torch.stack(hwc).permute(0, 3, 1, 2).to(torch.float32).div_(255)
-    return x.sub_(_MEAN).div_(_STD).contiguous()
+        _normalise(_planes(tile), o)
+    return out
 
 
 def load_image(path):
-    """PIL RGB image (any mode converted, as the official Image.open(p).convert('RGB'))."""
+    """PIL RGB image (any mode converted, as the official Image.open(p).convert('RGB'); an RGB image is not
+    copied)."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            img.load()
+            return img if img.mode == "RGB" else img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageLoadError(f"{path}: cannot load image ({type(e).__name__}: {e})") from e
 
@@ -105,13 +127,25 @@ def dummy_pixel_values(image_size=IMAGE_SIZE):
     return to_tensor(dynamic_preprocess(white, 1, 1, image_size, True), image_size)
 
 
+def grids_to_tensor(grids, image_size=IMAGE_SIZE):
+    """resize_to_grid results -> float32 [T, 3, S, S], the values of to_tensor(dynamic_preprocess(...))
+    without the crops: the tiles are views of one uint8 tensor per resized image."""
+    tiles = []
+    for resized, cols, rows, thumb in grids:
+        grid = _planes(resized).view(3, rows, image_size, cols, image_size)
+        tiles += [grid[:, k // cols, :, k % cols] for k in range(cols * rows)]
+        if thumb is not None:
+            tiles.append(_planes(thumb))
+    out = torch.empty(len(tiles), 3, image_size, image_size)
+    for tile, o in zip(tiles, out):
+        _normalise(tile, o)
+    return out
+
+
 def images_to_pixel_values(images, max_num=12, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True):
     """Tiles of one sample's images, in image order. Several images share the budget the official way:
     each gets max(1, max_num // n_images) (SPEC §5.3). Returns (pixel_values, tiles_per_image)."""
     cap = max_num if len(images) == 1 else max(1, max_num // len(images))
-    tiles, counts = [], []
-    for image in images:
-        t = dynamic_preprocess(image, min_num, cap, image_size, use_thumbnail)
-        tiles += t
-        counts.append(len(t))
-    return to_tensor(tiles, image_size), counts
+    grids = [resize_to_grid(image, min_num, cap, image_size, use_thumbnail) for image in images]
+    counts = [cols * rows + (thumb is not None) for _, cols, rows, thumb in grids]
+    return grids_to_tensor(grids, image_size), counts

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import gpu, loss, step
+from bench import gpu, images, loss, step
 from bench.common import PeakMemory, time_median
 from model import build_model, preset
 
@@ -47,6 +47,17 @@ def test_loss_bench_json(tmp_path):
     assert r["loss_abs_diff"] < 1e-4
     # 32-row chunks of a 3000-word vocabulary hold far less than 256 rows of logits and their gradients
     assert r["ratio_chunked_over_plain"]["peak_forward_backward_gib"] < 0.5
+
+
+def test_images_bench_json(tmp_path):
+    out = tmp_path / "images.json"
+    images.main(["--sizes", "300x200", "--repeats", "1", "--json", str(out)])
+    r = json.loads(out.read_text())["results"][0]
+    assert r["size"] == "300x200" and r["tiles"] == 7 and r["pixels_equal"]  # grid (3, 2) + thumbnail
+    for name in ("official", "ours"):
+        for key in ("decode", "resize", "tensor", "total"):
+            assert real(r[name][key]) and r[name][key] > 0, (name, key)
+    assert real(r["speedup"]) and real(r["speedup_paired"])
 
 
 def test_step_bench_json(tmp_path):

@@ -6,8 +6,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from data import ImageLoadError, dynamic_preprocess, load_image
-from data.images import (choose_grid, dummy_pixel_values, images_to_pixel_values, num_tiles, target_ratios,
-                         to_tensor)
+from data.images import (IMAGENET_MEAN, IMAGENET_STD, choose_grid, dummy_pixel_values, images_to_pixel_values,
+                         num_tiles, target_ratios, to_tensor)
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -80,7 +80,54 @@ def test_normalisation_is_torchvision_float32():
     assert torch.equal(to_tensor([img])[0], expected)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "LA", "I;16"])
+def _reference(tiles):
+    """torchvision ToTensor + Normalize written out: uint8 HWC -> float32 CHW, x / 255, (x - mean) / std."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    hwc = [torch.tensor(list(t.tobytes()), dtype=torch.uint8).view(t.height, t.width, 3) for t in tiles]
+    return torch.stack([(x.permute(2, 0, 1).float().div(255) - mean) / std for x in hwc])
+
+
+def _random_image(w, h, seed):
+    """Random RGB image in which every channel holds all 256 values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (h * w, 3), generator=g, dtype=torch.uint8)
+    for c in range(3):
+        x[torch.randperm(h * w, generator=g)[:256], c] = torch.arange(256, dtype=torch.uint8)
+    return Image.frombytes("RGB", (w, h), bytes(x.flatten().tolist()))
+
+
+@pytest.mark.parametrize("size", [17, 33, 448])
+def test_normalisation_bit_exact_for_every_value(size):
+    img = _random_image(size, size, size)  # one tile, untouched by the resize: every value reaches the tensor
+    pv, counts = images_to_pixel_values([img], max_num=1, image_size=size)
+    assert counts == [1] and pv.shape == (1, 3, size, size) and pv.is_contiguous()
+    assert torch.equal(pv, _reference([img])) and torch.equal(to_tensor([img], size), pv)
+    assert [len(pv[0, c].unique()) for c in range(3)] == [256] * 3
+
+
+@pytest.mark.parametrize("wh,size,max_num", [((61, 37), 17, 6), ((37, 123), 15, 12), ((1000, 333), 448, 12)])
+def test_tile_views_bit_exact_at_odd_sizes(wh, size, max_num):
+    img = _random_image(*wh, seed=wh[0])
+    tiles = dynamic_preprocess(img, max_num=max_num, image_size=size)
+    pv, counts = images_to_pixel_values([img], max_num=max_num, image_size=size)
+    assert counts == [len(tiles)] and len(tiles) > 2
+    assert torch.equal(pv, _reference(tiles)) and torch.equal(to_tensor(tiles, size), pv)
+
+
+def test_pixel_values_equal_torchvision_when_installed():
+    try:  # a test-only oracle; the Linux wheel on PyPI is CUDA-built and does not load against a CPU torch
+        from torchvision import transforms as T
+    except Exception as e:
+        pytest.skip(f"torchvision not usable: {type(e).__name__}")
+    tf = T.Compose([T.Resize((448, 448), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    for img in [_random_image(640, 480, 0), _random_image(449, 447, 1), _random_image(300, 1000, 2)]:
+        pv, _ = images_to_pixel_values([img], max_num=12)
+        assert torch.equal(pv, torch.stack([tf(t) for t in dynamic_preprocess(img, max_num=12)]))
+        assert torch.equal(to_tensor([img]), tf(img)[None])  # one tile of another size: torchvision's Resize
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "LA", "I;16"])
 def test_any_mode_becomes_rgb(tmp_path, mode):
     src = _gradient(300, 200)
     img = src.convert(mode) if mode != "I;16" else src.convert("L").convert("I;16")
