@@ -64,7 +64,7 @@ def test_json_array_and_meta_file(tmp_path, image_dir):
     (tmp_path / "arr.json").write_text(json.dumps(records, indent=2))
     write_jsonl(tmp_path / "l.jsonl", records)
     meta = {"first": {"root": "images", "annotation": "arr.json", "repeat_time": 2, "max_dynamic_patch": 2},
-            "second": {"root": "", "annotation": "l.jsonl", "repeat_time": 0.5, "data_augment": True}}
+            "second": {"root": "images", "annotation": "l.jsonl", "repeat_time": 0.5, "data_augment": True}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     sources = read_meta_file(str(tmp_path / "meta.json"))
     assert [(s.name, s.repeat, s.max_num, s.data_augment) for s in sources] == [
@@ -74,7 +74,7 @@ def test_json_array_and_meta_file(tmp_path, image_dir):
     assert len(ds) == 5
     sample = ds[0]  # source "first" keeps at most 2 tiles (+ thumbnail) for its 300x900 image
     assert sample["pixel_values"].shape[0] == 3 and sample["meta"]["id"] == "first:2"
-    assert [line for line, _ in read_annotation(str(tmp_path / "arr.json"))] == [2, 15]
+    assert [line for line, *_ in read_annotation(str(tmp_path / "arr.json"))] == [2, 15]
 
 
 def test_meta_file_errors(tmp_path):
@@ -112,7 +112,7 @@ def test_bad_inputs_reported_together_with_file_line(tmp_path):
 def test_skip_bad_samples_counts_them(tmp_path, caplog):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": conv()}] + [b for b, _ in BAD])
     ds = SupervisedDataset([Source(path)], TOK, skip_bad_samples=True)
-    assert ds.source_counts["bad"] == {"records": 6, "bad": 5, "valid": 1, "sampled": 1}
+    assert ds.source_counts["bad"] == {"records": 6, "bad": 5, "missing_images": 0, "valid": 1, "sampled": 1}
     assert "skipped 5 bad samples" in caplog.text and "bad.jsonl:3: missing 'conversations'" in caplog.text
 
 
@@ -123,19 +123,20 @@ def test_malformed_json_array_is_fatal(tmp_path):
 
 
 def test_unreadable_images_are_replaced_then_abort(tmp_path, image_dir, caplog):
-    recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "missing.jpg", "conversations": conv()},
+    (image_dir / "broken.jpg").write_bytes(b"not a jpeg")  # exists (the build checks that), does not decode
+    recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "broken.jpg", "conversations": conv()},
             {"image": "1.jpg", "conversations": conv()}, {"conversations": conv()}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
     ds = SupervisedDataset([Source(path, str(image_dir))], TOK, image_failure_grace=5)
     s = ds[1]  # another image sample takes the slot
     assert s["meta"]["id"] in ("a:1", "a:3") and s["image_flags"].tolist() == [1] * len(s["image_flags"])
-    assert s["meta"]["skipped"][0].startswith("a:2: ") and "missing.jpg: cannot load image" in s["meta"]["skipped"][0]
+    assert s["meta"]["skipped"][0].startswith("a:2: ") and "broken.jpg: cannot load image" in s["meta"]["skipped"][0]
     assert ds.stats == {"seen": 2, "image_failures": 1, "too_long": 0, "label_mismatches": 0}
     assert "skipping sample a:2" in caplog.text
     assert ds[1]["meta"]["id"] == s["meta"]["id"]  # the replacement is seeded
     strict = SupervisedDataset([Source(path, str(image_dir))], TOK, image_failure_grace=0, max_image_failure_rate=0.01)
     strict[0]
-    with pytest.raises(RuntimeError, match=r"too many unreadable images: 1 of 2 samples seen .*missing.jpg"):
+    with pytest.raises(RuntimeError, match=r"too many unreadable images: 1 of 2 samples seen .*broken.jpg"):
         strict[1]
 
 
@@ -148,18 +149,25 @@ def test_over_length_samples_are_counted_skips(tmp_path, image_dir):
     assert ds.stats["too_long"] >= 1
 
 
-def test_length_estimates(tmp_path, image_dir):
+def test_length_estimates_are_exact_or_upper_bounds(tmp_path, image_dir):
+    """Text tokens are counted exactly; tiles are exact with image_wh, else the cap + thumbnail (an upper bound), so
+    the estimate is never below the built sample. A record's own "length" is not trusted."""
     recs = [{"image": "0.jpg", "image_wh": [640, 480], "conversations": conv()},
-            {"image": "0.jpg", "conversations": conv()},
-            {"image": "0.jpg", "length": 1234, "conversations": conv()},
-            {"conversations": conv()}]
+            {"image": "1.jpg", "conversations": conv(q="  Two  spaces,\nnew line.", a=" é 中文 ▁ x")},
+            {"image": "0.jpg", "length": 12, "conversations": conv()},
+            {"conversations": conv() + conv(q="Second turn:\n\n  list", a="Fine.\n- a\n- b")},
+            {"image": ["0.jpg", "1.jpg"], "image_wh": [[640, 480], [300, 900]],
+             "conversations": conv(q="<image> and <image>")}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
-    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, max_num=6)
-    real = {i: len(ds[i]["input_ids"]) for i in (0, 1, 3)}  # 640x480 -> (3,2)+thumb = cap 6 + thumb = 7 tiles
-    assert all(abs(ds.lengths[i] - n) <= 3 for i, n in real.items()), (ds.lengths, real)  # template tokens counted
-    assert ds.lengths[2] == 1234
-    assert ds.tiles == [7, 7, 7, 0]
-    assert ds.is_image == [True, True, True, False]
+    for tok in (TOK, load_tokenizer(os.path.join(FIX, "internlm2"))):
+        ds = SupervisedDataset([Source(path, str(image_dir))], tok, max_num=6)
+        real = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+        real_tiles = [int(ds[i]["image_flags"].sum()) for i in range(len(ds))]
+        assert ds.tiles.tolist() == [7, 7, 7, 0, 5] and real_tiles == [7, 4, 7, 0, 5]  # 300x900: 1x3 + thumbnail
+        assert ds.lengths.tolist() == [n + 256 * (t - r) for n, t, r in zip(real, ds.tiles, real_tiles)]
+        assert ds.is_image.tolist() == [True, True, True, False, True]
+    capped = SupervisedDataset([Source(path, str(image_dir))], TOK, max_num=6, max_length=1000)
+    assert capped.lengths.max() == 1000
 
 
 def test_dataloader_with_workers(tmp_path, image_dir):
