@@ -372,7 +372,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.use_thumbnail, self.image_size, self.seed = use_thumbnail, image_size, seed
         self.max_image_failure_rate, self.image_failure_grace = max_image_failure_rate, image_failure_grace
         self.max_replacements, self.check_labels = max_replacements, check_labels
-        self.epoch = 0
+        self.epoch, self._tiles_memo = 0, {}
 
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
@@ -488,7 +488,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if (isinstance(wh, list) and len(wh) == len(conv.images)
                     and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
                             for p in wh)):
-                tiles = sum(num_tiles(w, h, self.min_num, cap, self.image_size, self.use_thumbnail) for w, h in wh)
+                for w, h in wh:  # num_tiles per distinct (size, cap), memoised: it builds the grid list each call
+                    key = (w, h, cap)
+                    if key not in self._tiles_memo:
+                        self._tiles_memo[key] = num_tiles(w, h, self.min_num, cap, self.image_size, self.use_thumbnail)
+                    tiles += self._tiles_memo[key]
             else:
                 tiles = len(conv.images) * (cap + (1 if self.use_thumbnail and cap > 1 else 0))
         text, _ = conversation_text(conv, self.template, [0] * len(conv.images), self.system_message)

@@ -145,9 +145,10 @@ class Tokenizer:
         # of another one (then the run could hide a longer match).
         by_len = sorted(self.added, key=len, reverse=True)
         self._split_tokens = by_len
-        self._split_re = re.compile("|".join(
+        first = "".join(sorted({re.escape(t[0]) for t in by_len}))  # a fast skip over text no token starts in
+        self._split_re = re.compile(f"(?=[{first}])(?:" + "|".join(
             f"((?:{re.escape(t)})+)" if not any(o != t and o.startswith(t) for o in by_len) else f"({re.escape(t)})"
-            for t in by_len)) if by_len else None
+            for t in by_len) + ")") if by_len else None
         self.vocab_size = max([self.sp_vocab_size] + [t.id + 1 for t in self.added.values()])
         if self.style == "llama" and not self.legacy:
             self._unk_len = len(self.sp.encode(self.unk_token, out_type=str))
