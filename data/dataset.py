@@ -378,8 +378,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if len(set(names)) != len(names):
             raise DataError(f"source names must be unique, got {names}")
         self.source_index = index or [self._load_index(si, cache_dir) for si in range(len(self.sources))]
-        self.source_counts = {s.name: {k: x[k] for k in ("records", "bad", "missing_images")} | {"valid": len(x["line"])}
-                              for s, x in zip(self.sources, self.source_index)}
+        self.source_counts = {s.name: {"records": x["records"], "bad": x["bad"], "missing_images": x["missing_images"],
+                                       "valid": len(x["line"])} for s, x in zip(self.sources, self.source_index)}
         self._report_problems(skip_bad_samples)
 
         picks = []
