@@ -237,7 +237,7 @@ def main(argv=None):
         if not os.path.isfile(s.annotation):
             raise SystemExit(f"error: data file {s.annotation} does not exist (source {s.name})")
         if s.image_folder is not None and not os.path.isdir(s.image_folder):
-            raise SystemExit(f"error: image folder {s.image_folder} does not exist (source {s.name})")
+            raise SystemExit(f"error: image folder {s.image_folder} does not exist (source {s.name}: {s.annotation})")
     if not os.path.isfile(args.deepspeed):
         raise SystemExit(f"error: --deepspeed {args.deepspeed}: no such file")
     with open(args.deepspeed) as f:
@@ -326,6 +326,7 @@ def main(argv=None):
             payload = [str(e)]
     dist.broadcast_object_list(payload, src=0)
     if isinstance(payload[0], str):
+        dist.destroy_process_group()
         raise SystemExit(f"error: {payload[0]}" if master else 1)  # the other ranks exit quietly
     if not master:
         dataset = make(index=payload[0])

@@ -426,11 +426,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return x
         x = self._scan(si)
         if path:  # written whole, then renamed: a reader never sees half a file
-            os.makedirs(cache_dir, exist_ok=True)
             info = {k: x[k] for k in ("records", "bad", "missing_images", "problems")}
             tmp = f"{path}.{os.getpid()}.tmp.npz"
-            np.savez(tmp, info=np.frombuffer(json.dumps(info).encode(), np.uint8), **{c: x[c] for c in _COLUMNS})
-            os.replace(tmp, path)
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+                np.savez(tmp, info=np.frombuffer(json.dumps(info).encode(), np.uint8), **{c: x[c] for c in _COLUMNS})
+                os.replace(tmp, path)
+            except OSError as e:  # a read-only or full cache folder costs the next start time, nothing else
+                log.warning("could not cache the index of %s in %s: %s", s.annotation, cache_dir, e)
         return x
 
     def _scan(self, si):
