@@ -227,7 +227,6 @@ def main(argv=None):
     p.add_argument("--error-samples", type=int, default=100, help="scale mode: samples built to measure lengths")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    logging.getLogger("data").setLevel(logging.ERROR)  # the tiny tokenizer's label-mismatch notes are not news here
 
     tok = load_tokenizer(args.tokenizer)
     if args.records:
@@ -258,4 +257,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    logging.getLogger("data").setLevel(logging.ERROR)  # the tiny tokenizer's label-mismatch notes are not news here
     main()

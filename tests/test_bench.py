@@ -149,4 +149,4 @@ def test_data_bench_throughput_mode_runs(tmp_path):
     data_bench.main(["--samples", "4", "--images", "2", "--runs", "1", "--workers", "0", "--max-num", "2",
                      "--json", str(out)])
     [row] = json.loads(out.read_text())
-    assert row["samples"] == 4 and real(row["samples_per_s"]) and row["samples_per_s"] > 0
+    assert row["samples"] == 8 and real(row["samples_per_s"]) and row["samples_per_s"] > 0  # 2 batches of 4
