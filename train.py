@@ -19,6 +19,7 @@ when complete; OUTPUT/latest names the newest. `--resume auto` continues from th
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import json
 import math
@@ -427,6 +428,7 @@ def main(argv=None):
         while True:
             sampler.set_epoch(epoch, micro_in_epoch)
             dataset.set_epoch(epoch)  # before the workers fork: the JPEG augmentation follows the epoch
+            gc.freeze()  # the workers fork: the collector then leaves the parent's objects (and their pages) alone
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                                                  num_workers=args.num_workers, pin_memory=on_gpu,
                                                  generator=torch.Generator().manual_seed(args.seed + epoch))

@@ -16,6 +16,7 @@ error against built samples.
     python3 bench/data.py --records 100000 --json out.json
 """
 import argparse
+import gc
 import json
 import logging
 import os
@@ -155,14 +156,19 @@ class _MemoryProbe(torch.utils.data.Dataset):
 def worker_growth(ds, workers, samples, seed=0):
     """Per worker: memory after its first sample and after `samples` samples (indices spread over the epoch)."""
     order = random.Random(seed).sample(range(len(ds)), min(len(ds), samples * workers))
+    gc.freeze()  # as train.py does before its workers fork
     loader = torch.utils.data.DataLoader(_MemoryProbe(ds), batch_size=None, sampler=order, num_workers=workers)
-    first, last, count = {}, {}, {}
+    seen = {}
     for wid, rss, private in loader:
-        first.setdefault(wid, (rss, private))
-        last[wid], count[wid] = (rss, private), count.get(wid, 0) + 1
-    return [{"worker": w, "samples": count[w], "rss_first_mb": round(first[w][0] / 1024, 1),
-             "rss_growth_mb": round((last[w][0] - first[w][0]) / 1024, 1),
-             "private_growth_mb": round((last[w][1] - first[w][1]) / 1024, 1)} for w in sorted(first)]
+        seen.setdefault(wid, []).append((rss, private))
+    out = []
+    for w, m in sorted(seen.items()):
+        half = m[len(m) // 2]
+        out.append({"worker": w, "samples": len(m), "rss_first_mb": round(m[0][0] / 1024, 1),
+                    "rss_growth_mb": round((m[-1][0] - m[0][0]) / 1024, 1),
+                    "private_growth_mb": round((m[-1][1] - m[0][1]) / 1024, 1),
+                    "rss_growth_second_half_mb": round((m[-1][0] - half[0]) / 1024, 1)})
+    return out
 
 
 def length_error(ds, n, seed=0):
