@@ -295,3 +295,11 @@ def test_packs_from_estimates_stay_within_budget_when_images_are_smaller(tmp_pat
         seen += out["meta"]["ids"]
     assert sorted(seen) == sorted(f"a:{k}" for k in range(1, 25))
     assert any(int(ds.tiles[i]) > int(ds[i]["image_flags"].sum()) for i in range(18))  # estimates were off
+
+
+def test_json_array_with_non_ascii_text_is_read_back_by_byte_offset(tmp_path):
+    records = [{"conversations": conv(q=f"问题 {k} é?", a=f"回答 {k} — ünïcode.")} for k in range(5)]
+    (tmp_path / "u.json").write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+    ds = SupervisedDataset([Source(str(tmp_path / "u.json"))], TOK)
+    assert [ds.record(i) for i in range(5)] == records
+    assert [ds.sample_id(i) for i in range(5)] == [f"u:{2 + 12 * k}" for k in range(5)]
