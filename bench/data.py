@@ -208,7 +208,7 @@ def scale(args, tok):
                "main_rss_growth_mb": round((_memory_kb()[0] - rss0) / 1024, 1),
                "dataset_mb": round(held / 2**20, 2), "dataset_over_file": round(held / size, 3),
                "load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
-        row["length_error"] = length_error(ds, args.error_samples)
+        row["length_error"] = length_error(ds, args.error_samples) if args.error_samples else None
         if args.workers:
             row["workers"] = worker_growth(ds, args.workers, args.worker_samples)
     print(json.dumps(row, indent=2))
