@@ -194,16 +194,18 @@ def scale(args, tok):
         size = os.path.getsize(ann)
         cache = os.path.join(tmp, "cache")
         rss0 = _memory_kb()[0]
-        builds = []
+        builds, cpu = [], []
         for kind in ("cold", "warm"):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ds = SupervisedDataset([Source(ann, tmp)], tok, max_num=args.max_num, max_length=args.max_length,
                                    cache_dir=cache)
             builds.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         held = ds.index.nbytes + sum(a.nbytes for a in (ds.lengths, ds.is_image, ds.tiles)) + sum(
             x[c].nbytes for x in ds.source_index for c in ("offset", "nbytes", "line", "length", "tiles", "is_image"))
         row = {"records": args.records, "format": args.format, "file_mb": round(size / 2**20, 1),
                "write_s": round(write_s, 2), "build_cold_s": round(builds[0], 2), "build_warm_s": round(builds[1], 2),
+               "build_cold_cpu_s": round(cpu[0], 2), "build_warm_cpu_s": round(cpu[1], 2),
                "main_rss_mb": round(_memory_kb()[0] / 1024, 1),
                "main_rss_growth_mb": round((_memory_kb()[0] - rss0) / 1024, 1),
                "dataset_mb": round(held / 2**20, 2), "dataset_over_file": round(held / size, 3),
