@@ -73,6 +73,7 @@ def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks)
                 raise DataError(f"image folder {s.image_folder} does not exist (source {s.name})")
         dataset = SupervisedDataset(sources, tokenizer, config.template, config.system_message,
                                     max_num=args.max_tiles, min_num=args.min_tiles, use_thumbnail=args.thumbnail,
+                                    image_size=config.force_image_size,
                                     max_length=args.max_length, seed=args.seed,
                                     skip_bad_samples=args.skip_bad_samples)
     except (ValueError, DataError) as e:
@@ -80,8 +81,7 @@ def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks)
     template = get_template(config.template)
     prompts = []
     for i in range(min(args.eval_samples, len(dataset))):
-        si, k = dataset.index[i]
-        _, record = dataset.records[si][k]
+        si, record = dataset.index[i][0], dataset.record(i)
         try:
             question, reference, ids, pv = record_prompt(record, sources[si].image_folder, tokenizer, config,
                                                          dataset.system_message, dataset._max_num(si))

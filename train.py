@@ -3,7 +3,7 @@
     python train.py                                     # the embedded CPU demo (tiny random model, synthetic data)
     torchrun --nproc_per_node 8 train.py --size 4b --mode lora --model-path DIR --data train.jsonl,images/
 
-One flat loop, top to bottom: options -> checks -> model -> data -> deepspeed.initialize -> steps -> checkpoints.
+One flat loop, top to bottom: options -> checks -> data -> model -> deepspeed.initialize -> steps -> checkpoints.
 
 Loss reduction (SPEC §8). The loss of an optimizer step is the mean cross-entropy over ALL supervised tokens of
 that step, on every rank and micro-batch together: sum(CE) / N_step. Each micro-batch backpropagates
@@ -19,6 +19,7 @@ when complete; OUTPUT/latest names the newest. `--resume auto` continues from th
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import json
 import math
@@ -350,7 +351,7 @@ def main(argv=None):
         if not os.path.isfile(s.annotation):
             raise SystemExit(f"error: data file {s.annotation} does not exist (source {s.name})")
         if s.image_folder is not None and not os.path.isdir(s.image_folder):
-            raise SystemExit(f"error: image folder {s.image_folder} does not exist (source {s.name})")
+            raise SystemExit(f"error: image folder {s.image_folder} does not exist (source {s.name}: {s.annotation})")
     if not os.path.isfile(args.deepspeed):
         raise SystemExit(f"error: --deepspeed {args.deepspeed}: no such file")
     with open(args.deepspeed) as f:
@@ -371,10 +372,13 @@ def main(argv=None):
                          f"continue that run, or choose another --output-dir (or remove it) to start over")
     if args.resume == "auto" and resume_from is None:
         print(f"--resume auto: no complete checkpoint in {args.output_dir} yet, starting from step 0")
-    meta_args = _meta_args(args, int(os.environ.get("WORLD_SIZE", "1")), lora_cfg)
+    meta_args = _meta_args(args, sources, int(os.environ.get("WORLD_SIZE", "1")), lora_cfg)
     if resume_from:
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
+        if meta["run"].get("data") != meta_args["data"]:
+            change = _data_change(meta["run"].get("data"), meta_args["data"])
+            raise SystemExit(f"error: cannot resume {resume_from}: {change}")
         diff = {k: (meta["run"].get(k), v) for k, v in meta_args.items() if meta["run"].get(k) != v}
         if diff:
             raise SystemExit(f"error: cannot resume {resume_from}: these settings differ (checkpoint, now): {diff}")
@@ -414,6 +418,51 @@ def main(argv=None):
     if left:
         raise SystemExit(f"error: {args.deepspeed} leaves {left} as 'auto'; train.py fills only the batch, "
                          f"accumulation, clipping, precision, lr and weight decay")
+
+    # ---------------------------------------------------------------- data
+    # Before the model: every data problem is reported here. Rank 0 builds (or reads from the cache) the index of
+    # the annotations, image files checked, and hands it to the other ranks.
+    from data import DataError, LengthGroupedSampler, SupervisedDataset, collate, load_tokenizer
+    from data.dataset import default_cache_dir
+    from data.packing import PackedBatchSampler, collate_packed, packed_total_steps
+    tokenizer = load_tokenizer(args.model_path)
+    make = partial(SupervisedDataset, sources, tokenizer, config.template, config.system_message,
+                   max_num=args.max_tiles, min_num=args.min_tiles, use_thumbnail=args.thumbnail,
+                   image_size=config.force_image_size, max_length=args.max_length, seed=args.seed,
+                   skip_bad_samples=args.skip_bad_samples, cache_dir=default_cache_dir())
+    payload = [None]
+    if master:
+        try:
+            dataset = make()
+            payload = [dataset.source_index]
+        except DataError as e:
+            payload = [str(e)]
+    dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        dist.destroy_process_group()
+        raise SystemExit(f"error: {payload[0]}" if master else 1)  # the other ranks exit quietly
+    if not master:
+        dataset = make(index=payload[0])
+    if args.max_packed_tokens:  # one pack per micro-batch; the number of packs per epoch is planned in advance
+        sampler = PackedBatchSampler(dataset.lengths, args.max_packed_tokens, tiles=dataset.tiles,
+                                     max_tiles=args.max_packed_tiles, world_size=world, rank=rank, seed=args.seed)
+        collate_fn = partial(collate_packed, max_tokens=args.max_packed_tokens)
+        steps_per_epoch = sampler.micro_batches(0) // args.grad_accum
+        epoch_steps = packed_total_steps(sampler, args.epochs, args.grad_accum)
+    else:
+        sampler = LengthGroupedSampler(dataset.lengths, dataset.is_image, batch_size=args.batch_size,
+                                       world_size=world, rank=rank, seed=args.seed)
+        collate_fn = collate
+        steps_per_epoch = len(sampler) // args.grad_accum  # micro-batches per rank and epoch: equal on every rank
+        epoch_steps = math.ceil(args.epochs * steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(dataset)} samples make no full step of "
+                         f"{args.batch_size * args.grad_accum * world}")
+    total_steps = args.max_steps if args.max_steps is not None else epoch_steps
+    import evaluate
+    args.eval_steps = args.eval_steps or args.save_steps
+    evaluator = evaluate.setup(args, config, tokenizer, world, rank, zero_stage, log,
+                               sum_over_ranks=lambda values: all_reduce_sum(values, device))
 
     # ---------------------------------------------------------------- memory: refuse before loading anything
     if on_gpu:
@@ -465,34 +514,6 @@ def main(argv=None):
         raise SystemExit("error: nothing to train with these freeze options")
     load_seconds = time.time() - t0
 
-    # ---------------------------------------------------------------- data
-    from data import LengthGroupedSampler, SupervisedDataset, collate, load_tokenizer
-    from data.packing import PackedBatchSampler, collate_packed, packed_total_steps
-    tokenizer = load_tokenizer(args.model_path)
-    dataset = SupervisedDataset(sources, tokenizer, config.template, config.system_message, max_num=args.max_tiles,
-                                min_num=args.min_tiles, use_thumbnail=args.thumbnail,
-                                image_size=config.force_image_size, max_length=args.max_length,
-                                seed=args.seed, skip_bad_samples=args.skip_bad_samples)
-    if args.max_packed_tokens:  # one pack per micro-batch; the number of packs per epoch is planned in advance
-        sampler = PackedBatchSampler(dataset.lengths, args.max_packed_tokens, tiles=dataset.tiles,
-                                     max_tiles=args.max_packed_tiles, world_size=world, rank=rank, seed=args.seed)
-        collate_fn = partial(collate_packed, max_tokens=args.max_packed_tokens)
-        steps_per_epoch = sampler.micro_batches(0) // args.grad_accum
-        epoch_steps = packed_total_steps(sampler, args.epochs, args.grad_accum)
-    else:
-        sampler = LengthGroupedSampler(dataset.lengths, dataset.is_image, batch_size=args.batch_size,
-                                       world_size=world, rank=rank, seed=args.seed)
-        collate_fn = collate
-        steps_per_epoch = len(sampler) // args.grad_accum  # micro-batches per rank and epoch: equal on every rank
-        epoch_steps = math.ceil(args.epochs * steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(dataset)} samples make no full step of "
-                         f"{args.batch_size * args.grad_accum * world}")
-    total_steps = args.max_steps if args.max_steps is not None else epoch_steps
-    import evaluate
-    args.eval_steps = args.eval_steps or args.save_steps
-    evaluator = evaluate.setup(args, config, tokenizer, world, rank, zero_stage, log,
-                               sum_over_ranks=lambda values: all_reduce_sum(values, device))
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
     def lr_lambda(step):  # HF get_cosine_schedule_with_warmup, as the official trainer
@@ -525,6 +546,8 @@ def main(argv=None):
         nonlocal epoch, micro_in_epoch
         while True:
             sampler.set_epoch(epoch, micro_in_epoch)
+            dataset.set_epoch(epoch)  # before the workers fork: the JPEG augmentation follows the epoch
+            gc.freeze()  # the workers fork: the collector then leaves the parent's objects (and their pages) alone
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                                                  num_workers=args.num_workers, pin_memory=on_gpu,
                                                  generator=torch.Generator().manual_seed(args.seed + epoch))
@@ -737,16 +760,43 @@ def _forward_returning_dict(self, **batch):
     return {"loss": out.loss, "n_supervised": out.n_supervised}
 
 
-def _meta_args(args, world, lora_cfg):
+def _meta_args(args, sources, world, lora_cfg):
     """The settings a resume must share with the checkpoint (the data order and the trained tensors follow them)."""
     return dict(size=args.size, mode=args.mode, model_path=os.path.abspath(args.model_path),
-                data=list(args.data), meta_path=args.meta_path, batch_size=args.batch_size,
+                data=_data_identity(sources), batch_size=args.batch_size,
                 grad_accum=args.grad_accum, world_size=world, seed=args.seed, max_length=args.max_length,
                 max_tiles=args.max_tiles, min_tiles=args.min_tiles, thumbnail=args.thumbnail,
                 max_packed_tokens=args.max_packed_tokens,
                 max_packed_tiles=args.max_packed_tiles, lora=lora_cfg.to_dict() if lora_cfg else None,
                 train_vit=args.train_vit, unfreeze_vit_layers=args.unfreeze_vit_layers,
                 freeze_projector=args.freeze_projector, freeze_llm=args.freeze_llm)
+
+
+def _data_identity(sources):
+    """Each source as a resume must find it again: resolved paths, settings, and the annotation's size and sampled
+    content hash (data.dataset.file_fingerprint without the mtime, which a copy changes)."""
+    from data.dataset import file_fingerprint
+    out = []
+    for s in sources:
+        fp = file_fingerprint(s.annotation)
+        out.append(dict(name=s.name, annotation=os.path.realpath(s.annotation), size=fp["size"],
+                        sample_sha1=fp["sample_sha1"], image_folder=s.image_folder and os.path.realpath(s.image_folder),
+                        repeat=s.repeat, max_num=s.max_num, data_augment=s.data_augment))
+    return out
+
+
+def _data_change(old, new):
+    """What differs between the checkpoint's data and this run's, in words."""
+    if not isinstance(old, list) or [d.get("annotation") for d in old] != [d["annotation"] for d in new]:
+        return f"the data sources differ (checkpoint: {old}; now: {new})"
+    for a, b in zip(old, new):
+        if (a.get("size"), a.get("sample_sha1")) != (b["size"], b["sample_sha1"]):
+            return (f"{b['annotation']} changed since the checkpoint (size {a.get('size')} -> {b['size']} bytes, "
+                    f"content fingerprint {a.get('sample_sha1')} -> {b['sample_sha1']}); the data order and position "
+                    f"would not mean the same samples: start a new run (another --output-dir)")
+        if a != b:
+            return f"source {b['name']} has other settings (checkpoint: {a}; now: {b})"
+    return "the data differs"
 
 
 def _fmt(x, spec):

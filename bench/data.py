@@ -6,11 +6,21 @@ with worker processes. Prints the median of several runs as samples/s, images/s 
 
     python3 bench/data.py                      # fixture tokenizer, 64 samples, 3 runs, 2 workers
     python3 bench/data.py --tokenizer PATH --samples 200 --runs 5 --workers 4 --max-num 12
+
+Start time and memory at scale (--records N): writes a LLaVA-like annotation of N records (1-5 turns, 10-120
+words per answer, 90% with one of a few small images, half of those with image_wh) and reports, as JSON: the
+dataset build seconds cold and warm (index cache), the main process's RSS and the dataset's own bytes, the RSS
+and private-memory growth of each DataLoader worker over --worker-samples samples, and the length estimates'
+error against built samples.
+
+    python3 bench/data.py --records 100000 --json out.json
 """
 import argparse
+import gc
 import json
 import logging
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -84,7 +94,130 @@ def report(name, results):
     return row
 
 
-def main():
+WORDS = [w for w in ("the a of to and in is on with for picture man woman dog cat car street table red blue green "
+                      "small large left right top bottom near behind holding wearing sitting standing two three "
+                      "people building sky tree water window sign white black yellow photo shows there are some "
+                      "what where how many colour color shape image background foreground").split()]
+
+
+def make_scale_annotation(path, folder, n, fmt="jsonl", seed=0):
+    """LLaVA-like records: 1-5 turns, 10-120 words per answer, 90% with one of 8 small images (half with
+    image_wh). A .json array puts one record per line."""
+    rng = random.Random(seed)
+    sizes = [(448, 448), (672, 448), (448, 672), (896, 448), (560, 420), (300, 900), (640, 480), (500, 500)]
+    for k, wh in enumerate(sizes):
+        Image.new("RGB", wh, (30 * k, 120, 200)).save(os.path.join(folder, f"s{k}.jpg"), quality=90)
+    words = WORDS + [f"w{k}" for k in range(3000)]  # a long tail, like real text
+    with open(path, "w") as f:
+        f.write("[\n" if fmt == "json" else "")
+        for i in range(n):
+            turns = []
+            for t in range(rng.randint(1, 5)):
+                q = " ".join(rng.choices(words, k=rng.randint(4, 25))).capitalize() + "?"
+                a = " ".join(rng.choices(words, k=rng.randint(10, 120))).capitalize() + "."
+                turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+            rec = {"id": i, "conversations": turns}
+            if rng.random() < 0.9:
+                k = rng.randrange(len(sizes))
+                rec["image"] = f"s{k}.jpg"
+                turns[0]["value"] = "<image>\n" + turns[0]["value"]
+                if rng.random() < 0.5:
+                    rec["image_wh"] = list(sizes[k])
+            f.write(json.dumps(rec) + ("," if fmt == "json" and i < n - 1 else "") + "\n")
+        f.write("]\n" if fmt == "json" else "")
+
+
+def _memory_kb():
+    """(RSS, private = Private_Clean + Private_Dirty) of this process, in KiB."""
+    fields = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                fields[parts[0].rstrip(":")] = int(parts[1])
+    return fields["Rss"], fields["Private_Clean"] + fields["Private_Dirty"]
+
+
+class _MemoryProbe(torch.utils.data.Dataset):
+    """Builds the real sample, returns (worker id, RSS, private) instead of its tensors."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.ds[i]
+        info = torch.utils.data.get_worker_info()
+        return (info.id if info else -1, *_memory_kb())
+
+
+def worker_growth(ds, workers, samples, seed=0):
+    """Per worker: memory after its first sample and after `samples` samples (indices spread over the epoch)."""
+    order = random.Random(seed).sample(range(len(ds)), min(len(ds), samples * workers))
+    gc.freeze()  # as train.py does before its workers fork
+    loader = torch.utils.data.DataLoader(_MemoryProbe(ds), batch_size=None, sampler=order, num_workers=workers)
+    seen = {}
+    for wid, rss, private in loader:
+        seen.setdefault(wid, []).append((rss, private))
+    out = []
+    for w, m in sorted(seen.items()):
+        half = m[len(m) // 2]
+        out.append({"worker": w, "samples": len(m), "rss_first_mb": round(m[0][0] / 1024, 1),
+                    "rss_growth_mb": round((m[-1][0] - m[0][0]) / 1024, 1),
+                    "private_growth_mb": round((m[-1][1] - m[0][1]) / 1024, 1),
+                    "rss_growth_second_half_mb": round((m[-1][0] - half[0]) / 1024, 1)})
+    return out
+
+
+def length_error(ds, n, seed=0):
+    """Mean absolute error of ds.lengths against the built samples, as a fraction of the built length: all, and
+    for samples whose tiles are known (text-only, or image_wh given)."""
+    errs, known = [], []
+    for i in random.Random(seed).sample(range(len(ds)), min(n, len(ds))):
+        s = ds[i]
+        real, real_tiles = len(s["input_ids"]), int(s["image_flags"].sum())
+        errs.append(abs(int(ds.lengths[i]) - real) / real)
+        if int(ds.tiles[i]) == real_tiles:
+            known.append(abs(int(ds.lengths[i]) - real) / real)
+    return {"samples": len(errs), "mae_fraction": sum(errs) / len(errs),
+            "samples_tiles_known": len(known), "mae_fraction_tiles_known": sum(known) / max(1, len(known))}
+
+
+def scale(args, tok):
+    with tempfile.TemporaryDirectory() as tmp:
+        ann = os.path.join(tmp, f"scale.{args.format}")
+        t0 = time.perf_counter()
+        make_scale_annotation(ann, tmp, args.records, args.format)
+        write_s = time.perf_counter() - t0
+        size = os.path.getsize(ann)
+        cache = os.path.join(tmp, "cache")
+        rss0 = _memory_kb()[0]
+        builds, cpu = [], []
+        for kind in ("cold", "warm"):
+            t0, c0 = time.perf_counter(), time.process_time()
+            ds = SupervisedDataset([Source(ann, tmp)], tok, max_num=args.max_num, max_length=args.max_length,
+                                   cache_dir=cache)
+            builds.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        held = ds.index.nbytes + sum(a.nbytes for a in (ds.lengths, ds.is_image, ds.tiles)) + sum(
+            x[c].nbytes for x in ds.source_index for c in ("offset", "nbytes", "line", "length", "tiles", "is_image"))
+        row = {"records": args.records, "format": args.format, "file_mb": round(size / 2**20, 1),
+               "write_s": round(write_s, 2), "build_cold_s": round(builds[0], 2), "build_warm_s": round(builds[1], 2),
+               "build_cold_cpu_s": round(cpu[0], 2), "build_warm_cpu_s": round(cpu[1], 2),
+               "main_rss_mb": round(_memory_kb()[0] / 1024, 1),
+               "main_rss_growth_mb": round((_memory_kb()[0] - rss0) / 1024, 1),
+               "dataset_mb": round(held / 2**20, 2), "dataset_over_file": round(held / size, 3),
+               "load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
+        row["length_error"] = length_error(ds, args.error_samples) if args.error_samples else None
+        if args.workers:
+            row["workers"] = worker_growth(ds, args.workers, args.worker_samples)
+    print(json.dumps(row, indent=2))
+    return row
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "internlm2"))
     p.add_argument("--samples", type=int, default=64)
@@ -95,11 +228,21 @@ def main():
     p.add_argument("--max-num", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="also write the figures here")
-    args = p.parse_args()
+    p.add_argument("--records", type=int, help="scale mode: start time and memory of a synthetic N-record annotation")
+    p.add_argument("--format", choices=["jsonl", "json"], default="jsonl", help="scale mode: annotation format")
+    p.add_argument("--max-length", type=int, default=4096, help="scale mode: max tokens per sample")
+    p.add_argument("--worker-samples", type=int, default=1000, help="scale mode: samples per DataLoader worker")
+    p.add_argument("--error-samples", type=int, default=100, help="scale mode: samples built to measure lengths")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    logging.getLogger("data").setLevel(logging.ERROR)  # the tiny tokenizer's label-mismatch notes are not news here
 
     tok = load_tokenizer(args.tokenizer)
+    if args.records:
+        row = scale(args, tok)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(row, f, indent=2)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         images = make_images(tmp, args.images)
         ann = os.path.join(tmp, "bench.jsonl")
@@ -122,4 +265,5 @@ def main():
 
 
 if __name__ == "__main__":
+    logging.getLogger("data").setLevel(logging.ERROR)  # the tiny tokenizer's label-mismatch notes are not news here
     main()

@@ -3,11 +3,13 @@
 - `build_sample`: one record -> input_ids, labels, pixel_values, image_flags (SPEC §5, §6, §7).
 - `Source`, `read_meta_file`: annotation files (.json array or .jsonl) with an image folder, a repeat
   ratio and an optional per-source tile cap; the official meta file is accepted too.
-- `SupervisedDataset`: validates every record when it is built (problems reported together, with
-  file:line), realises the repeat ratios with a seed, estimates lengths for the sampler, and in
-  __getitem__ turns a missing/corrupt image or an over-long sample into a counted, logged skip (a
+- `SupervisedDataset`: validates every record and checks its image files when it is built (problems
+  reported together, with file:line), keeps an index (byte offsets, lines, lengths; cached on disk)
+  rather than the records, realises the repeat ratios with a seed, and in __getitem__ reads and parses
+  the record and turns a missing/corrupt image or an over-long sample into a counted, logged skip (a
   seeded replacement of the same modality takes the slot), aborting past a failure threshold.
 """
+import hashlib
 import json
 import logging
 import math
@@ -15,6 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.loss import target_mask
@@ -228,20 +231,33 @@ def read_meta_file(path):
 
 
 def read_annotation(path):
-    """[(line, record or SampleError)] of a .jsonl file or a .json array, line = where it starts."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    """Yield (line, byte offset, byte length, record or SampleError) for every record of a .jsonl file or a
+    .json array; line = where the record starts. A .json array that cannot be read on is a DataError."""
     if path.endswith(".jsonl"):
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    out.append((n, SampleError(f"malformed JSON line: {e.msg} (column {e.colno})")))
-        return out
-    decoder, out = json.JSONDecoder(), []
-    pos, line, counted = 0, 1, 0
+        with open(path, "rb") as f:
+            offset = 0
+            for n, raw in enumerate(f, 1):
+                if raw.strip():
+                    try:
+                        rec = json.loads(raw)
+                    except json.JSONDecodeError as e:
+                        rec = SampleError(f"malformed JSON line: {e.msg} (column {e.colno})")
+                    except UnicodeDecodeError as e:
+                        rec = SampleError(f"not UTF-8: {e.reason}")
+                    yield n, offset, len(raw), rec
+                offset += len(raw)
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8: {e.reason}") from None
+    del data
+    decoder = json.JSONDecoder()
+    pos, line, counted, byte, at = 0, 1, 0, 0, 0
+    ascii_only = text.isascii()
 
     def skip(p):
         while p < len(text) and text[p] in " \t\r\n":
@@ -254,23 +270,30 @@ def read_annotation(path):
         counted = p
         return line
 
+    def byte_at(p):  # char position -> byte offset, moving forward only
+        nonlocal byte, at
+        byte += (p - at) if ascii_only else len(text[at:p].encode("utf-8"))
+        at = p
+        return byte
+
     pos = skip(pos)
     if not text.startswith("[", pos):
         raise DataError(f"{path}:{line_at(pos)}: a .json annotation must be an array of records (or use .jsonl)")
     pos = skip(pos + 1)
     if text.startswith("]", pos):
-        return out
+        return
     while True:
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:  # the rest of the array cannot be read: not skippable
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        out.append((line_at(pos), obj))
+        start = byte_at(pos)
+        yield line_at(pos), start, byte_at(end) - start, obj
         pos = skip(end)
         if text.startswith(",", pos):
             pos = skip(pos + 1)
         elif text.startswith("]", pos):
-            return out
+            return
         else:
             raise DataError(f"{path}:{line_at(pos)}: malformed JSON: expected ',' or ']' after a record")
 
@@ -282,23 +305,67 @@ def repeat_indices(n, ratio, rng):
     return list(range(n)) * whole + sorted(rng.sample(range(n), extra))
 
 
+def file_fingerprint(path, chunks=64, chunk=4096):
+    """Cheap content fingerprint: size, mtime and a hash of `chunks` evenly spread `chunk`-byte pieces (the
+    whole file when it is small). The index cache is keyed by it; resume compares size and hash."""
+    st = os.stat(path)
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        if st.st_size <= chunks * chunk:
+            h.update(f.read())
+        else:
+            for k in range(chunks):
+                f.seek(k * (st.st_size - chunk) // (chunks - 1))
+                h.update(f.read(chunk))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha1": h.hexdigest()}
+
+
+def default_cache_dir():
+    return os.environ.get("INTERNVL_DATA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "internvl",
+                                                                 "index")
+
+
+def _exists(path, listings):
+    """os.path.exists through one directory listing per folder (fast for 100k's of images)."""
+    folder, name = os.path.split(path)
+    names = listings.get(folder)
+    if names is None:
+        try:
+            names = listings[folder] = set(os.listdir(folder or "."))
+        except OSError:
+            names = listings[folder] = set()
+    return name in names
+
+
 # ---------------------------------------------------------------------------------------------------
 # the dataset
+
+INDEX_VERSION = 1
+_COLUMNS = {"offset": np.int64, "nbytes": np.int64, "line": np.int64, "length": np.int32, "tiles": np.int32,
+            "is_image": np.bool_}
+_SHOWN = 50  # problems listed in the error; the rest are counted
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """Samples from several sources. After construction:
       len(ds)                 samples per epoch after repeat ratios
-      ds.lengths[i]           estimated tokens (text + template tokens + 256 * tiles) for the samplers
+      ds.lengths[i]           tokens of sample i (numpy): exact for the text, + 256 per estimated tile, capped
+                              at max_length; never below the built sample's length
       ds.is_image[i]          modality for the sampler (True = has images)
-      ds.tiles[i]             estimated image tiles (0 for text-only) for the packing tile budget
-      ds.source_counts        {name: {"records", "bad", "valid", "sampled"}}
+      ds.tiles[i]             image tiles (0 for text-only): exact with `image_wh`, else the cap (+ thumbnail)
+      ds.source_counts        {name: {"records", "bad", "missing_images", "valid", "sampled"}}
       ds[i]                   build_sample output + "meta" {"id", "skipped", "labels_match_official"}
+
+    The index (byte offset, line, length, tiles and modality of every valid record, and every problem found) is
+    built in one pass over each file, or read from `cache_dir` where a build with the same file content, image
+    folder, tokenizer, template, system message and tile/length settings left it. `index` (ds.source_index of
+    another process) skips both. Records stay in the file: ds[i] reads and parses its bytes.
     """
 
     def __init__(self, sources, tokenizer, template=None, system_message=None, max_num=12, max_length=None,
                  min_num=1, use_thumbnail=True, image_size=IMAGE_SIZE, seed=0, skip_bad_samples=False,
-                 max_image_failure_rate=0.01, image_failure_grace=10, max_replacements=10, check_labels=True):
+                 max_image_failure_rate=0.01, image_failure_grace=10, max_replacements=10, check_labels=True,
+                 cache_dir=None, index=None):
         self.sources = list(sources)
         self.tokenizer = tokenizer
         self.template = get_template(template or tokenizer.template)
@@ -307,108 +374,187 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.use_thumbnail, self.image_size, self.seed = use_thumbnail, image_size, seed
         self.max_image_failure_rate, self.image_failure_grace = max_image_failure_rate, image_failure_grace
         self.max_replacements, self.check_labels = max_replacements, check_labels
+        self.epoch, self._tiles_memo = 0, {}
 
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise DataError(f"source names must be unique, got {names}")
-        self.records = []  # per source: [(line, record)] of the valid ones
-        self.source_counts, problems = {}, []
-        for s in self.sources:
-            if not os.path.exists(s.annotation):
-                raise DataError(f"{s.annotation}: annotation file not found (source {s.name})")
-            valid, bad = [], 0
-            for line, rec in read_annotation(s.annotation):
-                try:
-                    if isinstance(rec, Exception):
-                        raise rec
-                    parse_record(rec)
-                    valid.append((line, rec))
-                except SampleError as e:
-                    bad += 1
-                    problems.append(f"{s.annotation}:{line}: {e}")
-            self.records.append(valid)
-            self.source_counts[s.name] = {"records": len(valid) + bad, "bad": bad, "valid": len(valid)}
-        if problems:
-            if not skip_bad_samples:
-                shown = "\n  ".join(problems[:50])
-                more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-                raise DataError(f"{len(problems)} bad sample(s) (use --skip-bad-samples to skip them):\n  "
-                                f"{shown}{more}")
-            for p in problems:
-                log.warning("skipping bad sample %s", p)
-            log.warning("skipped %d bad samples: %s", len(problems),
-                        {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
+        self.source_index = index or [self._load_index(si, cache_dir) for si in range(len(self.sources))]
+        self.source_counts = {s.name: {"records": x["records"], "bad": x["bad"], "missing_images": x["missing_images"],
+                                       "valid": len(x["line"])} for s, x in zip(self.sources, self.source_index)}
+        self._report_problems(skip_bad_samples)
 
-        self.index = []  # (source index, position in self.records[source])
+        picks = []
         for si, s in enumerate(self.sources):
-            picks = repeat_indices(len(self.records[si]), s.repeat, random.Random(f"{seed}/{s.name}"))
-            self.index += [(si, k) for k in picks]
-            self.source_counts[s.name]["sampled"] = len(picks)
-        if not self.index:
+            p = np.array(repeat_indices(len(self.source_index[si]["line"]), s.repeat,
+                                        random.Random(f"{seed}/{s.name}")), dtype=np.int64)
+            picks.append(np.stack([np.full(len(p), si), p], 1))
+            self.source_counts[s.name]["sampled"] = len(p)
+        self.index = np.concatenate(picks)  # rows (source, valid record)
+        if not len(self.index):
             raise DataError("no samples: every source is empty after validation and repeat ratios")
-
-        self._overhead = {}  # template tokens (system block, roles, terminators) per number of turns
-        per_source = [[self._estimate(si, rec) for _, rec in recs] for si, recs in enumerate(self.records)]
-        self.lengths = [per_source[si][k][0] for si, k in self.index]
-        self.is_image = [per_source[si][k][1] for si, k in self.index]
-        self.tiles = [per_source[si][k][2] for si, k in self.index]  # estimated image tiles (0: text-only)
-        self._by_modality = {True: [i for i, m in enumerate(self.is_image) if m],
-                             False: [i for i, m in enumerate(self.is_image) if not m]}
+        cols = {c: np.concatenate([x[c][p[:, 1]] for x, p in zip(self.source_index, picks)])
+                for c in ("length", "is_image", "tiles")}
+        self.lengths, self.is_image, self.tiles = cols["length"], cols["is_image"], cols["tiles"]
+        self._by_modality = {True: np.flatnonzero(self.is_image), False: np.flatnonzero(~self.is_image)}
         self.stats = {"seen": 0, "image_failures": 0, "too_long": 0, "label_mismatches": 0}
 
     def _max_num(self, si):
         return self.sources[si].max_num or self.max_num
 
-    def _estimate(self, si, rec):
-        """(tokens, has_images, tiles): tokens = a record's `length` when given, else text + template tokens +
-        256 * tiles; tiles exact when `image_wh` is given, else the cap (+ thumbnail) per image."""
-        conv = parse_record(rec)
+    def _cache_key(self, si):
+        s, tok = self.sources[si], self.tokenizer
+        h = hashlib.sha1()
+        for name in ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
+            path = os.path.join(tok.path, name)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    h.update(f.read())
+        key = [INDEX_VERSION, file_fingerprint(s.annotation), s.image_folder and os.path.abspath(s.image_folder),
+               h.hexdigest(), self.template.name, self.system_message, self._max_num(si), self.min_num,
+               self.image_size, self.use_thumbnail, self.max_length]
+        return hashlib.sha1(json.dumps(key).encode()).hexdigest()
+
+    def _load_index(self, si, cache_dir):
+        s = self.sources[si]
+        if not os.path.exists(s.annotation):
+            raise DataError(f"{s.annotation}: annotation file not found (source {s.name})")
+        path = cache_dir and os.path.join(cache_dir, f"{self._cache_key(si)}.npz")
+        if path and os.path.exists(path):
+            with np.load(path) as z:
+                x = {c: z[c] for c in _COLUMNS}
+                x.update(json.loads(z["info"].tobytes()))
+            log.info("index of %s read from %s", s.annotation, path)
+            return x
+        x = self._scan(si)
+        if path:  # written whole, then renamed: a reader never sees half a file
+            info = {k: x[k] for k in ("records", "bad", "missing_images", "problems")}
+            tmp = f"{path}.{os.getpid()}.tmp.npz"
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+                np.savez(tmp, info=np.frombuffer(json.dumps(info).encode(), np.uint8), **{c: x[c] for c in _COLUMNS})
+                os.replace(tmp, path)
+            except OSError as e:  # a read-only or full cache folder costs the next start time, nothing else
+                log.warning("could not cache the index of %s in %s: %s", s.annotation, cache_dir, e)
+        return x
+
+    def _scan(self, si):
+        """One pass over a source: validate each record, check that its images exist, estimate its length."""
+        s, cols = self.sources[si], {c: [] for c in _COLUMNS}
+        problems, records, bad, missing, listings = [], 0, 0, 0, {}
+        for line, offset, nbytes, rec in read_annotation(s.annotation):
+            records += 1
+            try:
+                if isinstance(rec, Exception):
+                    raise rec
+                conv = parse_record(rec)
+                lost = [p for p in conv.images if not _exists(os.path.join(s.image_folder or "", p), listings)]
+                if lost:
+                    missing += 1
+                    raise SampleError(f"image file not found: {os.path.join(s.image_folder or '', lost[0])}"
+                                      + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""))
+            except SampleError as e:
+                bad += 1
+                if len(problems) < 1000:  # the count is exact; the first ones are named
+                    problems.append(f"{s.annotation}:{line}: {e}")
+                continue
+            length, tiles = self._estimate(si, conv, rec)
+            for c, v in zip(_COLUMNS, (offset, nbytes, line, length, tiles, bool(conv.images))):
+                cols[c].append(v)
+        x = {c: np.array(v, dtype=t) for (c, t), v in zip(_COLUMNS.items(), cols.values())}
+        return x | {"records": records, "bad": bad, "missing_images": missing, "problems": problems}
+
+    def _report_problems(self, skip_bad_samples):
+        bad = sum(x["bad"] for x in self.source_index)
+        if not bad:
+            return
+        problems = [p for x in self.source_index for p in x["problems"]]
+        missing = {s.name: f"{x['missing_images']:,} of {x['records']:,} records under "
+                           f"{os.path.abspath(s.image_folder or '.')}"
+                   for s, x in zip(self.sources, self.source_index) if x["missing_images"]}
+        summary = f"; missing image files: {missing}" if missing else ""
+        shown = "\n  ".join(problems[:_SHOWN])
+        more = f"\n  ... and {bad - _SHOWN} more" if bad > _SHOWN else ""
+        if not skip_bad_samples:
+            raise DataError(f"{bad} bad sample(s) (use --skip-bad-samples to skip them){summary}:\n  {shown}{more}")
+        log.warning("skipping %d bad samples%s:\n  %s%s", bad, summary, shown, more)
+        log.warning("skipped %d bad samples: %s", bad, {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
+
+    def _estimate(self, si, conv, rec):
+        """(tokens, tiles): the exact token count of the text + 256 per tile (+ <img></img>), capped at
+        max_length; tiles exact when `image_wh` is given, else the cap (+ thumbnail) per image, an upper bound.
+        So the estimate is never below the built sample's length."""
         tiles = 0
-        n_turns = len(conv.turns)
-        if n_turns not in self._overhead:
-            empty, _ = render(self.template, [("q", "a")] * n_turns, self.system_message)
-            self._overhead[n_turns] = len(self.tokenizer.encode(empty)) - 2 * n_turns
-        n = self._overhead[n_turns]
-        text = "\n".join(v for pair in conv.turns for v in pair).replace(IMAGE_TAG, "")
-        n += len(self.tokenizer.encode(text, add_bos=False))
         if conv.images:
             cap = self._max_num(si) if len(conv.images) == 1 else max(1, self._max_num(si) // len(conv.images))
             wh = rec.get("image_wh")
             if isinstance(wh, list) and wh and isinstance(wh[0], (int, float)):
                 wh = [wh]  # XTuner writes [W, H] for one image
-            if isinstance(wh, list) and len(wh) == len(conv.images):
-                tiles = sum(num_tiles(w, h, self.min_num, cap, self.image_size, self.use_thumbnail) for w, h in wh)
+            if (isinstance(wh, list) and len(wh) == len(conv.images)
+                    and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
+                            for p in wh)):
+                for w, h in wh:  # num_tiles per distinct (size, cap), memoised: it builds the grid list each call
+                    key = (w, h, cap)
+                    if key not in self._tiles_memo:
+                        self._tiles_memo[key] = num_tiles(w, h, self.min_num, cap, self.image_size, self.use_thumbnail)
+                    tiles += self._tiles_memo[key]
             else:
                 tiles = len(conv.images) * (cap + (1 if self.use_thumbnail and cap > 1 else 0))
-            n += NUM_IMAGE_TOKENS * tiles + 2 * len(conv.images)  # + <img> </img>
-        if isinstance(rec.get("length"), int):
-            n = rec["length"]
-        return n, bool(conv.images), tiles
+        text, _ = conversation_text(conv, self.template, [0] * len(conv.images), self.system_message)
+        n = self.tokenizer.count_tokens(text) + NUM_IMAGE_TOKENS * tiles
+        return (n if self.max_length is None else min(n, self.max_length)), tiles
+
+    def set_epoch(self, epoch):
+        """The epoch seeds the JPEG augmentation (data_augment); call it before the epoch's DataLoader forks."""
+        self.epoch = epoch
 
     def __len__(self):
         return len(self.index)
 
     def sample_id(self, i):
         si, k = self.index[i]
-        return f"{self.sources[si].name}:{self.records[si][k][0]}"
+        return f"{self.sources[si].name}:{self.source_index[si]['line'][k]}"
+
+    def record(self, i):
+        """The annotation record of sample i, read from its file."""
+        si, k = self.index[i]
+        s, x = self.sources[si], self.source_index[si]
+        with open(s.annotation, "rb") as f:
+            f.seek(x["offset"][k])
+            raw = f.read(x["nbytes"][k])
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise DataError(f"{s.annotation}:{x['line'][k]}: the record no longer reads as JSON: the file changed "
+                            f"after its index was built") from None
 
     def build(self, i):
         """build_sample for dataset index i (may raise ImageLoadError / SampleTooLong)."""
-        si, k = self.index[i]
-        s, (line, rec) = self.sources[si], self.records[si][k]
+        si = self.index[i][0]
+        s, rec = self.sources[si], self.record(i)
         images = None
         conv_images = rec.get("image")
-        if s.data_augment and conv_images:  # official train-time JPEG re-encode
+        if s.data_augment and conv_images:  # official train-time JPEG re-encode; differs per epoch, seeded
             paths = [conv_images] if isinstance(conv_images, str) else conv_images
-            rng = random.Random(f"{self.seed}/augment/{i}")
+            rng = random.Random(f"{self.seed}/augment/{self.epoch}/{i}")
             images = [jpeg_degrade(load_image(p if s.image_folder is None else os.path.join(s.image_folder, p)), rng)
                       for p in paths]
         return build_sample(rec, self.tokenizer, self.template, s.image_folder, self._max_num(si), self.max_length,
                             self.system_message, min_num=self.min_num, image_size=self.image_size,
                             use_thumbnail=self.use_thumbnail, images=images, check_labels=self.check_labels)
 
+    def _replacement(self, i, failed, attempt):
+        """A seeded sample of the same modality, no longer and with no more tiles than sample i when there is
+        one (a planned pack then stays within its budgets)."""
+        pool = self._by_modality[bool(self.is_image[i])]
+        fits = pool[(self.lengths[pool] <= self.lengths[i]) & (self.tiles[pool] <= self.tiles[i])]
+        fits = fits[~np.isin(fits, list(failed))]
+        if not len(fits):
+            fits = pool[~np.isin(pool, list(failed))] if len(pool) > len(failed) else pool
+        return int(random.Random(f"{self.seed}/replace/{i}/{attempt}").choice(fits))
+
     def __getitem__(self, i):
-        skipped, j = [], i
+        skipped, j, failed = [], i, {i}
         for attempt in range(self.max_replacements + 1):
             self.stats["seen"] += 1
             try:
@@ -428,11 +574,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 self.stats["too_long"] += 1
                 skipped.append(f"{self.sample_id(j)}: {e}")
                 log.warning("skipping sample %s: %s", self.sample_id(j), e)
-            # a seeded replacement of the same modality keeps the batch's shape and is reproducible
-            failed = {i} | {j}
-            pool = [k for k in self._by_modality[self.is_image[i]] if k not in failed] or \
-                self._by_modality[self.is_image[i]]
-            j = random.Random(f"{self.seed}/replace/{i}/{attempt}").choice(pool)
+            failed.add(j)  # a seeded replacement of the same modality keeps the batch's shape, reproducibly
+            j = self._replacement(i, failed, attempt)
         else:
             raise RuntimeError(f"sample {self.sample_id(i)}: {self.max_replacements} replacements failed too; "
                                f"last problems: {skipped[-3:]}")

@@ -86,9 +86,9 @@ class PackedBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if window < 1 or max_tokens < 1:
             raise ValueError("window and max_tokens must be >= 1")
-        if not lengths:
+        if not len(lengths):
             raise ValueError("no samples to pack")
-        self.lengths, self.tiles = list(lengths), (list(tiles) if tiles is not None else None)
+        self.lengths, self.tiles = [int(n) for n in lengths], ([int(t) for t in tiles] if tiles is not None else None)
         self.max_tokens, self.max_tiles = max_tokens, max_tiles
         self.world_size, self.rank, self.seed, self.window = world_size, rank, seed, window
         self.epoch, self.position = 0, 0

@@ -27,7 +27,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if batch_size < 1 or group_batches < 1:
             raise ValueError("batch_size and group_batches must be >= 1")
-        self.lengths, self.is_image = list(lengths), [bool(m) for m in is_image]
+        self.lengths, self.is_image = [int(n) for n in lengths], [bool(m) for m in is_image]
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.seed, self.group_batches = seed, group_batches
         self.epoch, self.position = 0, 0

@@ -24,6 +24,21 @@ import sentencepiece as spm
 
 SPIECE_UNDERLINE = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_WORD = re.compile(f"{SPIECE_UNDERLINE}*[^{SPIECE_UNDERLINE}]+|{SPIECE_UNDERLINE}+")  # '▁'-led words
+
+
+class _PieceCounts(dict):
+    """word -> sentencepiece pieces, each distinct word encoded once (by a processor without dummy prefix)."""
+
+    def __init__(self, sp):
+        super().__init__()
+        self.sp = sp
+
+    def __missing__(self, word):
+        if len(self) > 2_000_000:  # unbounded vocabularies (text without spaces): start over
+            self.clear()
+        n = self[word] = len(self.sp.encode(word.replace(SPIECE_UNDERLINE, " ")))
+        return n
 
 # The InternVL tokens and the chat terminators the rest of the toolkit asks for by name.
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -86,6 +101,13 @@ class Tokenizer:
             proto = proto + b"\x1a\x02\x18\x00"
         self.sp = spm.SentencePieceProcessor(model_proto=proto)
         self.sp_vocab_size = self.sp.get_piece_size()
+        # count_tokens: when no piece joins a character to a following '▁', the pieces of a text are those of
+        # its '▁'-led words taken one at a time, so each distinct word needs encoding only once.
+        self._dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith(SPIECE_UNDERLINE)
+        self._separable = not any(re.search(f"[^{SPIECE_UNDERLINE}]{SPIECE_UNDERLINE}", self.sp.id_to_piece(i))
+                                  for i in range(self.sp_vocab_size))
+        raw = spm.SentencePieceProcessor(model_proto=proto + b"\x1a\x02\x18\x00") if self._dummy_prefix else self.sp
+        self._piece_counts = _PieceCounts(raw)
 
         # Added tokens: tokenizer_config's added_tokens_decoder (with strip flags) wins, then
         # added_tokens.json, then special tokens that are only named in the maps.
@@ -123,9 +145,10 @@ class Tokenizer:
         # of another one (then the run could hide a longer match).
         by_len = sorted(self.added, key=len, reverse=True)
         self._split_tokens = by_len
-        self._split_re = re.compile("|".join(
+        first = "".join(sorted({re.escape(t[0]) for t in by_len}))  # a fast skip over text no token starts in
+        self._split_re = re.compile(f"(?=[{first}])(?:" + "|".join(
             f"((?:{re.escape(t)})+)" if not any(o != t and o.startswith(t) for o in by_len) else f"({re.escape(t)})"
-            for t in by_len)) if by_len else None
+            for t in by_len) + ")") if by_len else None
         self.vocab_size = max([self.sp_vocab_size] + [t.id + 1 for t in self.added.values()])
         if self.style == "llama" and not self.legacy:
             self._unk_len = len(self.sp.encode(self.unk_token, out_type=str))
@@ -244,6 +267,28 @@ class Tokenizer:
     def encode(self, text, add_bos=True):
         ids = self.convert_tokens_to_ids(self.tokenize(text))
         return ([self.bos_id] if add_bos and self.add_bos else []) + ids
+
+    def count_tokens(self, text, add_bos=True):
+        """len(self.encode(text, add_bos)), exactly, at a fraction of the cost (dataset length estimates)."""
+        if not self._separable:
+            return len(self.encode(text, add_bos))
+        llama = self.style == "llama" and not self.legacy
+        if llama and text:
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ") if self.add_prefix_space else \
+                text.replace(SPIECE_UNDERLINE, " ")
+        parts = self._split(text)
+        n = 1 if add_bos and self.add_bos else 0
+        for chunk, _, is_added in parts:
+            if is_added:
+                n += 1
+            else:
+                chunk = (SPIECE_UNDERLINE if self._dummy_prefix else "") + chunk.replace(" ", SPIECE_UNDERLINE)
+                n += sum(map(self._piece_counts.__getitem__, _WORD.findall(chunk)))
+        if llama and len(parts) > 1 and not parts[0][2]:  # tokenize() drops a lone leading '▁' before a special
+            first = self._sp_pieces(parts[0][0])
+            nxt = first[1] if len(first) > 1 else (parts[1][0] if parts[1][2] else None)
+            n -= first[0] == SPIECE_UNDERLINE and nxt in self.all_special_tokens
+        return n
 
     def encode_with_offsets(self, text, add_bos=True):
         """(ids, starts): starts[k] is the char offset in `text` where token k begins (-1 for BOS)."""

@@ -136,3 +136,28 @@ def test_flop_formula_matches_torch_flop_counter(mode):
             layer.attn.out(h)
     linear = 2 * L * sum(a * b for a, b in gpu.llm_linear_shapes(cfg.llm)) * cfg.llm.num_layers
     assert fc.get_total_flops() == linear
+
+
+def test_data_bench_scale_mode_json(tmp_path):
+    from bench import data as data_bench
+    out = tmp_path / "data.json"
+    data_bench.main(["--records", "300", "--workers", "1", "--worker-samples", "20", "--error-samples", "10",
+                     "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["records"] == 300 and r["file_mb"] > 0
+    for key in ("build_cold_s", "build_warm_s", "main_rss_mb", "dataset_mb", "dataset_over_file"):
+        assert real(r[key]) and r[key] >= 0, key
+    assert r["build_warm_s"] < r["build_cold_s"] and r["dataset_over_file"] < 1.5
+    e = r["length_error"]
+    assert e["samples"] == 10 and e["mae_fraction_tiles_known"] == 0  # exact where the tiles are known
+    [w] = r["workers"]
+    assert w["samples"] == 20 and real(w["rss_growth_mb"]) and real(w["private_growth_mb"])
+
+
+def test_data_bench_throughput_mode_runs(tmp_path):
+    from bench import data as data_bench
+    out = tmp_path / "tp.json"
+    data_bench.main(["--samples", "4", "--images", "2", "--runs", "1", "--workers", "0", "--max-num", "2",
+                     "--json", str(out)])
+    [row] = json.loads(out.read_text())
+    assert row["samples"] == 8 and real(row["samples_per_s"]) and row["samples_per_s"] > 0  # 2 batches of 4

@@ -64,7 +64,7 @@ def test_json_array_and_meta_file(tmp_path, image_dir):
     (tmp_path / "arr.json").write_text(json.dumps(records, indent=2))
     write_jsonl(tmp_path / "l.jsonl", records)
     meta = {"first": {"root": "images", "annotation": "arr.json", "repeat_time": 2, "max_dynamic_patch": 2},
-            "second": {"root": "", "annotation": "l.jsonl", "repeat_time": 0.5, "data_augment": True}}
+            "second": {"root": "images", "annotation": "l.jsonl", "repeat_time": 0.5, "data_augment": True}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     sources = read_meta_file(str(tmp_path / "meta.json"))
     assert [(s.name, s.repeat, s.max_num, s.data_augment) for s in sources] == [
@@ -74,7 +74,7 @@ def test_json_array_and_meta_file(tmp_path, image_dir):
     assert len(ds) == 5
     sample = ds[0]  # source "first" keeps at most 2 tiles (+ thumbnail) for its 300x900 image
     assert sample["pixel_values"].shape[0] == 3 and sample["meta"]["id"] == "first:2"
-    assert [line for line, _ in read_annotation(str(tmp_path / "arr.json"))] == [2, 15]
+    assert [line for line, *_ in read_annotation(str(tmp_path / "arr.json"))] == [2, 15]
 
 
 def test_meta_file_errors(tmp_path):
@@ -112,7 +112,7 @@ def test_bad_inputs_reported_together_with_file_line(tmp_path):
 def test_skip_bad_samples_counts_them(tmp_path, caplog):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": conv()}] + [b for b, _ in BAD])
     ds = SupervisedDataset([Source(path)], TOK, skip_bad_samples=True)
-    assert ds.source_counts["bad"] == {"records": 6, "bad": 5, "valid": 1, "sampled": 1}
+    assert ds.source_counts["bad"] == {"records": 6, "bad": 5, "missing_images": 0, "valid": 1, "sampled": 1}
     assert "skipped 5 bad samples" in caplog.text and "bad.jsonl:3: missing 'conversations'" in caplog.text
 
 
@@ -123,19 +123,20 @@ def test_malformed_json_array_is_fatal(tmp_path):
 
 
 def test_unreadable_images_are_replaced_then_abort(tmp_path, image_dir, caplog):
-    recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "missing.jpg", "conversations": conv()},
+    (image_dir / "broken.jpg").write_bytes(b"not a jpeg")  # exists (the build checks that), does not decode
+    recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "broken.jpg", "conversations": conv()},
             {"image": "1.jpg", "conversations": conv()}, {"conversations": conv()}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
     ds = SupervisedDataset([Source(path, str(image_dir))], TOK, image_failure_grace=5)
     s = ds[1]  # another image sample takes the slot
     assert s["meta"]["id"] in ("a:1", "a:3") and s["image_flags"].tolist() == [1] * len(s["image_flags"])
-    assert s["meta"]["skipped"][0].startswith("a:2: ") and "missing.jpg: cannot load image" in s["meta"]["skipped"][0]
+    assert s["meta"]["skipped"][0].startswith("a:2: ") and "broken.jpg: cannot load image" in s["meta"]["skipped"][0]
     assert ds.stats == {"seen": 2, "image_failures": 1, "too_long": 0, "label_mismatches": 0}
     assert "skipping sample a:2" in caplog.text
     assert ds[1]["meta"]["id"] == s["meta"]["id"]  # the replacement is seeded
     strict = SupervisedDataset([Source(path, str(image_dir))], TOK, image_failure_grace=0, max_image_failure_rate=0.01)
     strict[0]
-    with pytest.raises(RuntimeError, match=r"too many unreadable images: 1 of 2 samples seen .*missing.jpg"):
+    with pytest.raises(RuntimeError, match=r"too many unreadable images: 1 of 2 samples seen .*broken.jpg"):
         strict[1]
 
 
@@ -148,18 +149,25 @@ def test_over_length_samples_are_counted_skips(tmp_path, image_dir):
     assert ds.stats["too_long"] >= 1
 
 
-def test_length_estimates(tmp_path, image_dir):
+def test_length_estimates_are_exact_or_upper_bounds(tmp_path, image_dir):
+    """Text tokens are counted exactly; tiles are exact with image_wh, else the cap + thumbnail (an upper bound), so
+    the estimate is never below the built sample. A record's own "length" is not trusted."""
     recs = [{"image": "0.jpg", "image_wh": [640, 480], "conversations": conv()},
-            {"image": "0.jpg", "conversations": conv()},
-            {"image": "0.jpg", "length": 1234, "conversations": conv()},
-            {"conversations": conv()}]
+            {"image": "1.jpg", "conversations": conv(q="  Two  spaces,\nnew line.", a=" é 中文 ▁ x")},
+            {"image": "0.jpg", "length": 12, "conversations": conv()},
+            {"conversations": conv() + conv(q="Second turn:\n\n  list", a="Fine.\n- a\n- b")},
+            {"image": ["0.jpg", "1.jpg"], "image_wh": [[640, 480], [300, 900]],
+             "conversations": conv(q="<image> and <image>")}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
-    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, max_num=6)
-    real = {i: len(ds[i]["input_ids"]) for i in (0, 1, 3)}  # 640x480 -> (3,2)+thumb = cap 6 + thumb = 7 tiles
-    assert all(abs(ds.lengths[i] - n) <= 3 for i, n in real.items()), (ds.lengths, real)  # template tokens counted
-    assert ds.lengths[2] == 1234
-    assert ds.tiles == [7, 7, 7, 0]
-    assert ds.is_image == [True, True, True, False]
+    for tok in (TOK, load_tokenizer(os.path.join(FIX, "internlm2"))):
+        ds = SupervisedDataset([Source(path, str(image_dir))], tok, max_num=6)
+        real = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+        real_tiles = [int(ds[i]["image_flags"].sum()) for i in range(len(ds))]
+        assert ds.tiles.tolist() == [7, 7, 7, 0, 5] and real_tiles == [7, 4, 7, 0, 5]  # 300x900: 1x3 + thumbnail
+        assert ds.lengths.tolist() == [n + 256 * (t - r) for n, t, r in zip(real, ds.tiles, real_tiles)]
+        assert ds.is_image.tolist() == [True, True, True, False, True]
+    capped = SupervisedDataset([Source(path, str(image_dir))], TOK, max_num=6, max_length=1000)
+    assert capped.lengths.max() == 1000
 
 
 def test_dataloader_with_workers(tmp_path, image_dir):
@@ -178,3 +186,120 @@ def test_dataloader_with_workers(tmp_path, image_dir):
         assert batch["pixel_values"].shape[0] == len(flags)
         ids += batch["meta"]["ids"]
     assert sorted(ids) == sorted(f"a:{k}" for k in range(1, 11))
+
+
+# ---------------------------------------------------------------- index: cache, image files, scale
+
+
+def _big(tmp_path, n, bad_every=0):
+    recs = [{"image": f"{k % 3}.jpg", "conversations": conv(a=f"Answer number {k}.")} if k % 4 else
+            {"conversations": conv(a=f"Text {k}.")} for k in range(n)]
+    for k in range(0, n, bad_every) if bad_every else ():
+        recs[k] = '{"conversations": [' if k % 2 else {"conversations": [{"from": "bot", "value": "x"}]}
+    return write_jsonl(tmp_path / "big.jsonl", recs)
+
+
+def test_every_bad_line_is_reported_in_one_error(tmp_path, image_dir):
+    path = _big(tmp_path, 3700, bad_every=100)  # 37 bad lines
+    with pytest.raises(DataError) as err:
+        SupervisedDataset([Source(path, str(image_dir))], TOK)
+    msg = str(err.value)
+    assert msg.startswith("37 bad sample(s)") and "more" not in msg
+    assert [int(l.split(":")[1]) for l in msg.splitlines()[1:]] == list(range(1, 3602, 100))
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, skip_bad_samples=True)
+    assert ds.source_counts["big"] == {"records": 3700, "bad": 37, "missing_images": 0, "valid": 3663,
+                                       "sampled": 3663}
+
+
+def test_missing_image_files_are_found_at_build_with_counts(tmp_path, image_dir):
+    recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "gone.jpg", "conversations": conv()},
+            {"image": ["1.jpg", "sub/x.jpg"], "conversations": conv(q="<image><image>")}, {"conversations": conv()}]
+    path = write_jsonl(tmp_path / "a.jsonl", recs)
+    with pytest.raises(DataError) as err:
+        SupervisedDataset([Source(path, str(image_dir))], TOK)
+    msg = str(err.value)
+    assert msg.startswith(f"2 bad sample(s) (use --skip-bad-samples to skip them); missing image files: "
+                          f"{{'a': '2 of 4 records under {image_dir}'}}:")
+    assert f"a.jsonl:2: image file not found: {image_dir}/gone.jpg" in msg
+    assert f"a.jsonl:3: image file not found: {image_dir}/sub/x.jpg" in msg
+    with pytest.raises(DataError, match=r"missing image files: \{'a': '3 of 4 records under"):  # folder not given
+        SupervisedDataset([Source(path)], TOK)
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, skip_bad_samples=True)
+    assert ds.source_counts["a"] == {"records": 4, "bad": 2, "missing_images": 2, "valid": 2, "sampled": 2}
+
+
+def test_index_cache_is_reused_and_rebuilt_when_anything_changes(tmp_path, image_dir, monkeypatch):
+    path = _big(tmp_path, 200)
+    cache = str(tmp_path / "cache")
+    scans = []
+    scan = SupervisedDataset._scan
+    monkeypatch.setattr(SupervisedDataset, "_scan", lambda self, si: scans.append(si) or scan(self, si))
+    cold = SupervisedDataset([Source(path, str(image_dir))], TOK, cache_dir=cache)
+    warm = SupervisedDataset([Source(path, str(image_dir))], TOK, cache_dir=cache)
+    assert len(scans) == 1 and len(os.listdir(cache)) == 1
+    for c in ("lengths", "tiles", "is_image", "index"):
+        assert getattr(warm, c).tolist() == getattr(cold, c).tolist()
+    assert warm[5]["input_ids"].tolist() == cold[5]["input_ids"].tolist()
+    SupervisedDataset([Source(path, str(image_dir))], TOK, cache_dir=cache, max_num=4)  # another tile cap
+    SupervisedDataset([Source(path, str(image_dir))], TOK, cache_dir=cache, system_message="Hi.")
+    SupervisedDataset([Source(path, str(image_dir))], load_tokenizer(os.path.join(FIX, "internlm2")), cache_dir=cache)
+    assert len(scans) == 4
+    with open(path, "a") as f:  # the same path, new content: rebuilt, never reused
+        f.write(json.dumps({"conversations": conv(a="One more.")}) + "\n")
+    changed = SupervisedDataset([Source(path, str(image_dir))], TOK, cache_dir=cache)
+    assert len(scans) == 5 and len(changed) == 201
+    other_rank = SupervisedDataset([Source(path, str(image_dir))], TOK, index=changed.source_index)
+    assert len(scans) == 5 and other_rank.lengths.tolist() == changed.lengths.tolist()
+
+
+def test_records_are_read_from_the_file_not_held(tmp_path, image_dir):
+    path = _big(tmp_path, 400)
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK)
+    assert not hasattr(ds, "records")
+    held = sum(a.nbytes for a in (ds.index, ds.lengths, ds.tiles, ds.is_image))
+    held += sum(x[c].nbytes for x in ds.source_index for c in ("offset", "nbytes", "line", "length", "tiles"))
+    assert held < 0.5 * os.path.getsize(path)
+    lines = open(path).read().splitlines()
+    assert ds.record(7) == json.loads(lines[7]) and ds.sample_id(7) == "big:8"
+
+
+def test_jpeg_augmentation_varies_with_the_epoch_reproducibly(tmp_path, image_dir):
+    Image.effect_noise((448, 448), 60).convert("RGB").save(image_dir / "noise.png")  # JPEG quality shows on noise
+    path = write_jsonl(tmp_path / "a.jsonl", [{"image": "noise.png", "conversations": conv()}])
+    src = Source(path, str(image_dir), data_augment=True)
+
+    def pixels(epoch):
+        ds = SupervisedDataset([src], TOK, max_num=1, seed=5)
+        ds.set_epoch(epoch)
+        return ds[0]["pixel_values"]
+
+    # epoch 0 and 2 both draw another JPEG quality than epoch 1 with this seed
+    assert not torch.equal(pixels(0), pixels(1)) and not torch.equal(pixels(1), pixels(2))
+    assert torch.equal(pixels(1), pixels(1))  # reproducible: a resumed run (set_epoch(1) first) sees the same
+
+
+def test_packs_from_estimates_stay_within_budget_when_images_are_smaller(tmp_path, image_dir):
+    """Estimates are upper bounds (exact text, the tile cap where image_wh is missing): packs planned with them
+    never exceed the token or tile budget once built, and cover every sample once."""
+    from data.packing import PackedBatchSampler, collate_packed
+    recs = [{"image": f"{k % 3}.jpg", "conversations": conv(a="word " * (1 + k % 7))} for k in range(18)]
+    recs += [{"conversations": conv(a="text " * k)} for k in range(1, 7)]
+    path = write_jsonl(tmp_path / "a.jsonl", recs)
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, max_num=6)
+    sampler = PackedBatchSampler(ds.lengths, 2048, tiles=ds.tiles, max_tiles=15, seed=1, window=8)
+    seen = []
+    for pack in sampler:
+        out = collate_packed([ds[i] for i in pack], max_tokens=2048)
+        assert out["input_ids"].shape[1] <= 2048 and int(out["image_flags"].sum()) <= 15
+        assert out["meta"]["over_budget"] == 0
+        seen += out["meta"]["ids"]
+    assert sorted(seen) == sorted(f"a:{k}" for k in range(1, 25))
+    assert any(int(ds.tiles[i]) > int(ds[i]["image_flags"].sum()) for i in range(18))  # estimates were off
+
+
+def test_json_array_with_non_ascii_text_is_read_back_by_byte_offset(tmp_path):
+    records = [{"conversations": conv(q=f"问题 {k} é?", a=f"回答 {k} — ünïcode.")} for k in range(5)]
+    (tmp_path / "u.json").write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+    ds = SupervisedDataset([Source(str(tmp_path / "u.json"))], TOK)
+    assert [ds.record(i) for i in range(5)] == records
+    assert [ds.sample_id(i) for i in range(5)] == [f"u:{2 + 12 * k}" for k in range(5)]

@@ -8,6 +8,7 @@ worker that injects faults or a deliberately mixed data order, then calls train.
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,8 +130,12 @@ def test_resume_equals_uninterrupted(demo, uninterrupted, tmp_path):
     """Model, optimizer, scheduler, data position and RNG (LoRA dropout 0.1) come back: steps 5-8 are identical."""
     out_a, rows_a = uninterrupted
     assert sorted(p.name for p in out_a.glob("iter_*")) == ["iter_6", "iter_8"]  # only the newest 2 kept
-    # iter_4 was deleted by the keep-2 rule in run A; resume from iter_6 into a new run directory.
-    proc, rows_b = run(common(demo, 4, *RESUME_ARGS, "--resume", str(out_a / "iter_6")), tmp_path)
+    # iter_4 was deleted by the keep-2 rule in run A; resume from iter_6 into a new run directory, the data given
+    # by a relative path this time (run A had it absolute): the same data resumes.
+    base, data = demo
+    relative = (base, ",".join(os.path.relpath(p, ROOT) for p in data.split(",")))
+    assert relative[1] != data
+    proc, rows_b = run(common(relative, 4, *RESUME_ARGS, "--resume", str(out_a / "iter_6")), tmp_path)
     assert "resumed from" in proc.stdout and [r["step"] for r in rows_b] == [7, 8]
     assert losses(rows_b) == pytest.approx(losses(rows_a)[6:], abs=5e-5)
     assert [r["lr"] for r in rows_b] == pytest.approx([r["lr"] for r in rows_a[6:]], rel=1e-9)
@@ -176,6 +181,25 @@ def test_resume_refuses_other_settings(demo, uninterrupted, tmp_path):
     proc, _ = run(common(demo, 2, *RESUME_ARGS, "--resume", str(out_a / "iter_8")), tmp_path, check=False)
     assert proc.returncode != 0 and "these settings differ" in proc.stdout + proc.stderr
     assert "'batch_size': (4, 2)" in proc.stdout + proc.stderr
+
+
+def test_resume_refuses_changed_data_behind_the_same_path(demo, uninterrupted, tmp_path):
+    import train
+    from data import Source
+    base, data = demo
+    annotation, folder = data.split(",")
+    copy = tmp_path / "train.jsonl"
+    shutil.copy(annotation, copy)
+    meta = json.loads((uninterrupted[0] / "iter_8" / "meta.json").read_text())
+    meta["run"]["data"] = train._data_identity([Source(str(copy), folder)])
+    (tmp_path / "ck" / "iter_8").mkdir(parents=True)
+    (tmp_path / "ck" / "iter_8" / "meta.json").write_text(json.dumps(meta))
+    with open(copy, "a") as f:
+        f.write(open(annotation).readline())
+    _refused(["--model-path", base, "--data", f"{copy},{folder}", "--resume", str(tmp_path / "ck" / "iter_8"),
+              "--output-dir", str(tmp_path / "out")],
+             r"cannot resume .*iter_8: .*train.jsonl changed since the checkpoint \(size \d+ -> \d+ bytes")
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------ QLoRA
@@ -397,6 +421,43 @@ def test_bad_combinations_are_refused_before_any_heavy_work(demo, tmp_path):
     (tmp_path / "iter_5").mkdir()
     (tmp_path / "iter_5" / "meta.json").write_text("{}")
     _refused(["--model-path", base, "--data", data, *out], r"already holds checkpoints \(iter_5\): pass --resume auto")
+
+
+def test_data_problems_are_one_clean_error_before_the_model_loads(demo, tmp_path, monkeypatch):
+    """Bad annotation lines, missing image files and a missing image folder: one message with file:line, before
+    the model is touched, and no output directory left behind."""
+    import model
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # train.main sets them: undo
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    base, data = demo
+    annotation, folder = data.split(",")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+    monkeypatch.setattr(model, "load_pretrained", no_model)
+    monkeypatch.setattr(model, "InternVL", no_model)
+    lines = open(annotation).read().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:3] + ['{"conversations": [', '{"image": "x.png"}'] + lines[3:]) + "\n")
+    out = tmp_path / "out"
+    common_args = ["--model-path", base, "--output-dir", str(out)]
+    _refused([*common_args, "--data", f"{bad},{folder}"],
+             r"(?s)^error: 2 bad sample\(s\).*bad.jsonl:4: malformed JSON line.*bad.jsonl:5: missing 'conversations'")
+    n_images = sum('"image"' in line for line in lines)
+    _refused([*common_args, "--data", annotation],  # the image folder forgotten
+             rf"(?s)^error: {n_images} bad sample\(s\).*missing image files: .*{n_images} of {len(lines)} records"
+             rf".*train.jsonl:\d+: image file not found: ")
+    _refused([*common_args, "--data", f"{annotation},{tmp_path / 'nowhere'}"], r"image folder .*nowhere does not exist")
+    assert not out.exists()
+
+
+def test_data_error_has_no_traceback(demo, tmp_path):
+    base, data = demo
+    proc, _ = run(["--model-path", base, "--data", data.split(",")[0]], tmp_path / "out", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: ") and "image file not found" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------ workers
