@@ -46,7 +46,7 @@ RECIPES = {
     ("26b", "lora"): dict(lr=2e-5, weight_decay=0.05, batch_size=2, grad_accum=4, drop_path_rate=0.0),
 }
 COMMON = dict(warmup_ratio=0.03, epochs=1, max_length=4096, max_tiles=12, save_steps=200, lora_r=16, lora_alpha=32,
-              lora_dropout=0.05, log_interval=1, save_total_limit=3, num_workers=4)
+              lora_dropout=0.05, log_interval=1, save_total_limit=3)
 # The demo: a tiny random 2B-like model on synthetic shapes; 400 steps (~30 s on 2 CPU cores) are enough for its
 # answers to follow the image (colour, shape), not just the answer format.
 DEMO = dict(mode="lora", lr=2e-3, weight_decay=0.0, batch_size=4, grad_accum=1, max_steps=400, warmup_ratio=0.05,
@@ -58,11 +58,12 @@ GRAD_CLIP = 1.0  # official max_grad_norm
 FORMAT = "internvl-train-checkpoint/1"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=lambda prog: (
+        argparse.RawDescriptionHelpFormatter(prog, width=100, max_help_position=36)))
     g = p.add_argument_group("model")
     g.add_argument("--model-path", help="official InternVL 1.5 directory (config.json, safetensors, tokenizer). "
-                                        "Without it and without data: the embedded demo")
+                                        "Default: none; without it and without data: the embedded demo")
     g.add_argument("--size", choices=["2b", "4b", "26b"],
                    help="model size: picks the recipe defaults and is checked against the checkpoint's "
                         "architecture (default: read from the checkpoint)")
@@ -71,51 +72,64 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[], metavar="ANNOTATION[,IMAGE_FOLDER[,REPEAT[,MAX_TILES]]]",
                    help="a .json/.jsonl LLaVA-format annotation file with its image folder, repeat ratio "
-                        "(r < 1: seeded fraction; r > 1: floor(r) copies + a seeded fraction) and tile cap; repeatable")
-    g.add_argument("--meta-path", help="official meta file {name: {root, annotation, repeat_time, max_dynamic_patch}}")
+                        "(r < 1: seeded fraction; r > 1: floor(r) copies + a seeded fraction; default 1) and tile cap "
+                        "(default --max-tiles); repeatable")
+    g.add_argument("--meta-path", help="official meta file {name: {root, annotation, repeat_time, "
+                                             "max_dynamic_patch}} (default: none)")
     g.add_argument("--system-message", help="the system prompt of every training sample (default: config.json's "
                                             "system_message, else the official template default); convert.py "
                                             "writes it into the exported config.json")
     g.add_argument("--skip-bad-samples", action="store_true",
-                   help="turn annotation problems into counted skips instead of an error before training")
+                   help="turn annotation problems into counted skips instead of an error before training "
+                        "(default off)")
     g.add_argument("--max-length", type=int, help="max tokens per sample, image tokens included (default 4096); "
                                                   "image spans are never cut")
     g.add_argument("--max-tiles", type=int, help="max dynamic tiles per image, thumbnail aside (default 12)")
-    g.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default 4; demo 0)")
+    g.add_argument("--num-workers", type=int,
+                   help="DataLoader workers per rank (default: min(4, CPU cores of this rank); demo 0)")
     g.add_argument("--max-packed-tokens", type=int, metavar="N",
                    help="sequence packing: each micro-batch is one row of whole samples up to N tokens (official "
-                        "8192), attention isolated between them; the per-device batch is then 1")
+                        "8192), attention isolated between them; the per-device batch is then 1 "
+                        "(default: no packing)")
     g.add_argument("--max-packed-tiles", type=int, default=40, metavar="T",
                    help="with packing: at most T image tiles per pack (official num_images_expected, default 40)")
     g = p.add_argument_group("optimisation (defaults: the official 2nd-finetune recipe of --size and --mode)")
-    g.add_argument("--deepspeed", help="DeepSpeed config (default ds_zero3.json for 26b full/lora, else ds_zero1.json)")
-    g.add_argument("--batch-size", type=int, help="micro-batch per device")
-    g.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
-    g.add_argument("--lr", type=float, help="peak learning rate (AdamW, betas 0.9/0.999, eps 1e-8, clip 1.0)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (on every trainable tensor, as official)")
+    g.add_argument("--deepspeed", help="DeepSpeed config (default ds_zero3.json for 26b full/lora, else "
+                                         "ds_zero1.json)")
+    g.add_argument("--batch-size", type=int, help="micro-batch per device (default: the recipe's, demo 4)")
+    g.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: the recipe's, demo 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate (AdamW, betas 0.9/0.999, eps 1e-8, clip 1.0; "
+                                                 "default: the recipe's)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (on every trainable tensor, as "
+                                                             "official; default: the recipe's)")
     g.add_argument("--warmup-ratio", type=float, help="linear warmup fraction of the steps, then cosine to 0 "
                                                       "(default 0.03)")
     g.add_argument("--epochs", type=float, help="epochs (default 1); ignored when --max-steps is given")
-    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs; default: from --epochs; "
+                                               "demo 400)")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto = bf16 on GPU, fp32 on CPU")
+                   help="auto = bf16 on GPU, fp32 on CPU (default auto)")
     g.add_argument("--seed", type=int, default=42,
-                   help="seeds the data order, repeat-ratio sampling, LoRA init and dropout")
+                   help="seeds the data order, repeat-ratio sampling, LoRA init and dropout (default 42)")
     g.add_argument("--max-bad-steps", type=int, default=5,
-                   help="abort after this many optimizer steps in a row with a NaN/inf loss (each is skipped)")
+                   help="abort after this many optimizer steps in a row with a NaN/inf loss (each is skipped; "
+                        "default 5)")
     g = p.add_argument_group("LoRA / freezing")
     g.add_argument("--lora-r", type=int, help="LoRA rank (default 16, official)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 32 = 2r)")
     g.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
     g.add_argument("--lora-targets", help="comma-separated official module names (default: every LLM linear but "
                                           "the head: wqkv,wo,w1,w2,w3 / qkv_proj,o_proj,gate_up_proj,down_proj)")
-    g.add_argument("--lora-vit", action="store_true", help="also put adapters on the ViT linears")
-    g.add_argument("--lora-rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r) instead of alpha / r")
-    g.add_argument("--train-vit", action="store_true", help="train the whole ViT (frozen by default, as official)")
+    g.add_argument("--lora-vit", action="store_true", help="also put adapters on the ViT linears (default off)")
+    g.add_argument("--lora-rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r) instead of alpha / r "
+                                                                          "(default off)")
+    g.add_argument("--train-vit", action="store_true", help="train the whole ViT (default off: frozen, as official)")
     g.add_argument("--unfreeze-vit-layers", type=int, metavar="K",
-                   help="train ViT layers K.. (official unfreeze_vit_layers; negative counts from the end)")
-    g.add_argument("--freeze-projector", action="store_true", help="freeze the mlp1 projector")
-    g.add_argument("--freeze-llm", action="store_true", help="full mode: freeze the LLM (train the projector only)")
+                   help="train ViT layers K.. (official unfreeze_vit_layers; negative counts from the end; "
+                        "default: none)")
+    g.add_argument("--freeze-projector", action="store_true", help="freeze the mlp1 projector (default off)")
+    g.add_argument("--freeze-llm", action="store_true", help="full mode: freeze the LLM (train the projector "
+                                                                            "only; default off)")
     g.add_argument("--drop-path-rate", type=float, help="ViT drop path (default 0.1 2b/4b full, 0.4 26b full, 0 LoRA)")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="per-layer activation checkpointing of ViT and LLM (default on)")
@@ -123,10 +137,16 @@ def parse_args(argv=None):
     g.add_argument("--output-dir", help="run directory (default runs/demo or runs/{size}_{mode})")
     g.add_argument("--save-steps", type=int, help="checkpoint every N optimizer steps (default 200) and at the end")
     g.add_argument("--save-total-limit", type=int, help="checkpoints to keep (default 3)")
-    g.add_argument("--resume", help="'auto' (newest complete checkpoint of --output-dir, if any) or an iter_* path")
-    g.add_argument("--log-interval", type=int, help="progress-bar refresh every N steps (metrics.jsonl: every step)")
+    g.add_argument("--resume", help="'auto' (newest complete checkpoint of --output-dir, if any) or an iter_* path "
+                                  "(default: start from step 0)")
+    g.add_argument("--log-interval", type=int, help="progress-bar refresh every N steps (metrics.jsonl: every step; "
+                                                       "default 1)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the `deepspeed` launcher's
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def fill_defaults(args):
@@ -142,6 +162,9 @@ def fill_defaults(args):
     for k, v in COMMON.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.num_workers is None:  # up to 4, but never more than this rank's cores (PyTorch warns past them)
+        cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        args.num_workers = min(4, max(1, cores))
     if args.activation_checkpointing is None:
         args.activation_checkpointing = True
     if args.deepspeed is None:
@@ -357,6 +380,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.model_path)
     dataset = SupervisedDataset(sources, tokenizer, config.template, config.system_message, max_num=args.max_tiles,
                                 max_length=args.max_length, seed=args.seed, skip_bad_samples=args.skip_bad_samples)
+    dataset.log_problems = False  # reported below from each batch's meta, capped per run (workers restart)
     if args.max_packed_tokens:  # one pack per micro-batch; the number of packs per epoch is planned in advance
         sampler = PackedBatchSampler(dataset.lengths, args.max_packed_tokens, tiles=dataset.tiles,
                                      max_tiles=args.max_packed_tiles, world_size=world, rank=rank, seed=args.seed)
@@ -388,7 +412,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- resume
     step, epoch, micro_in_epoch = 0, 0, 0
     counters = dict(skipped_steps=0, nonfinite_steps=0, all_masked_steps=0, all_masked_micro_batches=0,
-                    samples_seen=0)
+                    samples_seen=0, replaced_samples=0, image_failures=0, label_mismatches=0)
     meta_args["trainable"] = trainable
     if resume_from:
         if meta["run"]["trainable"] != trainable:  # DeepSpeed loads the saved tensors non-strictly: check here
@@ -450,6 +474,7 @@ def main(argv=None):
     tb = _tensorboard(args.output_dir) if master else None
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+    warn = Warnings(rank)
 
     # ---------------------------------------------------------------- the loop
     engine.train()
@@ -458,14 +483,20 @@ def main(argv=None):
     while step < total_steps:
         t_step = time.time()
         micro = [next(data_iter) for _ in range(args.grad_accum)]
+        for b in micro:
+            report_data_problems(b["meta"], warn)
         # What the step will see, agreed by every rank with one all-reduce: its supervised tokens (the loss
         # denominator), tokens, samples and image tiles.
         local = torch.tensor([sum(b["meta"]["num_supervised"] for b in micro),
                               sum(b["meta"]["num_tokens"] for b in micro), sum(b["meta"]["num_samples"] for b in micro),
                               sum(int(b["image_flags"].sum()) for b in micro),
-                              sum(b["meta"]["num_supervised"] == 0 for b in micro)], dtype=torch.float64)
+                              sum(b["meta"]["num_supervised"] == 0 for b in micro),
+                              *(sum(len(b["meta"][k]) if k == "skipped" else b["meta"][k] for b in micro)
+                                for k in ("skipped", "image_failures", "label_mismatches"))], dtype=torch.float64)
         dist.all_reduce(local)
-        n_step, tokens, samples, tiles, all_masked = (int(x) for x in local)
+        n_step, tokens, samples, tiles, all_masked, *problems = (int(x) for x in local)
+        for k, n in zip(("replaced_samples", "image_failures", "label_mismatches"), problems):
+            counters[k] += n
         counters["all_masked_micro_batches"] += all_masked
         counters["samples_seen"] += samples
         loss, grad_norm = None, None
@@ -531,7 +562,9 @@ def main(argv=None):
         tb.close()
     final = os.path.join(args.output_dir, f"iter_{last_saved}") if last_saved is not None else None
     log(f"done: {step} steps; skipped {counters['skipped_steps']} (non-finite {counters['nonfinite_steps']}, "
-        f"all-masked {counters['all_masked_steps']}); checkpoint {final}")
+        f"all-masked {counters['all_masked_steps']}); replaced {counters['replaced_samples']} samples "
+        f"({counters['image_failures']} unreadable images, the rest too long); {counters['label_mismatches']} "
+        f"label-rule mismatches; checkpoint {final}")
     if final:
         log(f"convert it to an official InternVL 1.5 directory with:\n  python convert.py {final} "
             f"{os.path.join(args.output_dir, 'converted')}")
@@ -587,6 +620,30 @@ def save_checkpoint(engine, args, config, step, epoch, micro_in_epoch, counters,
 
 
 # --- small helpers ---
+
+class Warnings:
+    """Run-time warnings, at most `cap` per kind and run, printed through tqdm so the progress bar stays whole."""
+
+    def __init__(self, rank, cap=10):
+        self.prefix = "warning: " if rank == 0 else f"warning (rank {rank}): "
+        self.cap, self.counts = cap, {}
+
+    def __call__(self, kind, message):
+        n = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if n <= self.cap:
+            from tqdm import tqdm
+            last = f" (the last '{kind}' warning shown; metrics.jsonl counts them all)" if n == self.cap else ""
+            tqdm.write(self.prefix + message + last, file=sys.stderr)
+
+
+def report_data_problems(meta, warn):
+    """The problems DataLoader workers met while building a batch (they log nothing themselves)."""
+    for problem in meta["skipped"]:
+        warn("replaced sample", f"replaced sample {problem}")
+    for sample_id in meta["label_mismatch_ids"]:
+        warn("label rule", f"sample {sample_id}: net-rule labels differ from the official fragment-count labels "
+                           f"(the official code would mask or shift them); keeping the net rule")
+
 
 def _forward_returning_dict(self, **batch):
     out = type(self).forward(self, **batch)

@@ -291,7 +291,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
       ds.is_image[i]          modality for the sampler (True = has images)
       ds.tiles[i]             estimated image tiles (0 for text-only) for the packing tile budget
       ds.source_counts        {name: {"records", "bad", "valid", "sampled"}}
-      ds[i]                   build_sample output + "meta" {"id", "skipped", "labels_match_official"}
+      ds[i]                   build_sample output + "meta" {"id", "skipped", "image_failures",
+                              "labels_match_official", "truncated"}
     """
 
     def __init__(self, sources, tokenizer, template=None, system_message=None, max_num=12, max_length=None,
@@ -353,6 +354,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self._by_modality = {True: [i for i, m in enumerate(self.is_image) if m],
                              False: [i for i, m in enumerate(self.is_image) if not m]}
         self.stats = {"seen": 0, "image_failures": 0, "too_long": 0, "label_mismatches": 0}
+        # Per-sample problems are logged here; train.py turns this off and reports them from the batch meta in the
+        # main process with a per-run cap (DataLoader workers restart every epoch, so a cap here is per worker).
+        self.log_problems = True
 
     def _max_num(self, si):
         return self.sources[si].max_num or self.max_num
@@ -406,7 +410,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                             use_thumbnail=self.use_thumbnail, images=images, check_labels=self.check_labels)
 
     def __getitem__(self, i):
-        skipped, j = [], i
+        skipped, j, image_failures = [], i, 0
         for attempt in range(self.max_replacements + 1):
             self.stats["seen"] += 1
             try:
@@ -414,8 +418,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 break
             except ImageLoadError as e:
                 self.stats["image_failures"] += 1
+                image_failures += 1
                 skipped.append(f"{self.sample_id(j)}: {e}")
-                log.warning("skipping sample %s: %s", self.sample_id(j), e)
+                if self.log_problems:
+                    log.warning("skipping sample %s: %s", self.sample_id(j), e)
                 limit = max(self.image_failure_grace, self.max_image_failure_rate * self.stats["seen"])
                 if self.stats["image_failures"] > limit:
                     raise RuntimeError(
@@ -425,7 +431,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             except SampleTooLong as e:
                 self.stats["too_long"] += 1
                 skipped.append(f"{self.sample_id(j)}: {e}")
-                log.warning("skipping sample %s: %s", self.sample_id(j), e)
+                if self.log_problems:
+                    log.warning("skipping sample %s: %s", self.sample_id(j), e)
             # a seeded replacement of the same modality keeps the batch's shape and is reproducible
             failed = {i} | {j}
             pool = [k for k in self._by_modality[self.is_image[i]] if k not in failed] or \
@@ -436,10 +443,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
                                f"last problems: {skipped[-3:]}")
         if not sample["labels_match_official"]:
             self.stats["label_mismatches"] += 1
-            if self.stats["label_mismatches"] <= 10:  # then only counted (batch meta, stats)
+            if self.log_problems and self.stats["label_mismatches"] <= 10:  # then only counted (batch meta, stats)
                 log.warning("sample %s: net-rule labels differ from the official fragment-count labels "
                             "(the official code would mask or shift them); keeping the net rule", self.sample_id(j))
-        sample["meta"] = {"id": self.sample_id(j), "skipped": skipped,
+        sample["meta"] = {"id": self.sample_id(j), "skipped": skipped, "image_failures": image_failures,
                           "labels_match_official": sample.pop("labels_match_official"),
                           "truncated": sample.pop("truncated")}
         sample.pop("num_tiles")

@@ -226,6 +226,31 @@ def test_several_nonfinite_steps_in_a_row_abort(demo, tmp_path):
     assert "aborting: 3 optimizer steps in a row had a NaN/inf loss" in proc.stderr
 
 
+def test_data_problems_are_counted_per_run_and_printed_capped(demo, tmp_path, capsys):
+    import shutil
+
+    import train
+    warn = train.Warnings(0, cap=3)
+    for i in range(7):
+        warn("kind", f"problem {i}")
+    err = capsys.readouterr().err
+    assert err.count("warning: problem") == 3 and "the last 'kind' warning shown" in err
+    # End to end: one unreadable image, 2 DataLoader workers (restarted every epoch), 3 epochs.
+    base, data = demo
+    annotation, folder = data.split(",")
+    records = [json.loads(line) for line in open(annotation)]
+    records = [r for r in records if "image" in r][:8] + [r for r in records if "image" not in r][:4]
+    shutil.copytree(folder, tmp_path / "data")
+    (tmp_path / "data" / records[0]["image"]).write_bytes(b"not a png")
+    with open(tmp_path / "data" / "few.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    few = (base, f"{tmp_path / 'data' / 'few.jsonl'},{tmp_path / 'data'}")
+    proc, rows = run(common(few, 2, "--num-workers", "2", "--max-steps", "18"), tmp_path / "out")
+    assert rows[-1]["epoch"] == 2 and rows[-1]["image_failures"] == rows[-1]["replaced_samples"] == 3
+    assert "replaced 3 samples (3 unreadable images" in proc.stdout
+    assert proc.stderr.count("warning: replaced sample few:") == 3 and "skipping sample" not in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 def _refused(argv, match):
@@ -257,6 +282,38 @@ def test_bad_combinations_are_refused_before_any_heavy_work(demo, tmp_path):
     (tmp_path / "iter_5").mkdir()
     (tmp_path / "iter_5" / "meta.json").write_text("{}")
     _refused(["--model-path", base, "--data", data, *out], r"already holds checkpoints \(iter_5\): pass --resume auto")
+
+
+def test_help_fits_100_columns_and_every_option_says_its_default(capsys):
+    import argparse
+
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) > 50 and max(len(line) for line in lines) <= 100
+    for a in train.build_parser()._actions:
+        if a.help != argparse.SUPPRESS and a.dest != "help":
+            assert "default" in a.help.lower(), a.option_strings
+    for script in ("chat.py", "convert.py"):  # their options say their defaults too
+        out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+        assert max(len(line) for line in out.splitlines()) <= 100, script
+        assert out.count("default") >= {"chat.py": 12, "convert.py": 6}[script], out
+
+
+def test_worker_default_follows_the_cores(monkeypatch):
+    import train
+
+    def workers():
+        args = train.parse_args(["--size", "2b"])
+        args.demo = False
+        return train.fill_defaults(args).num_workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert workers() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert workers() == 4
 
 
 # ------------------------------------------------------------------------------------------------ workers
