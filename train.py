@@ -32,6 +32,7 @@ import socket
 import sys
 import time
 import types
+import warnings
 from functools import partial
 
 import torch
@@ -290,6 +291,12 @@ def main(argv=None):
         diff = {k: (meta["run"].get(k), v) for k, v in meta_args.items() if meta["run"].get(k) != v}
         if diff:
             raise SystemExit(f"error: cannot resume {resume_from}: these settings differ (checkpoint, now): {diff}")
+        planned, asked = _schedule_length(meta["args"]), _schedule_length(vars(args))
+        if planned != asked:  # the LR schedule's length: changing it moves the LR of the steps already taken
+            raise SystemExit(f"error: cannot resume {resume_from} with {asked}: its learning-rate schedule (warmup, "
+                             f"then cosine to 0) was planned for {planned}, and another length would move the "
+                             f"learning rate back up mid-run. Resume with {planned}, or, to train further, convert "
+                             f"the checkpoint and start a new run from it")
 
     # ---------------------------------------------------------------- distributed setup
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one
@@ -300,6 +307,10 @@ def main(argv=None):
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo collectives
+    # DeepSpeed calls two torch.distributed functions that torch has renamed; each call would print a FutureWarning
+    # that nothing here can act on (34 per ZeRO-3 run).
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                                      r"deprecated", FutureWarning)
     import deepspeed
     import torch.distributed as dist
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
@@ -659,6 +670,11 @@ def _meta_args(args, world, lora_cfg):
                 max_packed_tiles=args.max_packed_tiles, lora=lora_cfg.to_dict() if lora_cfg else None,
                 train_vit=args.train_vit, unfreeze_vit_layers=args.unfreeze_vit_layers,
                 freeze_projector=args.freeze_projector, freeze_llm=args.freeze_llm)
+
+
+def _schedule_length(args):
+    """What fixes the length of the LR schedule: --max-steps when given, else --epochs."""
+    return f"--max-steps {args['max_steps']}" if args["max_steps"] else f"--epochs {args['epochs']:g}"
 
 
 def _fmt(x, spec):

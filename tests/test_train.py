@@ -8,6 +8,7 @@ worker that injects faults or a deliberately mixed data order, then calls train.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def test_one_and_two_processes_agree(demo, tmp_path, stage):
     worker = ["mixed"] if stage == 3 else None
     mode = ["--mode", "full", "--drop-path-rate", "0"] if stage == 3 else ["--lora-dropout", "0"]  # deterministic
     _, one = run(common(demo, 4, *args, *mode), tmp_path / "one", worker=worker)
-    _, two = run(common(demo, 2, *args, *mode), tmp_path / "two", nproc=2, worker=worker)
+    proc, two = run(common(demo, 2, *args, *mode), tmp_path / "two", nproc=2, worker=worker)
     print(f"ZeRO-{stage} losses 1 process {losses(one)}\n{'':>16}2 processes {losses(two)}")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
@@ -106,6 +107,10 @@ def test_one_and_two_processes_agree(demo, tmp_path, stage):
         assert a["samples"] == b["samples"] == 4 and a["supervised_tokens"] == b["supervised_tokens"]
     if stage == 3:
         assert all(r["image_tiles"] == 2 for r in two)  # two image samples + two text-only samples per step
+    # The summary counts partitioned parameters whole, and DeepSpeed's deprecated collectives stay quiet.
+    assert "FutureWarning" not in proc.stderr and "0.0M parameters" not in proc.stdout
+    total = re.search(r"total +([\d,]+) / +([\d,]+)", proc.stdout)
+    assert int(total[1].replace(",", "")) > 0 and int(total[2].replace(",", "")) > 100_000, proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------ resume and crashes
@@ -173,6 +178,10 @@ def test_resume_refuses_other_settings(demo, uninterrupted, tmp_path):
     proc, _ = run(common(demo, 2, *RESUME_ARGS, "--resume", str(out_a / "iter_8")), tmp_path, check=False)
     assert proc.returncode != 0 and "these settings differ" in proc.stdout + proc.stderr
     assert "'batch_size': (4, 2)" in proc.stdout + proc.stderr
+    proc, _ = run(common(demo, 4, *RESUME_ARGS, "--max-steps", "12", "--resume", str(out_a / "iter_8")), tmp_path,
+                  check=False)  # a longer schedule would move the LR of a finished cosine back up: refused
+    assert proc.returncode != 0 and "cannot resume" in proc.stderr and "with --max-steps 12" in proc.stderr
+    assert "planned for --max-steps 8" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ QLoRA
