@@ -473,6 +473,10 @@ def main(argv=None):
                 f"{c['bad']} bad)")
         log(f"  {'total':<20} {len(dataset):>9,} samples, {sum(dataset.is_image):,} with images; template "
             f"{config.template}")
+        left_out = getattr(sampler, "left_out", {})  # batches never mix modalities, nor repeat a sample to fill
+        if any(left_out.values()):
+            log(f"  each epoch leaves out {left_out['image']} image and {left_out['text-only']} text-only samples "
+                f"that do not fill a batch of {args.batch_size} x {world} (a different seeded set each epoch)")
         log(f"effective batch {args.batch_size} x {args.grad_accum} accum x {world} = "
             f"{args.batch_size * args.grad_accum * world}; {steps_per_epoch} steps/epoch; {total_steps} steps "
             f"(warmup {warmup}), lr {args.lr:g}, wd {args.weight_decay:g}; checkpoints every {args.save_steps} "
