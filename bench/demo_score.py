@@ -23,7 +23,8 @@ from data.demo import COLOURS, POSITIONS, SHAPES, draw  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from model import load_pretrained  # noqa: E402
 
-QUESTIONS = {"colour": ("What colour is the shape?", list(COLOURS)), "shape": ("What shape is in the picture?", SHAPES)}
+QUESTIONS = {"colour": ("What colour is the shape?", list(COLOURS)),
+             "shape": ("What shape is in the picture?", SHAPES)}
 
 
 def named(answer: str, words) -> set[str]:
