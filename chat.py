@@ -276,29 +276,36 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=lambda prog: argparse.HelpFormatter(prog, width=100))
     p.add_argument("model_dir", help="an official InternVL 1.5 directory (convert.py output or a released model)")
-    p.add_argument("--image", help="image file; without it the chat is text-only")
-    p.add_argument("--question", help="ask once and exit; without it, read questions from stdin (interactive)")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--image", help="image file (default: none, a text-only chat)")
+    p.add_argument("--question", help="ask once and exit (default: read questions from stdin, "
+                                                 "interactive)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="longest answer in tokens (default 1024)")
     p.add_argument("--max-num", type=int, default=None,
                    help="tile cap for the image (default: the directory's max_dynamic_patch)")
     p.add_argument("--system-message", default=None,
                    help="override the system message (default: config.json's, else the template default of the "
                         "directory's conversation.py, else the toolkit's default)")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (default off)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="with --do-sample: divides the logits (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="with --do-sample: sample from the smallest set of tokens whose probability reaches P "
+                        "(default 1.0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... "
+                                                         "(default auto)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights and compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
+    p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete (default: "
+                                                                   "stream it)")
     p.add_argument("--data", metavar="ANNOTATION[,IMAGE_FOLDER]",
                    help="a LLaVA-format test set: greedy answers to each record's first question, batched, to "
-                        "--output; prints exact-match and contained rates against the first answers")
-    p.add_argument("--output", help="with --data: the answers (JSON lines)")
-    p.add_argument("--batch-size", type=int, default=8, help="with --data: prompts per batch (left padded)")
+                        "--output; prints exact-match and contained rates against the first answers (default: "
+                        "none, an interactive chat)")
+    p.add_argument("--output", help="with --data: the answers, JSON lines (default none)")
+    p.add_argument("--batch-size", type=int, default=8, help="with --data: prompts per batch, left padded (default 8)")
     args = p.parse_args(argv)
     if (args.data is None) != (args.output is None):
         p.error("--data and --output go together")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import io
 import json
 import math
@@ -31,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 from collections.abc import Iterable
 
 import torch
@@ -131,6 +133,12 @@ def trained_tensors(ckpt_dir: str, meta: dict, dtype: torch.dtype = torch.float3
     (it is written in that dtype anyway; a 26B full run's LLM is then 40 GB, not 80 GB of float32).
 
     Strict: exactly the parameters meta.json lists as trainable."""
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, "*.pt"))):  # torch.save files are zip archives
+        if not zipfile.is_zipfile(path):
+            raise ConvertError(f"{path}: not a readable torch.save file (truncated or damaged: no zip directory at "
+                               f"its end); use an earlier checkpoint")
+    if not torch.cuda.is_available():  # else DeepSpeed warns on every import that it fell back to the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     run_dir, tag = os.path.split(ckpt_dir)
     try:
@@ -434,6 +442,11 @@ def _answer(model, tokenizer, sample, dtype) -> str:
                          max_new_tokens=CHECK_NEW_TOKENS)[0]
 
 
+def readable(text: str) -> str:
+    """An answer for the log: control characters and undecodable bytes (U+FFFD) escaped, everything else as is."""
+    return "".join(c if c.isprintable() and c != "\ufffd" else ascii(c)[1:-1] for c in text)
+
+
 def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dtype, device, tol=None,
                qlora=False, log=print) -> dict:
     """Logits (and the chat answer) of the export vs the trained model on the fixed input; the untrained base
@@ -485,8 +498,8 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
         f"-> {'OK' if result['ok'] else 'FAILED'}")
     same = "the same" if answer == ref_answer else "DIFFERENT (greedy decoding can part at a near-tie; the " \
                                                    "logit check above is the criterion)"
-    log(f"self-check chat ({CHECK_NEW_TOKENS} greedy tokens, {CHECK_QUESTION!r}): export {answer!r}, trained "
-        f"model {ref_answer!r}: {same}")
+    log(f"self-check chat ({CHECK_NEW_TOKENS} greedy tokens, {CHECK_QUESTION!r}): export \"{readable(answer)}\", "
+        f"trained model \"{readable(ref_answer)}\": {same}")
     if qlora:
         log(f"self-check (QLoRA): the 4-bit model training ran differs from the bf16-base model by up to "
             f"{result['nf4_gap']:.3g} (the base's NF4 quantisation error; the export merges onto the bf16 base)")
@@ -559,22 +572,26 @@ def convert(args, log=print) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=lambda prog: (
+        argparse.HelpFormatter(prog, width=100, max_help_position=30)))
     p.add_argument("ckpt", metavar="CKPT", help="an iter_* checkpoint directory, or a run directory (its newest "
                                                 "complete checkpoint is used)")
     p.add_argument("out", metavar="OUT", help="the official directory to write (must not exist, or be empty, "
                                               "unless --overwrite)")
     p.add_argument("--base-model", metavar="DIR",
-                   help="the base model directory, when it is no longer where meta.json says")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the written weights")
+                   help="the base model directory, when it is no longer where meta.json says (default: "
+                        "meta.json's base_model_path)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
+                   help="dtype of the written weights (default bfloat16, as released)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                    help="largest safetensors shard, e.g. 5GB (default), 500MB, 2GiB")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (default off)")
     p.add_argument("--allow-base-change", action="store_true",
-                   help="convert even when the base's weights differ from those training started from")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the self-check")
+                   help="convert even when the base's weights differ from those training started from (default off)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the self-check (default: run it)")
     p.add_argument("--verify-dtype", default="float32", choices=sorted(DTYPES),
-                   help="compute dtype of the self-check (float32: exact; bfloat16 halves its memory)")
+                   help="compute dtype of the self-check (default float32: exact; bfloat16 halves its "
+                        "memory)")
     p.add_argument("--verify-device", default=None, help="device of the self-check (default: cuda if available)")
     p.add_argument("--tolerance", type=float, default=None,
                    help=f"largest accepted |logit difference| (default: {K_TOL:g} x the unit roundoff of the "

@@ -373,12 +373,12 @@ def mark_trainable(model: nn.Module, mode: str, *, train_vit: bool = False,
 
 def parameter_report(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{part: (trainable, total)} for vit, projector, llm and adapters (LoRA A/B, counted apart from the part
-    they sit in). NF4 weights count as their logical out*in parameters."""
+    they sit in). NF4 weights count as their logical out*in parameters, ZeRO-3 partitioned ones as whole."""
     report = {part: [0, 0] for part in ("vit", "projector", "llm", "adapters")}
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
-            numel = (module.in_features * module.out_features
-                     if isinstance(module, NF4Linear) and p_name == "weight" else p.numel())
+            numel = (module.in_features * module.out_features if isinstance(module, NF4Linear) and p_name == "weight"
+                     else getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions leave p empty; ds_numel is whole
             part = "adapters" if p_name in ("lora_A", "lora_B") else mod_name.split(".")[0]
             report[part][0] += numel if p.requires_grad else 0
             report[part][1] += numel

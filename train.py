@@ -33,6 +33,7 @@ import socket
 import sys
 import time
 import types
+import warnings
 from functools import partial
 
 import torch
@@ -47,9 +48,9 @@ RECIPES = {
     ("26b", "lora"): dict(lr=2e-5, weight_decay=0.05, batch_size=2, grad_accum=4, drop_path_rate=0.0),
 }
 COMMON = dict(warmup_ratio=0.03, epochs=1, max_length=4096, save_steps=200, lora_r=16, lora_dropout=0.05,
-              log_interval=1, save_total_limit=3, num_workers=4)  # LoRA alpha: 2r; tiles: config.json
-# The demo: a tiny random 2B-like model on synthetic shapes; 400 steps (~30 s on 2 CPU cores) are enough for its
-# answers to follow the image (colour, shape), not just the answer format.
+              log_interval=1, save_total_limit=3)  # LoRA alpha: 2r; tiles: config.json; workers: the cores
+# The demo: a tiny random 2B-like model on synthetic shapes, 400 steps; bench/demo_score.py measures how often its
+# answers name the colour and the shape of freshly drawn images.
 DEMO = dict(mode="lora", lr=2e-3, weight_decay=0.0, batch_size=4, grad_accum=1, max_steps=400, warmup_ratio=0.05,
             max_length=512, max_tiles=1, save_steps=200, lora_r=16, lora_dropout=0.0,
             drop_path_rate=0.0, num_workers=0, activation_checkpointing=False)
@@ -59,11 +60,12 @@ GRAD_CLIP = 1.0  # official max_grad_norm
 FORMAT = "internvl-train-checkpoint/1"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=lambda prog: (
+        argparse.RawDescriptionHelpFormatter(prog, width=100, max_help_position=36)))
     g = p.add_argument_group("model")
     g.add_argument("--model-path", help="official InternVL 1.5 directory (config.json, safetensors, tokenizer). "
-                                        "Without it and without data: the embedded demo")
+                                        "Default: none; without it and without data: the embedded demo")
     g.add_argument("--size", choices=["2b", "4b", "26b"],
                    help="model size: picks the recipe defaults and is checked against the checkpoint's "
                         "architecture (default: read from the checkpoint)")
@@ -72,18 +74,23 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[], metavar="ANNOTATION[,IMAGE_FOLDER[,REPEAT[,MAX_TILES]]]",
                    help="a .json/.jsonl LLaVA-format annotation file with its image folder, repeat ratio "
-                        "(r < 1: seeded fraction; r > 1: floor(r) copies + a seeded fraction) and tile cap; repeatable")
+                        "(r < 1: seeded fraction; r > 1: floor(r) copies + a seeded fraction; default 1) and tile cap "
+                        "(default --max-tiles); repeatable")
     g.add_argument("--eval-data", action="append", default=[], metavar="ANNOTATION[,IMAGE_FOLDER[,REPEAT[,MAX_TILES]]]",
-                   help="held-out data (the --data syntax, repeatable): eval_loss every --eval-steps and at the end")
+                   help="held-out data (the --data syntax, repeatable): eval_loss every --eval-steps and at the end "
+                        "(default: none)")
     g.add_argument("--eval-steps", type=int, help="evaluate every N optimizer steps (default: --save-steps)")
     g.add_argument("--eval-samples", type=int, default=0, metavar="K",
-                   help="at each evaluation, greedy answers to the first K held-out prompts -> OUTPUT/samples.jsonl")
-    g.add_argument("--meta-path", help="official meta file {name: {root, annotation, repeat_time, max_dynamic_patch}}")
+                   help="at each evaluation, greedy answers to the first K held-out prompts -> OUTPUT/samples.jsonl "
+                        "(default 0)")
+    g.add_argument("--meta-path", help="official meta file {name: {root, annotation, repeat_time, "
+                                             "max_dynamic_patch}} (default: none)")
     g.add_argument("--system-message", help="the system prompt of every training sample (default: config.json's "
                                             "system_message, else the official template default); convert.py "
                                             "writes it into the exported config.json")
     g.add_argument("--skip-bad-samples", action="store_true",
-                   help="turn annotation problems into counted skips instead of an error before training")
+                   help="turn annotation problems into counted skips instead of an error before training "
+                        "(default off)")
     g.add_argument("--max-length", type=int, help="max tokens per sample, image tokens included (default 4096); "
                                                   "image spans are never cut")
     g.add_argument("--max-tiles", type=int, help="max dynamic tiles per image, thumbnail aside (default: "
@@ -91,42 +98,51 @@ def parse_args(argv=None):
     g.add_argument("--min-tiles", type=int, help="min dynamic tiles per image (default: min_dynamic_patch)")
     g.add_argument("--thumbnail", action=argparse.BooleanOptionalAction, default=None,
                    help="append a thumbnail tile to multi-tile images (default: config.json's use_thumbnail)")
-    g.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default 4; demo 0)")
+    g.add_argument("--num-workers", type=int,
+                   help="DataLoader workers per rank (default: min(4, CPU cores of this rank); demo 0)")
     g.add_argument("--max-packed-tokens", type=int, metavar="N",
                    help="sequence packing: each micro-batch is one row of whole samples up to N tokens (official "
-                        "8192), attention isolated between them; the per-device batch is then 1")
+                        "8192), attention isolated between them; the per-device batch is then 1 "
+                        "(default: no packing)")
     g.add_argument("--max-packed-tiles", type=int, default=40, metavar="T",
                    help="with packing: at most T image tiles per pack (official num_images_expected, default 40)")
     g = p.add_argument_group("optimisation (defaults: the official 2nd-finetune recipe of --size and --mode)")
-    g.add_argument("--deepspeed", help="DeepSpeed config (default ds_zero3.json for 26b full/lora, else ds_zero1.json)")
-    g.add_argument("--batch-size", type=int, help="micro-batch per device")
-    g.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
-    g.add_argument("--lr", type=float, help="peak learning rate (AdamW, betas 0.9/0.999, eps 1e-8, clip 1.0)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (on every trainable tensor, as official)")
+    g.add_argument("--deepspeed", help="DeepSpeed config (default ds_zero3.json for 26b full/lora, else "
+                                         "ds_zero1.json)")
+    g.add_argument("--batch-size", type=int, help="micro-batch per device (default: the recipe's, demo 4)")
+    g.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: the recipe's, demo 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate (AdamW, betas 0.9/0.999, eps 1e-8, clip 1.0; "
+                                                 "default: the recipe's)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (on every trainable tensor, as "
+                                                             "official; default: the recipe's)")
     g.add_argument("--warmup-ratio", type=float, help="linear warmup fraction of the steps, then cosine to 0 "
                                                       "(default 0.03)")
     g.add_argument("--epochs", type=float, help="epochs (default 1); ignored when --max-steps is given")
-    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs); 0 = a dry run: load the "
-                                                 "model and data, build the engine, print the summary, exit")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs; default: from --epochs; "
+                                                 "demo 400); 0 = a dry run: load the data and the model, build "
+                                                 "the engine, print the summary, exit")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto = bf16 on GPU, fp32 on CPU")
+                   help="auto = bf16 on GPU, fp32 on CPU (default auto)")
     g.add_argument("--seed", type=int, default=42,
-                   help="seeds the data order, repeat-ratio sampling, LoRA init and dropout")
+                   help="seeds the data order, repeat-ratio sampling, LoRA init and dropout (default 42)")
     g.add_argument("--max-bad-steps", type=int, default=5,
-                   help="abort after this many optimizer steps in a row with a NaN/inf loss (each is skipped)")
+                   help="abort after this many optimizer steps in a row with a NaN/inf loss (each is skipped; "
+                        "default 5)")
     g = p.add_argument_group("LoRA / freezing")
     g.add_argument("--lora-r", type=int, help="LoRA rank (default 16, official)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2r, as official)")
     g.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
     g.add_argument("--lora-targets", help="comma-separated official module names (default: every LLM linear but "
                                           "the head: wqkv,wo,w1,w2,w3 / qkv_proj,o_proj,gate_up_proj,down_proj)")
-    g.add_argument("--lora-vit", action="store_true", help="also put adapters on the ViT linears")
-    g.add_argument("--lora-rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r) instead of alpha / r")
-    g.add_argument("--train-vit", action="store_true", help="train the whole ViT (frozen by default, as official)")
+    g.add_argument("--lora-vit", action="store_true", help="also put adapters on the ViT linears (default off)")
+    g.add_argument("--lora-rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r) instead of alpha / r "
+                                                                          "(default off)")
+    g.add_argument("--train-vit", action="store_true", help="train the whole ViT (default off: frozen, as official)")
     g.add_argument("--unfreeze-vit-layers", type=int, metavar="K",
-                   help="train ViT layers K.. (official unfreeze_vit_layers: 0 = off, -K = the last K)")
-    g.add_argument("--freeze-projector", action="store_true", help="freeze the mlp1 projector")
-    g.add_argument("--freeze-llm", action="store_true", help="full mode: freeze the LLM (train the projector only)")
+                   help="train ViT layers K.. (official unfreeze_vit_layers: 0 = off, -K = the last K; default off)")
+    g.add_argument("--freeze-projector", action="store_true", help="freeze the mlp1 projector (default off)")
+    g.add_argument("--freeze-llm", action="store_true", help="full mode: freeze the LLM (train the projector "
+                                                                            "only; default off)")
     g.add_argument("--drop-path-rate", type=float, help="ViT drop path (default 0.1 2b/4b full, 0.4 26b full, 0 LoRA)")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="per-layer activation checkpointing of ViT and LLM (default on)")
@@ -134,19 +150,25 @@ def parse_args(argv=None):
     g.add_argument("--output-dir", help="run directory (default runs/demo or runs/{size}_{mode})")
     g.add_argument("--save-steps", type=int, help="checkpoint every N optimizer steps (default 200) and at the end")
     g.add_argument("--save-total-limit", type=int, help="checkpoints to keep (default 3)")
-    g.add_argument("--resume", help="'auto' (newest complete checkpoint of --output-dir, if any) or an iter_* path")
-    g.add_argument("--log-interval", type=int, help="progress-bar refresh every N steps (metrics.jsonl: every step)")
+    g.add_argument("--resume", help="'auto' (newest complete checkpoint of --output-dir, if any) or an iter_* path "
+                                  "(default: start from step 0)")
+    g.add_argument("--log-interval", type=int, help="progress-bar refresh every N steps (metrics.jsonl: every step; "
+                                                       "default 1)")
     g = p.add_argument_group("memory")
     g.add_argument("--estimate-memory", action="store_true",
                    help="print the per-GPU memory estimate of this run (weights, gradients, optimizer, activations) "
-                        "and exit; loads no weights (--size alone is enough)")
+                        "and exit; loads no weights (--size alone is enough; default off)")
     g.add_argument("--gpus", type=int, help="with --estimate-memory: data-parallel GPUs (default: WORLD_SIZE or 8)")
     g.add_argument("--no-memory-check", dest="memory_check", action="store_false",
-                   help="start even when the estimate exceeds the free memory of a GPU")
+                   help="start even when the estimate exceeds the free memory of a GPU (default: refuse)")
     g.add_argument("--gpu-memory", type=float, default=80.0,
                    help="with --estimate-memory: GiB per GPU to check the estimate against (default 80)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the `deepspeed` launcher's
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def fill_defaults(args):
@@ -162,6 +184,9 @@ def fill_defaults(args):
     for k, v in COMMON.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.num_workers is None:  # up to 4, but never more than this rank's cores (PyTorch warns past them)
+        cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        args.num_workers = min(4, max(1, cores))
     if args.activation_checkpointing is None:
         args.activation_checkpointing = True
     if args.deepspeed is None:
@@ -382,6 +407,12 @@ def main(argv=None):
         diff = {k: (meta["run"].get(k), v) for k, v in meta_args.items() if meta["run"].get(k) != v}
         if diff:
             raise SystemExit(f"error: cannot resume {resume_from}: these settings differ (checkpoint, now): {diff}")
+        planned, asked = _schedule_length(meta["args"]), _schedule_length(vars(args))
+        if planned != asked:  # the LR schedule's length: changing it moves the LR of the steps already taken
+            raise SystemExit(f"error: cannot resume {resume_from} with {asked}: its learning-rate schedule (warmup, "
+                             f"then cosine to 0) was planned for {planned}, and another length would move the "
+                             f"learning rate back up mid-run. Resume with {planned}, or, to train further, convert "
+                             f"the checkpoint and start a new run from it")
 
     # ---------------------------------------------------------------- distributed setup
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one
@@ -392,6 +423,10 @@ def main(argv=None):
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo collectives
+    # DeepSpeed calls two torch.distributed functions that torch has renamed; each call would print a FutureWarning
+    # that nothing here can act on (34 per ZeRO-3 run).
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                                      r"deprecated", FutureWarning)
     import deepspeed
     import torch.distributed as dist
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
@@ -443,6 +478,7 @@ def main(argv=None):
         raise SystemExit(f"error: {payload[0]}" if master else 1)  # the other ranks exit quietly
     if not master:
         dataset = make(index=payload[0])
+    dataset.log_problems = False  # reported below from each batch's meta, capped per run (workers restart)
     if args.max_packed_tokens:  # one pack per micro-batch; the number of packs per epoch is planned in advance
         sampler = PackedBatchSampler(dataset.lengths, args.max_packed_tokens, tiles=dataset.tiles,
                                      max_tiles=args.max_packed_tiles, world_size=world, rank=rank, seed=args.seed)
@@ -529,7 +565,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- resume
     step, epoch, micro_in_epoch = 0, 0, 0
     counters = dict(skipped_steps=0, nonfinite_steps=0, all_masked_steps=0, all_masked_micro_batches=0,
-                    samples_seen=0)
+                    samples_seen=0, replaced_samples=0, image_failures=0, label_mismatches=0)
     meta_args["trainable"] = trainable
     if resume_from:
         if meta["run"]["trainable"] != trainable:  # DeepSpeed loads the saved tensors non-strictly: check here
@@ -581,6 +617,10 @@ def main(argv=None):
                 f"{c['bad']} bad)")
         log(f"  {'total':<20} {len(dataset):>9,} samples, {sum(dataset.is_image):,} with images; template "
             f"{config.template}")
+        left_out = getattr(sampler, "left_out", {})  # batches never mix modalities, nor repeat a sample to fill
+        if any(left_out.values()):
+            log(f"  each epoch leaves out {left_out['image']} image and {left_out['text-only']} text-only samples "
+                f"that do not fill a batch of {args.batch_size} x {world} (a different seeded set each epoch)")
         log(f"effective batch {args.batch_size} x {args.grad_accum} accum x {world} = "
             f"{args.batch_size * args.grad_accum * world}; {steps_per_epoch} steps/epoch; {total_steps} steps "
             f"(warmup {warmup}), lr {args.lr:g}, wd {args.weight_decay:g}; checkpoints every {args.save_steps} "
@@ -594,6 +634,7 @@ def main(argv=None):
     tb = _tensorboard(args.output_dir) if master else None
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+    warn = Warnings(rank)
 
     # ---------------------------------------------------------------- the loop
     engine.train()
@@ -602,13 +643,19 @@ def main(argv=None):
     while step < total_steps:
         t_step = time.time()
         micro = [next(data_iter) for _ in range(args.grad_accum)]
+        for b in micro:
+            report_data_problems(b["meta"], warn)
         # What the step will see, agreed by every rank with one all-reduce: its supervised tokens (the loss
         # denominator), tokens, samples and image tiles.
         local = [sum(b["meta"]["num_supervised"] for b in micro), sum(b["meta"]["num_tokens"] for b in micro),
                  sum(b["meta"]["num_samples"] for b in micro),
                  sum(int(b["image_flags"].sum()) for b in micro),
-                 sum(b["meta"]["num_supervised"] == 0 for b in micro)]
-        n_step, tokens, samples, tiles, all_masked = (int(x) for x in all_reduce_sum(local, device))
+                 sum(b["meta"]["num_supervised"] == 0 for b in micro),
+                 *(sum(len(b["meta"][k]) if k == "skipped" else b["meta"][k] for b in micro)
+                   for k in ("skipped", "image_failures", "label_mismatches"))]
+        n_step, tokens, samples, tiles, all_masked, *problems = (int(x) for x in all_reduce_sum(local, device))
+        for k, n in zip(("replaced_samples", "image_failures", "label_mismatches"), problems):
+            counters[k] += n
         lr = scheduler.get_last_lr()[0]  # the lr this step's update uses
         counters["all_masked_micro_batches"] += all_masked
         counters["samples_seen"] += samples
@@ -686,7 +733,9 @@ def main(argv=None):
         tb.close()
     final = os.path.join(args.output_dir, f"iter_{last_saved}") if last_saved is not None else None
     log(f"done: {step} steps; skipped {counters['skipped_steps']} (non-finite {counters['nonfinite_steps']}, "
-        f"all-masked {counters['all_masked_steps']}); checkpoint {final}")
+        f"all-masked {counters['all_masked_steps']}); replaced {counters['replaced_samples']} samples "
+        f"({counters['image_failures']} unreadable images, the rest too long); {counters['label_mismatches']} "
+        f"label-rule mismatches; checkpoint {final}")
     if final:
         log(f"convert it to an official InternVL 1.5 directory with:\n  python convert.py {final} "
             f"{os.path.join(args.output_dir, 'converted')}")
@@ -755,6 +804,30 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
+class Warnings:
+    """Run-time warnings, at most `cap` per kind and run, printed through tqdm so the progress bar stays whole."""
+
+    def __init__(self, rank, cap=10):
+        self.prefix = "warning: " if rank == 0 else f"warning (rank {rank}): "
+        self.cap, self.counts = cap, {}
+
+    def __call__(self, kind, message):
+        n = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if n <= self.cap:
+            from tqdm import tqdm
+            last = f" (the last '{kind}' warning shown; metrics.jsonl counts them all)" if n == self.cap else ""
+            tqdm.write(self.prefix + message + last, file=sys.stderr)
+
+
+def report_data_problems(meta, warn):
+    """The problems DataLoader workers met while building a batch (they log nothing themselves)."""
+    for problem in meta["skipped"]:
+        warn("replaced sample", f"replaced sample {problem}")
+    for sample_id in meta["label_mismatch_ids"]:
+        warn("label rule", f"sample {sample_id}: net-rule labels differ from the official fragment-count labels "
+                           f"(the official code would mask or shift them); keeping the net rule")
+
+
 def _forward_returning_dict(self, **batch):
     out = type(self).forward(self, **batch)
     return {"loss": out.loss, "n_supervised": out.n_supervised}
@@ -797,6 +870,11 @@ def _data_change(old, new):
         if a != b:
             return f"source {b['name']} has other settings (checkpoint: {a}; now: {b})"
     return "the data differs"
+
+
+def _schedule_length(args):
+    """What fixes the length of the LR schedule: --max-steps when given, else --epochs."""
+    return f"--max-steps {args['max_steps']}" if args["max_steps"] else f"--epochs {args['epochs']:g}"
 
 
 def _fmt(x, spec):

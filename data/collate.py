@@ -7,8 +7,9 @@ batch are concatenated in sample order, and so are image_flags.
 
 The keys input_ids, labels, attention_mask, position_ids, pixel_values, image_flags are exactly the
 model's forward arguments; "meta" (pop it before the forward) carries per-batch bookkeeping:
-ids ("source:line" per sample), skipped (problems that made the dataset replace a sample),
-num_samples, num_tokens, num_supervised, label_mismatches, truncated.
+ids ("source:line" per sample), skipped (problems that made the dataset replace a sample), image_failures
+(how many of those were unreadable images), num_samples, num_tokens, num_supervised, label_mismatches (with
+label_mismatch_ids), truncated.
 """
 import torch
 
@@ -47,6 +48,8 @@ def batch_meta(samples, labels):
         "num_samples": len(samples),
         "num_tokens": sum(len(s["input_ids"]) for s in samples),
         "num_supervised": int(target_mask(labels).sum()),  # the loss's count
+        "image_failures": sum(m.get("image_failures", 0) for m in metas),
         "label_mismatches": sum(1 for m in metas if m.get("labels_match_official") is False),
+        "label_mismatch_ids": [m.get("id") for m in metas if m.get("labels_match_official") is False],
         "truncated": sum(1 for m in metas if m.get("truncated")),
     }

@@ -354,7 +354,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
       ds.is_image[i]          modality for the sampler (True = has images)
       ds.tiles[i]             image tiles (0 for text-only): exact with `image_wh`, else the cap (+ thumbnail)
       ds.source_counts        {name: {"records", "bad", "missing_images", "valid", "sampled"}}
-      ds[i]                   build_sample output + "meta" {"id", "skipped", "labels_match_official"}
+      ds[i]                   build_sample output + "meta" {"id", "skipped", "image_failures",
+                              "labels_match_official", "truncated"}
 
     The index (byte offset, line, length, tiles and modality of every valid record, and every problem found) is
     built in one pass over each file, or read from `cache_dir` where a build with the same file content, image
@@ -398,6 +399,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.lengths, self.is_image, self.tiles = cols["length"], cols["is_image"], cols["tiles"]
         self._by_modality = {True: np.flatnonzero(self.is_image), False: np.flatnonzero(~self.is_image)}
         self.stats = {"seen": 0, "image_failures": 0, "too_long": 0, "label_mismatches": 0}
+        # Per-sample problems are logged here; train.py turns this off and reports them from the batch meta in the
+        # main process with a per-run cap (DataLoader workers restart every epoch, so a cap here is per worker).
+        self.log_problems = True
 
     def _max_num(self, si):
         return self.sources[si].max_num or self.max_num
@@ -554,7 +558,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return int(random.Random(f"{self.seed}/replace/{i}/{attempt}").choice(fits))
 
     def __getitem__(self, i):
-        skipped, j, failed = [], i, {i}
+        skipped, j, failed, image_failures = [], i, {i}, 0
         for attempt in range(self.max_replacements + 1):
             self.stats["seen"] += 1
             try:
@@ -562,8 +566,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 break
             except ImageLoadError as e:
                 self.stats["image_failures"] += 1
+                image_failures += 1
                 skipped.append(f"{self.sample_id(j)}: {e}")
-                log.warning("skipping sample %s: %s", self.sample_id(j), e)
+                if self.log_problems:
+                    log.warning("skipping sample %s: %s", self.sample_id(j), e)
                 limit = max(self.image_failure_grace, self.max_image_failure_rate * self.stats["seen"])
                 if self.stats["image_failures"] > limit:
                     raise RuntimeError(
@@ -573,7 +579,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             except SampleTooLong as e:
                 self.stats["too_long"] += 1
                 skipped.append(f"{self.sample_id(j)}: {e}")
-                log.warning("skipping sample %s: %s", self.sample_id(j), e)
+                if self.log_problems:
+                    log.warning("skipping sample %s: %s", self.sample_id(j), e)
             failed.add(j)  # a seeded replacement of the same modality keeps the batch's shape, reproducibly
             j = self._replacement(i, failed, attempt)
         else:
@@ -581,10 +588,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
                                f"last problems: {skipped[-3:]}")
         if not sample["labels_match_official"]:
             self.stats["label_mismatches"] += 1
-            if self.stats["label_mismatches"] <= 10:  # then only counted (batch meta, stats)
+            if self.log_problems and self.stats["label_mismatches"] <= 10:  # then only counted (batch meta, stats)
                 log.warning("sample %s: net-rule labels differ from the official fragment-count labels "
                             "(the official code would mask or shift them); keeping the net rule", self.sample_id(j))
-        sample["meta"] = {"id": self.sample_id(j), "skipped": skipped,
+        sample["meta"] = {"id": self.sample_id(j), "skipped": skipped, "image_failures": image_failures,
                           "labels_match_official": sample.pop("labels_match_official"),
                           "truncated": sample.pop("truncated")}
         sample.pop("num_tiles")

@@ -2,13 +2,14 @@
 
 Per epoch, deterministic in (seed, epoch):
 1. image and text-only samples are handled apart (a batch never mixes them);
-2. each group is shuffled and padded, by repeating its own first samples, to a multiple of
-   batch_size * world_size, so every rank gets the same number of full batches;
+2. each group is shuffled and its last len(group) % (batch_size * world_size) samples are left out of
+   this epoch (`sampler.left_out`: counted, and a different seeded set each epoch), so every rank gets the
+   same number of full batches and no sample is repeated to fill one (it would count twice in the loss);
 3. it is cut into mega-batches of batch_size * world_size * group_batches samples, each sorted by
    estimated length (descending) and cut into micro-batches of batch_size; world_size consecutive
    micro-batches form one step (similar lengths on every rank at a step);
 4. the steps of both groups are shuffled together; rank r takes micro-batch r of every step.
-Every sample appears exactly once per epoch across ranks, apart from that padding.
+Every sample appears at most once per epoch across ranks.
 
 Use it as `DataLoader(ds, batch_sampler=sampler, collate_fn=collate)`. To resume, save
 `sampler.state_dict(batches_consumed_this_epoch)` (the DataLoader prefetches, so the sampler's own
@@ -31,6 +32,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.seed, self.group_batches = seed, group_batches
         self.epoch, self.position = 0, 0
+        unit = batch_size * world_size
+        n_img = sum(self.is_image)
+        self.left_out = {"image": n_img % unit, "text-only": (len(self.is_image) - n_img) % unit}  # per epoch
 
     def set_epoch(self, epoch, position=0):
         self.epoch, self.position = epoch, position
@@ -45,8 +49,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             if not group:
                 continue
             rng.shuffle(group)
-            need = (-len(group)) % unit
-            group += [group[k % len(group)] for k in range(need)]
+            group = group[:len(group) - len(group) % unit]
             mega = unit * self.group_batches
             for start in range(0, len(group), mega):
                 chunk = sorted(group[start:start + mega], key=lambda i: -self.lengths[i])
@@ -67,7 +70,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         unit = self.batch_size * self.world_size
         n_img = sum(self.is_image)
         n_txt = len(self.is_image) - n_img
-        return -(-n_img // unit) + -(-n_txt // unit) - self.position
+        return n_img // unit + n_txt // unit - self.position
 
     def state_dict(self, position=None):
         return {"epoch": self.epoch, "position": self.position if position is None else position,

@@ -12,6 +12,7 @@ Each run trains 3 steps and checkpoints after steps 2 and 3. Converting iter_2 i
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -332,6 +333,12 @@ def test_broken_checkpoints_and_wrong_bases(lora_run, workdir):
         f.unlink()
     with pytest.raises(convert.ConvertError, match="cannot consolidate the DeepSpeed files"):
         conv(broken, workdir / "broken-out", "--no-verify")
+    truncated = workdir / "truncated" / "iter_2"
+    shutil.copytree(lora_run / "iter_2", truncated)
+    pt = next(truncated.glob("*optim_states.pt"))
+    pt.write_bytes(pt.read_bytes()[:1000])
+    with pytest.raises(convert.ConvertError, match=rf"{re.escape(str(pt))}: not a readable torch.save file"):
+        conv(truncated, workdir / "truncated-out", "--no-verify")
     other = REPO / "tests" / "fixtures" / "internlm2"  # an official directory, but not this run's base
     with pytest.raises(convert.ConvertError, match="is not the one this run trained from.*--allow-base-change"):
         conv(lora_run / "iter_2", workdir / "wrong-base", "--base-model", other, "--no-verify")
@@ -381,3 +388,7 @@ def test_config_records_the_system_message_training_used(tmp_path):
     assert cfg["system_message"] == DEFAULT_SYSTEM_MESSAGE
     assert cfg["use_llm_lora"] == cfg["use_backbone_lora"] == 0 and cfg["torch_dtype"] == "bfloat16"
     assert convert.training_system_message({"system_message": "Be brief."}) == "Be brief."
+
+
+def test_answers_are_logged_readably():
+    assert convert.readable("A red\x07 circle\ufffd\n é") == "A red\\x07 circle\\ufffd\\n é"

@@ -26,7 +26,8 @@ def test_collate_pads_right_and_concatenates_tiles():
     assert out["pixel_values"][:, 0, 0, 0].tolist() == [0.5, 0.5, -1.0]
     assert out["image_flags"].tolist() == [1, 1, 0]
     assert out["meta"] == {"ids": ["s:1", "s:2"], "skipped": ["s:9: gone"], "num_samples": 2, "num_tokens": 7,
-                           "num_supervised": 4, "label_mismatches": 1, "truncated": 0}
+                           "num_supervised": 4, "image_failures": 0, "label_mismatches": 1,
+                           "label_mismatch_ids": ["s:2"], "truncated": 0}
 
 
 def test_collate_of_fixture_sample_matches_official_batch():

@@ -23,10 +23,11 @@ def test_every_sample_once_per_epoch_equal_batches(world):
     batches = [b for rank in per_rank for b in rank]
     assert all(len(b) == bs for b in batches)
     seen = Counter(i for b in batches for i in b)
-    assert set(seen) == set(range(len(lengths)))  # everything once ...
+    assert set(seen.values()) == {1}  # at most once: nothing repeated to fill a batch ...
     n_img, n_txt = sum(is_image), len(is_image) - sum(is_image)
-    padding = (-n_img) % (bs * world) + (-n_txt) % (bs * world)
-    assert sum(seen.values()) == len(lengths) + padding  # ... plus only the padding that evens out ranks
+    left_out = LengthGroupedSampler(lengths, is_image, bs, world, 0).left_out
+    assert left_out == {"image": n_img % (bs * world), "text-only": n_txt % (bs * world)}
+    assert len(seen) == len(lengths) - sum(left_out.values())  # ... and only the remainders left out
     assert all(len({is_image[i] for i in b}) == 1 for b in batches)  # modalities never mixed
 
 
@@ -69,3 +70,9 @@ def test_resume_refuses_a_different_setup():
         LengthGroupedSampler(lengths, is_image, 2, 4, 0).load_state_dict(state)
     with pytest.raises(ValueError, match="rank 2 outside world size 2"):
         LengthGroupedSampler(lengths, is_image, 2, 2, 2)
+
+
+def test_a_lone_text_sample_is_left_out_not_repeated():
+    s = LengthGroupedSampler([10] * 9, [True] * 8 + [False], batch_size=4)
+    assert s.left_out == {"image": 0, "text-only": 1} and len(s) == 2
+    assert sorted(i for b in s for i in b) == list(range(8))

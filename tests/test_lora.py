@@ -375,6 +375,15 @@ def test_mark_trainable_modes_and_report():
     assert rep["llm"] == (0, n["llm"]) and rep["adapters"] == (closed, closed)  # NF4 counted as out*in
 
 
+def test_report_counts_zero3_partitioned_parameters_whole():
+    model = build_model(preset("tiny"), "cpu")
+    whole = lora.mark_trainable(model, "full")
+    for p in model.parameters():  # what deepspeed.zero.Init leaves on a rank: an empty tensor and ds_numel
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0)
+    assert lora.parameter_report(model) == whole and whole["llm"][0] > 0
+
+
 # --- targets -----------------------------------------------------------------------------------------------------
 
 def test_targets_in_official_names():
