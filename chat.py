@@ -257,7 +257,7 @@ def read_test_set(spec: str):
     if not os.path.isfile(path):
         raise SystemExit(f"error: --data {path}: no such file")
     out = []
-    for line, rec in read_annotation(path):
+    for line, _, _, rec in read_annotation(path):
         rid = rec.get("id") if isinstance(rec, dict) and rec.get("id") is not None else f"{path}:{line}"
         out.append((str(rid), SampleError(f"{path}:{line}: {rec}") if isinstance(rec, Exception) else rec,
                     folder or None))

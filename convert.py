@@ -129,7 +129,8 @@ def check_base_unchanged(meta: dict, base: str, allow: bool, log=print) -> None:
 
 def trained_tensors(ckpt_dir: str, meta: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The trained tensors, consolidated from the ZeRO partitions by DeepSpeed's zero_to_fp32 one tensor at a
-    time (lazy mode): LoRA factors in float32 (the merge is float32), every other tensor in the export's `dtype`
+    time (lazy mode): LoRA factors and the weights under them in float32 (the merge is float32), every other
+    tensor in the export's `dtype`
     (it is written in that dtype anyway; a 26B full run's LLM is then 40 GB, not 80 GB of float32).
 
     Strict: exactly the parameters meta.json lists as trainable."""
@@ -154,7 +155,8 @@ def trained_tensors(ckpt_dir: str, meta: dict, dtype: torch.dtype = torch.float3
             raise ConvertError(f"{ckpt_dir}: the DeepSpeed files do not hold the trainable parameters meta.json "
                                f"lists: missing {missing[:8]} ({len(missing)}), unexpected {unexpected[:8]} "
                                f"({len(unexpected)})")
-    return {k: v.contiguous().to(torch.float32 if k.endswith((".lora_A", ".lora_B")) else dtype)
+    # float32 where the merge adds to it (adapters, and a trained weight under an adapter): one rounding only
+    return {k: v.contiguous().to(torch.float32 if k.endswith((".lora_A", ".lora_B")) or ".base." in k else dtype)
             for k, v in state.items()}
 
 

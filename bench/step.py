@@ -209,9 +209,10 @@ def padding_figures(mix, batch: int, max_tokens: int, seed: int = 0) -> dict:
     packs = PackedBatchSampler(lengths, batch * max_tokens, tiles, 13 * batch, seed=seed).packs(0)
     real = sum(lengths)
 
-    def padded(batches):
+    def padded(batches):  # the sampler leaves out the samples that do not fill a batch: count those it batches
         slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-        return {"micro_batches": len(batches), "padding_fraction": 1 - real / slots}
+        return {"micro_batches": len(batches), "padding_fraction": 1 - sum(lengths[i] for b in batches for i in b)
+                / slots}
 
     return {"samples": len(mix), "real_tokens": real, "batch": batch, "max_length": max_tokens,
             "random_batches": padded(rand), "length_grouped_batches": padded(grouped),
@@ -235,13 +236,13 @@ def bench_packing(args, cfg) -> dict:
     ways = {"padded": [to_device(collate([samples[i] for i in b]), device, dtype) for b in batches],
             "packed": [to_device(collate_packed([samples[i] for i in p]), device, dtype) for p in packs]}
     model, opt = prepare(cfg, args.mode[0], device, dtype, not args.no_grad_ckpt, args.lora_r)
-    real = sum(lengths)
-    out = {"mode": args.mode[0], "samples": len(samples), "real_tokens": real, "batch": args.batch,
+    out = {"mode": args.mode[0], "samples": len(samples), "real_tokens": sum(lengths), "batch": args.batch,
            "max_length": args.tokens, "pack_budget_tokens": args.batch * args.tokens}
     for _ in range(args.warmup):
         train_step(model, opt, ways["padded"][0])
         train_step(model, opt, ways["packed"][0])
     for name, mbs in ways.items():
+        real = int(sum((b["attention_mask"] > 0).sum() for b in mbs))  # padded batches leave out the remainder
         epochs = []
         for _ in range(args.repeats):
             epochs.append(sum(sum(train_step(model, opt, b)) for b in mbs))

@@ -73,10 +73,12 @@ def test_train_resume_convert_chat(base_and_data, tmp_path, mode):
     export = str(tmp_path / f"{mode}_export")
     sh([sys.executable, "convert.py", os.path.join(out, f"iter_{STEPS}"), export])
     assert os.path.exists(os.path.join(export, "config.json"))
-    image = os.path.join(data.split(",")[1], "red.png")
-    answer = sh([sys.executable, "chat.py", export, "--image", image, "--question", "What colour is the picture?",
-                 "--max-new-tokens", "8"])
-    assert answer.strip()
+    test_set, answers = tmp_path / "test.jsonl", tmp_path / "answers.jsonl"
+    test_set.write_text("".join(open(data.split(",")[0]).readlines()[:4]))
+    sh([sys.executable, "chat.py", export, "--data", f"{test_set},{data.split(',')[1]}", "--output", str(answers),
+        "--max-new-tokens", "8"])
+    rows = [json.loads(line) for line in open(answers)]
+    assert len(rows) == 4 and all("error" not in r and r["tokens"] >= 1 for r in rows), rows
 
 
 @needs_cuda
