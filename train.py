@@ -49,9 +49,9 @@ RECIPES = {
 }
 COMMON = dict(warmup_ratio=0.03, epochs=1, max_length=4096, save_steps=200, lora_r=16, lora_dropout=0.05,
               log_interval=1, save_total_limit=3)  # LoRA alpha: 2r; tiles: config.json; workers: the cores
-# The demo: a tiny random 2B-like model on synthetic shapes, 400 steps; bench/demo_score.py measures how often its
+# The demo: a tiny random 2B-like model on synthetic shapes, 800 steps; bench/demo_score.py measures how often its
 # answers name the colour and the shape of freshly drawn images.
-DEMO = dict(mode="lora", lr=2e-3, weight_decay=0.0, batch_size=4, grad_accum=1, max_steps=400, warmup_ratio=0.05,
+DEMO = dict(mode="lora", lr=2e-3, weight_decay=0.0, batch_size=4, grad_accum=1, max_steps=800, warmup_ratio=0.05,
             max_length=512, max_tiles=1, save_steps=200, lora_r=16, lora_dropout=0.0,
             drop_path_rate=0.0, num_workers=0, activation_checkpointing=False)
 # What tells the three released architectures apart (checked against --size before anything heavy is loaded).
@@ -119,7 +119,7 @@ def build_parser():
                                                       "(default 0.03)")
     g.add_argument("--epochs", type=float, help="epochs (default 1); ignored when --max-steps is given")
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs; default: from --epochs; "
-                                                 "demo 400); 0 = a dry run: load the data and the model, build "
+                                                 "demo 800); 0 = a dry run: load the data and the model, build "
                                                  "the engine, print the summary, exit")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto = bf16 on GPU, fp32 on CPU (default auto)")

@@ -79,7 +79,7 @@ def draw(colour: str, shape: str, position: str, rng: random.Random) -> Image.Im
     d = ImageDraw.Draw(img)
     cx, cy = POSITIONS[position]
     cx, cy = (cx + rng.uniform(-0.04, 0.04)) * size, (cy + rng.uniform(-0.04, 0.04)) * size
-    r = rng.uniform(0.11, 0.16) * size
+    r = rng.uniform(0.19, 0.24) * size  # large enough that the tiny frozen ViT's features tell shapes apart
     fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLOURS[colour])
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
