@@ -457,14 +457,10 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
     The models are loaded one after the other, each with its weights in the export's dtype and computing in
     `compute_dtype` (see computing_in), so the check holds at most one model of the export's size at a time.
     `trained` is consumed: its tensors become the trained model's and are freed with it (a 26B full run's
-    are 40 GB)."""
+    are 40 GB), before the base and the export load."""
     from data import load_tokenizer
     config = load_config(base)
     sample = check_sample(base, config)
-    model = load_pretrained(base, dtype=out_dtype, device=device)
-    base_logits = _logits(model, sample, device, compute_dtype)
-    del model
-    release_memory()
     if qlora:  # the 4-bit model training ran, apart (see trained_model)
         model = trained_model(base, trained, lora_cfg, out_dtype, device, nf4=True, compute_dtype=compute_dtype)
         nf4_logits = _logits(model, sample, device, compute_dtype)
@@ -474,6 +470,10 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
     trained.clear()
     ref = _logits(model, sample, device, compute_dtype)
     ref_answer = _answer(model, load_tokenizer(base), sample, compute_dtype)
+    del model
+    release_memory()
+    model = load_pretrained(base, dtype=out_dtype, device=device)
+    base_logits = _logits(model, sample, device, compute_dtype)
     del model
     release_memory()
     model = load_pretrained(out_dir, dtype=out_dtype, device=device)
