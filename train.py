@@ -240,6 +240,21 @@ def resolve_tiling(args, config):
                          f"({args.max_tiles})")
 
 
+def read_deepspeed_config(args):
+    """(the DeepSpeed config, its ZeRO stage); an unsupported (mode, stage) pair is refused here."""
+    import lora
+    if not os.path.isfile(args.deepspeed):
+        raise SystemExit(f"error: --deepspeed {args.deepspeed}: no such file")
+    with open(args.deepspeed) as f:
+        ds_config = json.load(f)
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    try:
+        lora.check_supported(args.mode, zero_stage)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return ds_config, zero_stage
+
+
 def lora_config(args):
     import lora
     return None if args.mode == "full" else lora.LoRAConfig(
@@ -290,7 +305,6 @@ def memory_estimate(config, args, lora_cfg, zero_stage, ds_config, gpus, on_gpu)
 
 def print_memory_estimate(args):
     """--estimate-memory: the table for --model-path's config.json or the --size preset, and a verdict."""
-    import lora
     import memory
     from model import load_config, preset
     if args.model_path is None and args.size is None:
@@ -300,13 +314,7 @@ def print_memory_estimate(args):
     args.demo = False
     args = fill_defaults(args)
     resolve_tiling(args, config)
-    with open(args.deepspeed) as f:
-        ds_config = json.load(f)
-    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    try:
-        lora.check_supported(args.mode, zero_stage)
-    except ValueError as e:
-        raise SystemExit(f"error: this run cannot start: {e}")
+    ds_config, zero_stage = read_deepspeed_config(args)
     lora_cfg = lora_config(args)
     gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "8"))
     est, table = memory_estimate(config, args, lora_cfg, zero_stage, ds_config, gpus, on_gpu=True)
@@ -377,16 +385,8 @@ def main(argv=None):
             raise SystemExit(f"error: data file {s.annotation} does not exist (source {s.name})")
         if s.image_folder is not None and not os.path.isdir(s.image_folder):
             raise SystemExit(f"error: image folder {s.image_folder} does not exist (source {s.name}: {s.annotation})")
-    if not os.path.isfile(args.deepspeed):
-        raise SystemExit(f"error: --deepspeed {args.deepspeed}: no such file")
-    with open(args.deepspeed) as f:
-        ds_config = json.load(f)
-    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    ds_config, zero_stage = read_deepspeed_config(args)
     import lora
-    try:
-        lora.check_supported(args.mode, zero_stage)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
     if args.freeze_llm and args.mode != "full":
         raise SystemExit("error: --freeze-llm is for --mode full (LoRA modes already freeze the LLM base)")
     lora_cfg = lora_config(args)

@@ -77,7 +77,7 @@ def test_verdicts_for_runs_that_cannot_start(capsys):
     assert "verdict: does NOT fit on 1 GPU(s) of 80 GiB" in out
     assert "verdict: fits on 8 GPU(s) of 80 GiB" in run_cli(["--size", "26b", "--mode", "full", "--gpus", "8"],
                                                              capsys)
-    with pytest.raises(SystemExit, match="cannot start: QLoRA with ZeRO-3 is not supported"):
+    with pytest.raises(SystemExit, match="error: QLoRA with ZeRO-3 is not supported"):
         run_cli(["--size", "26b", "--mode", "qlora", "--deepspeed", "ds_zero3.json"], capsys)
     with pytest.raises(SystemExit, match="needs --size or --model-path"):
         run_cli([], capsys)
