@@ -576,7 +576,6 @@ def main(argv=None):
                                load_optimizer_states=True, load_lr_scheduler_states=True)  # checked via meta
         step, epoch, micro_in_epoch = meta["step"], meta["data"]["epoch"], meta["data"]["micro_batches_in_epoch"]
         counters.update(meta["counters"])
-    loader_epoch = None
 
     def batches():  # this rank's micro-batches from (epoch, position) on, epoch after epoch
         nonlocal epoch, micro_in_epoch
