@@ -1,7 +1,7 @@
 """InternVL 1.5: ViT -> pixel shuffle -> mlp1 projector -> features spliced into the LLM's token embeddings."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +13,7 @@ from .loss import chunked_cross_entropy
 from .vit import InternViT
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):  # a tuple: DeepSpeed's ZeRO-3 hooks find the tensors in it
     logits: torch.Tensor | None  # float32 [B, L, V]; None when labels are given (only the loss is computed)
     loss: torch.Tensor | None  # token mean over supervised tokens
     n_supervised: int = 0  # supervised tokens in this batch (the loss's denominator)
