@@ -57,15 +57,19 @@ def build_model(config: InternVLConfig, device: str | torch.device = "meta", dty
 
 def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                     prepare: Callable[[InternVL], None] | None = None,
-                    replace: dict[str, torch.Tensor] | None = None) -> InternVL:
-    """Load an official InternVL 1.5 directory strictly: every tensor present, expected and of the right shape.
+                    replace: dict[str, torch.Tensor] | None = None, zero3: dict | None = None) -> InternVL:
+    """Load an official InternVL 1.5 directory strictly: every tensor present, expected and of the right
+    shape.
 
     The model is built on the meta device and filled one tensor at a time, so no second copy is ever held.
     `prepare(model)` runs on the meta model before filling (QLoRA swaps in 4-bit layers there). `replace`
     {internal name: tensor} is used as it is instead of the checkpoint's tensor, which is then not read
-    (convert.py's trained model: a full run's trained LLM is not loaded twice).
+    (convert.py's trained model: a full run's trained LLM is not loaded twice). `zero3`: a DeepSpeed config
+    whose ZeRO-3 partitions the model while it is built (every rank calls this; see _load_zero3).
     """
     config = load_config(path)
+    if zero3 is not None:
+        return _load_zero3(path, config, zero3)
     model = build_model(config, "meta")
     expected = {name: p.shape for name, p in model.named_parameters()}
     files = check_checkpoint(path, config, expected)
@@ -74,7 +78,8 @@ def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, device: str 
     replace = replace or {}
     wrong = sorted(k for k, t in replace.items() if expected.get(k) != t.shape)
     if wrong:
-        raise KeyError(f"replacement tensors that are no parameter of this model, or of another shape: {wrong[:8]}")
+        raise KeyError(f"replacement tensors that are no parameter of this model, or of another shape: "
+                       f"{wrong[:8]}")
     for name, tensor in iter_checkpoint(path, config, files, skip=set(replace)):
         assign_tensor(model, name, replace[name].to(device) if tensor is None else tensor.to(device=device,
                                                                                              dtype=dtype))
@@ -84,3 +89,22 @@ def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, device: str 
     if leftover:  # a prepare() that added parameters must initialise them itself
         raise RuntimeError(f"parameters left uninitialised after loading {path}: {leftover}")
     return model.eval()
+
+
+def _load_zero3(path: str, config: InternVLConfig, ds_config: dict) -> InternVL:
+    """Rank 0 reads each tensor and scatters it into its partitions: no rank ever holds the whole model. The
+    dtype is the DeepSpeed config's (deepspeed 0.19's zero.Init ignores a dtype argument on CPU)."""
+    import deepspeed
+    import torch.distributed as dist
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = InternVL(config)
+    params = dict(model.named_parameters())
+    files = check_checkpoint(path, config, {n: p.ds_shape for n, p in params.items()})
+    master = dist.get_rank() == 0
+    for name, tensor in iter_checkpoint(path, config, files, read=master):
+        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+            if master:
+                params[name].data.copy_(tensor)
+        del tensor
+        trim_heap()  # the gathered copy and the read buffer are freed: give them back
+    return model
