@@ -48,7 +48,7 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torc
 
 @dataclass
 class LoRAConfig:
-    r: int = 128
+    r: int = 16
     alpha: float | None = None  # None = 2r (the official ratio), resolved here so meta.json records it
     dropout: float = 0.05
     targets: list[str] | None = None  # official names, e.g. ["wqkv", "wo"] or ["attn.qkv"]; None = the defaults
@@ -337,12 +337,14 @@ def _has(model, cls) -> bool:
     return any(isinstance(m, cls) for m in model.modules())
 
 
-def mark_trainable(model: nn.Module, mode: str, *, train_vit: bool = False,
-                   freeze_projector: bool = False) -> dict[str, tuple[int, int]]:
-    """Set requires_grad per mode and return the per-part report (see parameter_report).
+def mark_trainable(model: nn.Module, mode: str, *, train_vit: bool = False, unfreeze_vit_layers: int = 0,
+                   freeze_projector: bool = False, freeze_llm: bool = False) -> dict[str, tuple[int, int]]:
+    """Set requires_grad for `mode` and the freeze options, after checking that they fit the model and each
+    other; returns the per-part report (parameter_report).
 
-    full: LLM + projector; lora / qlora: adapters + projector (XTuner's default). The ViT trains only with
-    train_vit; freeze_projector freezes the projector. Checks that the model matches the mode.
+    full: LLM + projector; lora / qlora: adapters + projector (XTuner's default). train_vit trains the whole
+    ViT, unfreeze_vit_layers K the ViT layers K.. (official: 0 = none, -K = the last K; under ViT LoRA their
+    base weights too); freeze_projector freezes the projector, freeze_llm (full mode) the LLM.
     """
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; choose from {', '.join(MODES)}")
@@ -352,22 +354,36 @@ def mark_trainable(model: nn.Module, mode: str, *, train_vit: bool = False,
     if mode in ("lora", "qlora") and not has_lora:
         raise ValueError(f"mode {mode!r} needs LoRA adapters: call inject_lora(model, LoRAConfig(...)) first")
     if mode == "qlora" and not has_nf4:
-        raise ValueError("mode 'qlora' needs NF4 LLM weights: load with prepare=prepare_qlora (or quantize_llm)")
+        raise ValueError("mode 'qlora' needs NF4 LLM weights: load with prepare=prepare_qlora (or "
+                         "quantize_llm)")
     if mode == "lora" and has_nf4:
         raise ValueError("this model has NF4 weights; its mode is 'qlora', not 'lora'")
     if train_vit and any(isinstance(m, LoRALinear) for m in model.vit.modules()):
         raise ValueError("train_vit trains the whole ViT, but the ViT also has LoRA adapters; choose one")
+    n_vit = len(model.vit.layers)
+    if unfreeze_vit_layers and train_vit:
+        raise ValueError(f"train_vit trains every ViT layer and unfreeze_vit_layers {unfreeze_vit_layers} "
+                         f"some of them; choose one")
+    if not -n_vit <= unfreeze_vit_layers < n_vit:
+        raise ValueError(f"unfreeze_vit_layers {unfreeze_vit_layers}: the ViT has {n_vit} layers (K trains "
+                         f"layers K.., -K the last K)")
+    if freeze_llm and mode != "full":
+        raise ValueError(f"freeze_llm is for mode 'full', not {mode!r} (the LoRA modes already freeze the "
+                         f"LLM base)")
+    unfrozen = tuple(f"vit.layers.{i}." for i in range(n_vit)[unfreeze_vit_layers:] if unfreeze_vit_layers)
     for name, p in model.named_parameters():
         if name.endswith((".lora_A", ".lora_B")):
             p.requires_grad_(True)
         elif name.startswith("vit."):
-            p.requires_grad_(train_vit)
+            p.requires_grad_(train_vit or name.startswith(unfrozen))
         elif name.startswith("projector."):
             p.requires_grad_(not freeze_projector)
         elif name.startswith("llm."):
-            p.requires_grad_(mode == "full")
+            p.requires_grad_(mode == "full" and not freeze_llm)
         else:
             raise ValueError(f"parameter {name!r} belongs to no known part (vit, projector, llm)")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("nothing to train with these freeze options")
     return parameter_report(model)
 
 
