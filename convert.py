@@ -67,7 +67,7 @@ class SelfCheckFailed(RuntimeError):
 
 def resolve_checkpoint(path: str) -> str:
     """An iter_* directory (it has meta.json), or a run directory -> its newest complete iter_* checkpoint."""
-    from train import complete_checkpoints  # the checkpoint layout is train.py's
+    from checkpoint import complete_checkpoints
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ConvertError(f"{path}: no such checkpoint directory")
@@ -82,7 +82,7 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def read_meta(ckpt_dir: str) -> dict:
-    from train import FORMAT
+    from checkpoint import FORMAT
     meta_file = os.path.join(ckpt_dir, "meta.json")
     with open(meta_file) as f:
         meta = json.load(f)

@@ -1,11 +1,9 @@
 """Held-out evaluation during training (train.py --eval-data): the held-out loss and a few greedy answers.
 
-eval_loss = the summed cross-entropy over ALL supervised tokens of the held-out set / their number, on all ranks
-together: the training loss's reduction, so it does not depend on the number of processes or the batch size.
-Each rank evaluates its share of the batches; every rank runs the same number of forwards (ZeRO-3 gathers
-parameters in each), ranks with fewer batches running one-token batches with no supervised token (weight 0).
-Evaluation leaves training untouched: the model is put in eval mode (no dropout) and back, the RNG states are
-saved and restored, and the held-out data has its own loader.
+eval_loss is the training loss's reduction (summed CE over every supervised token / their number, all ranks
+together), so it does not depend on the number of processes or the batch size. Every rank runs the same number
+of forwards (ZeRO-3 gathers parameters in each): a rank with fewer batches runs empty ones (weight 0).
+Evaluation leaves training untouched: eval mode and back, RNG states restored, its own loader.
 """
 from __future__ import annotations
 
@@ -28,8 +26,7 @@ MAX_NEW_TOKENS = 64  # for the --eval-samples answers
 
 
 def eval_plan(dataset, batch_size: int, world: int, rank: int) -> list[list[int]]:
-    """This rank's batches of dataset indices, grouped by modality and length; [] pads the ranks that have fewer
-    batches, so that every rank has the same number."""
+    """This rank's batches of dataset indices, by modality and length; [] pads a rank with fewer batches."""
     order = sorted(range(len(dataset.lengths)), key=lambda i: (dataset.is_image[i], dataset.lengths[i], i))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     mine = batches[rank::world]
@@ -37,9 +34,8 @@ def eval_plan(dataset, batch_size: int, world: int, rank: int) -> list[list[int]
 
 
 def eval_collate(indices, dataset):
-    """A held-out batch. A sample that cannot be built (unreadable image, too long) is left out and named in
-    meta["skipped"] (never replaced: the held-out set stays what it is); an empty batch is one token with no
-    supervised label and one dummy tile, so the forward still runs."""
+    """A held-out batch. A sample that cannot be built is left out (never replaced) and named in
+    meta["skipped"]; an empty batch is one unsupervised token and one dummy tile: the forward still runs."""
     samples, skipped = [], []
     for i in indices:
         try:
@@ -59,9 +55,8 @@ def eval_collate(indices, dataset):
 
 
 def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks):
-    """The Evaluator of --eval-data, or None. The held-out data gets the training data's checks (file:line errors
-    before training); a held-out set with no supervised token is an error here, before the first step.
-    `sum_over_ranks(list of numbers)` sums them over the ranks (train.py's all_reduce_sum on the training device)."""
+    """The Evaluator of --eval-data, or None. The held-out data gets the training data's checks before the
+    first step, and must have a supervised token. `sum_over_ranks(numbers)`: train.py's all_reduce_sum."""
     if not args.eval_data:
         return None
     from chat import record_prompt
@@ -72,8 +67,8 @@ def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks)
             if s.image_folder is not None and not os.path.isdir(s.image_folder):
                 raise DataError(f"image folder {s.image_folder} does not exist (source {s.name})")
         dataset = SupervisedDataset(sources, tokenizer, config.template, config.system_message,
-                                    max_num=args.max_tiles, min_num=args.min_tiles, use_thumbnail=args.thumbnail,
-                                    image_size=config.force_image_size,
+                                    max_num=args.max_tiles, min_num=args.min_tiles,
+                                    use_thumbnail=args.thumbnail, image_size=config.force_image_size,
                                     max_length=args.max_length, seed=args.seed,
                                     skip_bad_samples=args.skip_bad_samples)
     except (ValueError, DataError) as e:
@@ -96,12 +91,12 @@ def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks)
     for s in skipped:
         log(f"held-out sample left out: {s}")
     if n_sup == 0:
-        raise SystemExit(f"error: --eval-data {' '.join(args.eval_data)}: no supervised token in the held-out set "
-                         f"({n_samples} usable samples, {n_skipped} left out{': ' + skipped[0] if skipped else ''})")
+        first = f": {skipped[0]}" if skipped else ""
+        raise SystemExit(f"error: --eval-data {' '.join(args.eval_data)}: no supervised token in the "
+                         f"held-out set ({n_samples} usable samples, {n_skipped} left out{first})")
+    answers = prompts and f", {len(prompts)} greedy answers to {args.output_dir}/samples.jsonl"
     log(f"held-out: {n_samples} samples, {n_sup} supervised tokens ({n_skipped} left out); eval every "
-        f"{args.eval_steps} steps and at the end" + (f", {len(prompts)} greedy answers to "
-                                                     f"{os.path.join(args.output_dir, 'samples.jsonl')}"
-                                                     if prompts else ""))
+        f"{args.eval_steps} steps and at the end{answers or ''}")
     return ev
 
 
@@ -125,8 +120,8 @@ class Evaluator:
                                            generator=torch.Generator().manual_seed(0))
 
     def count(self):
-        """(supervised tokens, samples, skipped samples) of the whole held-out set, all ranks together: the data
-        side of an evaluation, without the model."""
+        """(supervised tokens, samples, skipped samples, their problems) of the held-out set, all ranks
+        together."""
         local, skipped = [0, 0, 0], []
         for b in self.loader():
             m = b["meta"]
@@ -136,8 +131,7 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, engine, step, device, dtype):
-        """{"eval_loss": ...} over the whole held-out set (and the --eval-samples answers written); training's
-        RNG states and train mode are restored afterwards."""
+        """{"eval_loss": ...} over the whole held-out set; the --eval-samples answers are written."""
         t0 = time.time()
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         state = random.getstate(), torch.get_rng_state(), cuda
@@ -149,8 +143,8 @@ class Evaluator:
                 b = {k: v.to(device) for k, v in b.items()}
                 b["pixel_values"] = b["pixel_values"].to(dtype)
                 out = engine(**b)
-                total[0] += out["loss"].double() * out["n_supervised"]
-                total[1] += out["n_supervised"]
+                total[0] += out.loss.double() * out.n_supervised
+                total[1] += out.n_supervised
             total = self.sum_over_ranks(total.tolist())
             if self.prompts:
                 self.write_samples(engine.module, step)
@@ -161,11 +155,11 @@ class Evaluator:
             if state[2] is not None:
                 torch.cuda.set_rng_state_all(state[2])
         self.last = total[0] / total[1]
-        return {"eval_loss": self.last, "eval_supervised_tokens": int(total[1]), "eval_seconds": time.time() - t0}
+        return dict(eval_loss=self.last, eval_supervised_tokens=int(total[1]), eval_seconds=time.time() - t0)
 
     def write_samples(self, model, step):
-        """Greedy answers to the fixed prompts, one batch on every rank (the same one: under ZeRO-3 the ranks
-        must run the same forwards), appended to OUTPUT/samples.jsonl by rank 0."""
+        """Greedy answers to the fixed prompts, the same batches on every rank (ZeRO-3 needs the same
+        forwards), appended to OUTPUT/samples.jsonl by rank 0."""
         from chat import decode_answer, generate_batch, plan_batches
         new = {}
         for chunk in plan_batches([(k, p[3], p[4]) for k, p in enumerate(self.prompts)], len(self.prompts),

@@ -2,8 +2,8 @@
 
     python train.py --size 26b --mode lora --gpus 8 --estimate-memory      # prints the table, exits
 
-The model is built on the meta device with the run's LoRA and freezing applied, so parameter counts are exact;
-the bytes follow from how DeepSpeed keeps each kind of state (mixed precision, AdamW):
+The model is built on the meta device with the run's LoRA and freezing, so parameter counts are exact; the
+bytes follow from how DeepSpeed keeps each kind of state (mixed precision, AdamW):
 
   weights      every parameter in the compute dtype (QLoRA: the LLM linears as NF4); ZeRO-3 partitions them
                over the GPUs, except those under stage3_param_persistence_threshold elements (kept whole on
@@ -12,12 +12,12 @@ the bytes follow from how DeepSpeed keeps each kind of state (mixed precision, A
   gradients    trainable parameters in the compute dtype (ZeRO-3: partitioned), plus the float32 gradient
                partition the optimizer reads, plus DeepSpeed's reduce bucket
   optimizer    float32 master weights + AdamW's two moments, partitioned over the GPUs (ZeRO-1 and ZeRO-3)
-  activations  with per-layer checkpointing, each layer's input for the backward, plus one layer recomputed; the
-               ViT only when it trains; the output head's 512-row float32 chunks; the micro-batch's pixels
+  activations  with per-layer checkpointing, each layer's input for the backward, plus one layer recomputed;
+               the ViT only when it trains; the output head's 512-row float32 chunks; the micro-batch's pixels
   overhead     CUDA context and allocator slack (a fixed 1.5 GiB; 0 on CPU)
 
-Estimates, not measurements: bench/realsize.py compares the parameter and optimizer bytes with what a real step
-holds, and bench/gpu.py measures peaks on a GPU.
+Estimates, not measurements: bench/realsize.py compares the parameter and optimizer bytes with what a real
+step holds, and bench/gpu.py measures peaks on a GPU.
 """
 from __future__ import annotations
 
@@ -50,8 +50,7 @@ def _bytes(params, nbytes) -> int:
 
 
 def estimate(model, config, run: RunShape, on_gpu: bool = True) -> dict[str, float]:
-    """{component: bytes per GPU} for `model`, a meta-device InternVL with LoRA injected and requires_grad set as
-    the run will train it."""
+    """{component: bytes per GPU} for `model`, a meta-device InternVL set up as the run will train it."""
     from lora import NF4Linear, nf4_nbytes, quantizable_names
     w, n = run.dtype_bytes, max(1, run.gpus)
     quantized = set(quantizable_names(model)) if run.mode == "qlora" else set()
@@ -95,6 +94,21 @@ def estimate(model, config, run: RunShape, on_gpu: bool = True) -> dict[str, flo
     return out
 
 
+def for_run(model, config, args, ds_config: dict, zero_stage: int, gpus: int, dtype: torch.dtype):
+    """(estimate, printable table) per GPU of a train.py run: its options, DeepSpeed config and meta model."""
+    zero = ds_config.get("zero_optimization", {})
+    run = RunShape(mode=args.mode, zero_stage=zero_stage, gpus=gpus, batch_size=args.batch_size,
+                   max_length=args.max_packed_tokens or args.max_length,
+                   tiles=args.max_tiles + (1 if args.thumbnail and args.max_tiles > 1 else 0),
+                   activation_checkpointing=args.activation_checkpointing, dtype_bytes=dtype.itemsize,
+                   reduce_bucket=float(zero.get("reduce_bucket_size", 5e8)),
+                   zero3_gathered=float(zero.get("stage3_max_live_parameters", 1e9))
+                   + float(zero.get("stage3_prefetch_bucket_size", 5e7)),
+                   zero3_persistence=float(zero.get("stage3_param_persistence_threshold", 1e5)))
+    est = estimate(model, config, run, on_gpu=True)
+    return est, format_table(est, run, f"InternVL 1.5 {args.size}")
+
+
 def format_table(est: dict[str, float], run: RunShape, title: str) -> str:
     lines = [f"estimated memory per GPU: {title}, {run.mode}, ZeRO-{run.zero_stage}, {run.gpus} GPU(s), "
              f"micro-batch {run.batch_size} x {run.max_length} tokens x {run.tiles} tiles, activation "
@@ -112,5 +126,6 @@ def check_fits(est: dict[str, float], free_bytes: list[int]) -> str | None:
     if est["total"] <= free:
         return None
     return (f"the run needs about {est['total'] / GIB:.1f} GiB per GPU but the smallest visible GPU has "
-            f"{free / GIB:.1f} GiB free; use more GPUs with ZeRO-3 (--deepspeed ds_zero3.json), LoRA or QLoRA, "
-            f"a smaller --batch-size or --max-length, fewer --max-tiles, or --activation-checkpointing")
+            f"{free / GIB:.1f} GiB free; use more GPUs with ZeRO-3 (--deepspeed ds_zero3.json), LoRA or "
+            f"QLoRA, a smaller --batch-size or --max-length, fewer --max-tiles, or "
+            f"--activation-checkpointing")

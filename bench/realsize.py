@@ -192,13 +192,13 @@ def measure_convert(ckpt_dir: str, out: str) -> dict:
 
 def estimate(size: str, mode: str) -> dict:
     """train.py --estimate-memory's figures for the CPU runs above (float32, 1 process, ZeRO-1)."""
-    import train
-    args = train.parse_args(["--size", size, "--mode", mode, "--dtype", "fp32", "--max-length", "512",
+    import options
+    args = options.parse_args(["--size", size, "--mode", mode, "--dtype", "fp32", "--max-length", "512",
                              "--max-tiles", "1", "--batch-size", "1", "--gpus", "1", "--estimate-memory"])
     import contextlib
     import io
     with contextlib.redirect_stdout(io.StringIO()):
-        est = train.print_memory_estimate(args)
+        est = options.print_memory_estimate(args)
     return {k: v / GIB for k, v in est.items()}
 
 

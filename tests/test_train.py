@@ -3,7 +3,8 @@ during training or during a save loses nothing, QLoRA trains, NaN/inf and all-ma
 and bad combinations are refused before any heavy work.
 
 Every run is a real `python train.py` / `torchrun train.py` process. Running this file as a script is the
-worker that injects faults or a deliberately mixed data order, then calls train.main().
+worker that injects faults, a kill in the middle of a save or a deliberately mixed data order, then calls
+train.main().
 """
 import json
 import math
@@ -170,7 +171,7 @@ def test_kill_during_training_then_resume_auto(demo, uninterrupted, tmp_path):
 def test_kill_during_checkpoint_save_then_resume_auto(demo, uninterrupted, tmp_path):
     """SIGKILL after DeepSpeed wrote iter_4.tmp but before it was complete: iter_2 stays the valid one."""
     _, rows_a = uninterrupted
-    proc, _ = run(common(demo, 4, *RESUME_ARGS), tmp_path, env={"INTERNVL_TEST_KILL_IN_SAVE": "4"}, check=False)
+    proc, _ = run(common(demo, 4, *RESUME_ARGS), tmp_path, worker=["kill-in-save", "4"], check=False)
     assert proc.returncode in (-9, 137), proc.stderr[-2000:]
     assert (tmp_path / "iter_4.tmp").is_dir() and not (tmp_path / "iter_4.tmp" / "meta.json").exists()
     assert not (tmp_path / "iter_4").exists() and (tmp_path / "latest").read_text() == "iter_2"
@@ -193,14 +194,14 @@ def test_resume_refuses_other_settings(demo, uninterrupted, tmp_path):
 
 
 def test_resume_refuses_changed_data_behind_the_same_path(demo, uninterrupted, tmp_path):
-    import train
+    import checkpoint
     from data import Source
     base, data = demo
     annotation, folder = data.split(",")
     copy = tmp_path / "train.jsonl"
     shutil.copy(annotation, copy)
     meta = json.loads((uninterrupted[0] / "iter_8" / "meta.json").read_text())
-    meta["run"]["data"] = train._data_identity([Source(str(copy), folder)])
+    meta["run"]["data"] = checkpoint.data_identity([Source(str(copy), folder)])
     (tmp_path / "ck" / "iter_8").mkdir(parents=True)
     (tmp_path / "ck" / "iter_8" / "meta.json").write_text(json.dumps(meta))
     with open(copy, "a") as f:
@@ -452,11 +453,50 @@ def test_bad_combinations_are_refused_before_any_heavy_work(demo, tmp_path):
               os.path.join(ROOT, "ds_zero3.json"), *out], r"QLoRA with ZeRO-3 is not supported")
     _refused(["--model-path", base, "--data", data, "--deepspeed", str(tmp_path / "ds.json"), *out],
              r"ds.json: no such file")
-    _refused(["--model-path", base, "--data", data, "--freeze-llm", *out], r"--freeze-llm is for --mode full")
+    _refused(["--model-path", base, "--data", data, "--freeze-llm", *out],
+             r"freeze_llm is for mode 'full', not 'lora'")
+    _refused(["--model-path", base, "--data", data, "--mode", "full", "--freeze-llm", "--freeze-projector", *out],
+             r"error: nothing to train with these freeze options")
     _refused(["--model-path", base, "--data", data, "--resume", str(tmp_path), *out], r"not a complete checkpoint")
     (tmp_path / "iter_5").mkdir()
     (tmp_path / "iter_5" / "meta.json").write_text("{}")
     _refused(["--model-path", base, "--data", data, *out], r"already holds checkpoints \(iter_5\): pass --resume auto")
+
+
+def test_freezing_is_one_function_that_checks_the_options_together():
+    """lora.mark_trainable sets requires_grad from the mode and every freeze option (train.py calls only it):
+    the parts that train, counted, and each combination that means nothing refused."""
+    import lora
+    from model import build_model, preset
+
+    def model(adapters=False, vit_adapters=False):
+        m = build_model(preset("tiny"), "meta")
+        if adapters:
+            lora.inject_lora(m, lora.LoRAConfig(r=4, vit=vit_adapters))
+        return m
+    m = model()
+    n = {part: total for part, (_, total) in lora.parameter_report(m).items()}
+    layer = sum(p.numel() for p in m.vit.layers[-1].parameters())
+    assert len(m.vit.layers) == 2
+    rep = lora.mark_trainable(m, "full", freeze_llm=True, unfreeze_vit_layers=-1)
+    assert rep == {"vit": (layer, n["vit"]), "projector": (n["projector"],) * 2, "llm": (0, n["llm"]),
+                   "adapters": (0, 0)}
+    assert lora.mark_trainable(m, "full", unfreeze_vit_layers=1)["vit"] == (layer, n["vit"])  # 1.. = the last
+    every_layer = sum(p.numel() for p in m.vit.layers.parameters())
+    assert lora.mark_trainable(m, "full", unfreeze_vit_layers=-2)["vit"] == (every_layer, n["vit"])
+    assert lora.mark_trainable(m, "full", train_vit=True)["vit"] == (n["vit"], n["vit"])
+    with_vit = model(adapters=True, vit_adapters=True)
+    rep = lora.mark_trainable(with_vit, "lora", unfreeze_vit_layers=1)  # under ViT LoRA: its base weights too
+    assert rep["vit"][0] == layer and rep["llm"][0] == 0
+    refused = [(model(), "full", dict(freeze_llm=True, freeze_projector=True), "nothing to train"),
+               (model(True), "lora", dict(freeze_llm=True), "freeze_llm is for mode 'full', not 'lora'"),
+               (model(), "full", dict(train_vit=True, unfreeze_vit_layers=1), "choose one"),
+               (model(), "full", dict(unfreeze_vit_layers=2), "unfreeze_vit_layers 2: the ViT has 2 layers"),
+               (model(), "full", dict(unfreeze_vit_layers=-3), "unfreeze_vit_layers -3: the ViT has 2 layers"),
+               (model(True, True), "lora", dict(train_vit=True), "the ViT also has LoRA adapters")]
+    for m, mode, options, match in refused:
+        with pytest.raises(ValueError, match=match):
+            lora.mark_trainable(m, mode, **options)
 
 
 def test_data_problems_are_one_clean_error_before_the_model_loads(demo, tmp_path, monkeypatch):
@@ -471,8 +511,7 @@ def test_data_problems_are_one_clean_error_before_the_model_loads(demo, tmp_path
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the data was checked")
-    monkeypatch.setattr(model, "load_pretrained", no_model)
-    monkeypatch.setattr(model, "InternVL", no_model)
+    monkeypatch.setattr(model, "load_pretrained", no_model)  # every load goes through it, ZeRO-3 too
     lines = open(annotation).read().splitlines()
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines[:3] + ['{"conversations": [', '{"image": "x.png"}'] + lines[3:]) + "\n")
@@ -499,12 +538,12 @@ def test_data_error_has_no_traceback(demo, tmp_path):
 def test_help_fits_100_columns_and_every_option_says_its_default(capsys):
     import argparse
 
-    import train
+    import options
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        options.parse_args(["--help"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) > 50 and max(len(line) for line in lines) <= 100
-    for a in train.build_parser()._actions:
+    for a in options.build_parser()._actions:
         if a.help != argparse.SUPPRESS and a.dest != "help":
             assert "default" in a.help.lower(), a.option_strings
     for script in ("chat.py", "convert.py"):  # their options say their defaults too
@@ -514,12 +553,12 @@ def test_help_fits_100_columns_and_every_option_says_its_default(capsys):
 
 
 def test_worker_default_follows_the_cores(monkeypatch):
-    import train
+    import options
 
     def workers():
-        args = train.parse_args(["--size", "2b"])
+        args = options.parse_args(["--size", "2b"])
         args.demo = False
-        return train.fill_defaults(args).num_workers
+        return options.fill_defaults(args).num_workers
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert workers() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -554,7 +593,8 @@ def _inject_faults(bad_calls, masked_batches):
         out = forward(self, *a, **k)
         calls["forward"] += 1
         if calls["forward"] in bad_calls:
-            out.loss = out.loss * (float("nan") if bad_calls.index(calls["forward"]) % 2 == 0 else float("inf"))
+            out = out._replace(loss=out.loss * (float("nan") if bad_calls.index(calls["forward"]) % 2 == 0
+                                                else float("inf")))
         return out
 
     def masking_collate(samples):
@@ -568,12 +608,26 @@ def _inject_faults(bad_calls, masked_batches):
     InternVL.forward, data.collate = bad_forward, masking_collate
 
 
+def _kill_in_save(step):
+    """SIGKILL in the middle of checkpoint `step`'s save: DeepSpeed's files written, meta.json not yet."""
+    import checkpoint
+    write_meta = checkpoint.write_meta
+
+    def killing_write_meta(ckpt_dir, meta):
+        if meta["step"] == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_meta(ckpt_dir, meta)
+    checkpoint.write_meta = killing_write_meta
+
+
 if __name__ == "__main__":
     kind, rest = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     import train
     if kind == "mixed":
         import data
         data.LengthGroupedSampler.steps = _mixed_steps
+    elif kind == "kill-in-save":
+        _kill_in_save(int(sys.argv[2]))
     elif kind == "faults":
         parse = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
         _inject_faults(parse(sys.argv[2]), parse(sys.argv[3]))

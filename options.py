@@ -1,0 +1,316 @@
+"""train.py's command line: the options, their defaults (the official recipes) and the checks they need before
+any heavy work. Every check raises ValueError with the message train.py prints as `error: ...`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import lora
+
+DESCRIPTION = "Fine-tune InternVL 1.5 (2B / 4B / 26B): full, LoRA or QLoRA, under DeepSpeed ZeRO-1 or ZeRO-3."
+# The official 2nd-stage fine-tune recipes; QLoRA uses the LoRA row.
+RECIPES = {
+    ("2b", "full"): dict(lr=4e-5, weight_decay=0.01, batch_size=4, grad_accum=4, drop_path_rate=0.1),
+    ("2b", "lora"): dict(lr=4e-5, weight_decay=0.01, batch_size=4, grad_accum=2, drop_path_rate=0.0),
+    ("4b", "full"): dict(lr=4e-5, weight_decay=0.05, batch_size=4, grad_accum=4, drop_path_rate=0.1),
+    ("4b", "lora"): dict(lr=4e-5, weight_decay=0.05, batch_size=4, grad_accum=2, drop_path_rate=0.0),
+    ("26b", "full"): dict(lr=2e-5, weight_decay=0.05, batch_size=2, grad_accum=8, drop_path_rate=0.4),
+    ("26b", "lora"): dict(lr=2e-5, weight_decay=0.05, batch_size=2, grad_accum=4, drop_path_rate=0.0),
+}
+COMMON = dict(warmup_ratio=0.03, epochs=1, max_length=4096, save_steps=200, log_interval=1,
+              save_total_limit=3)
+# The demo: a tiny random 2B-like model on synthetic shapes (bench/demo_score.py scores its answers).
+DEMO = dict(lr=2e-3, weight_decay=0.0, batch_size=4, grad_accum=1, max_steps=800, warmup_ratio=0.05,
+            max_length=512, max_tiles=1, save_steps=200, lora_dropout=0.0, drop_path_rate=0.0, num_workers=0,
+            activation_checkpointing=False)
+# What tells the three released architectures apart: (LLM family, ViT norm).
+ARCHITECTURES = {"2b": ("internlm2", "layer_norm"), "4b": ("phi3", "layer_norm"),
+                 "26b": ("internlm2", "rms_norm")}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=lambda prog: (
+        argparse.RawDescriptionHelpFormatter(prog, width=100, max_help_position=36)))
+    g = p.add_argument_group("model")
+    g.add_argument("--model-path", help="official InternVL 1.5 directory (default: none; without it and "
+                                        "without data: the embedded demo)")
+    g.add_argument("--size", choices=["2b", "4b", "26b"], help="picks the recipe defaults; checked against "
+                   "the checkpoint (default: the checkpoint's)")
+    g.add_argument("--mode", choices=["full", "lora", "qlora"], help="full: LLM + projector train; lora / "
+                   "qlora: adapters + projector, qlora on an NF4 LLM (default lora)")
+    g = p.add_argument_group("data")
+    spec = "ANNOTATION[,IMAGE_FOLDER[,REPEAT[,MAX_TILES]]]"
+    g.add_argument("--data", action="append", default=[], metavar=spec, help="a LLaVA-format .json/.jsonl, "
+                   "its image folder, repeat ratio (< 1: a seeded fraction; > 1: floor(r) copies + a seeded "
+                   "fraction; default 1) and tile cap (default --max-tiles); repeatable")
+    g.add_argument("--eval-data", action="append", default=[], metavar=spec, help="held-out data (as "
+                   "--data): eval_loss every --eval-steps and at the end (default: none)")
+    g.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: --save-steps)")
+    g.add_argument("--eval-samples", type=int, default=0, metavar="K", help="greedy answers to the first K "
+                   "held-out prompts at each evaluation -> OUTPUT/samples.jsonl (default 0)")
+    g.add_argument("--meta-path", help="official meta file {name: {root, annotation, repeat_time, "
+                                       "max_dynamic_patch}} (default: none)")
+    g.add_argument("--system-message", help="system prompt of every sample; convert.py exports it "
+                                            "(default: config.json's, else the template's)")
+    g.add_argument("--skip-bad-samples", action="store_true", help="skip and count bad annotations instead "
+                                                                   "of refusing to start (default off)")
+    g.add_argument("--max-length", type=int, help="max tokens per sample, image tokens included (default "
+                                                  "4096)")
+    g.add_argument("--max-tiles", type=int, help="max tiles per image, thumbnail aside (default: "
+                                                 "max_dynamic_patch)")
+    g.add_argument("--min-tiles", type=int, help="min tiles per image (default: min_dynamic_patch)")
+    g.add_argument("--thumbnail", action=argparse.BooleanOptionalAction, help="a thumbnail after "
+                   "multi-tile images (default: use_thumbnail)")
+    g.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default: min(4, cores); "
+                                                   "demo 0)")
+    g.add_argument("--max-packed-tokens", type=int, metavar="N", help="pack whole samples into one row of <= "
+                   "N tokens per micro-batch, batch 1 (official 8192; default: no packing)")
+    g.add_argument("--max-packed-tiles", type=int, default=40, metavar="T", help="with packing: <= T tiles "
+                   "per pack (official num_images_expected; default 40)")
+    g = p.add_argument_group("optimisation (defaults: the official 2nd-finetune recipe of --size and --mode)")
+    g.add_argument("--deepspeed", help="DeepSpeed config (default ds_zero3.json for 26b full/lora, else "
+                                       "ds_zero1)")
+    g.add_argument("--batch-size", type=int, help="micro-batch per device (default: the recipe's, demo 4)")
+    g.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: the recipe's, "
+                                                  "demo 1)")
+    g.add_argument("--lr", type=float, help="peak LR; AdamW, betas 0.9/0.999, eps 1e-8, clip 1.0 (default: "
+                                            "the recipe's)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay, on every trainable tensor as "
+                                                      "official (default: the recipe's)")
+    g.add_argument("--warmup-ratio", type=float, help="linear warmup fraction, then cosine to 0 (default "
+                                                      "0.03)")
+    g.add_argument("--epochs", type=float, help="epochs (default 1); ignored when --max-steps is given")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs; demo 800); 0 = a "
+                                                 "dry run: load, build the engine, print the summary, exit")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto = bf16 on GPU, fp32 on CPU (default auto)")
+    g.add_argument("--seed", type=int, default=42, help="data order, repeat sampling, LoRA init and dropout "
+                                                        "(default 42)")
+    g.add_argument("--max-bad-steps", type=int, default=5, help="abort after N steps in a row with a "
+                                                                "NaN/inf loss, each skipped (default 5)")
+    add_lora_and_output_options(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # `deepspeed` passes it
+    return p
+
+
+def add_lora_and_output_options(p):
+    g = p.add_argument_group("LoRA / freezing")
+    g.add_argument("--lora-r", type=int, help=f"LoRA rank (default {lora.LoRAConfig.r})")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2r, as official)")
+    g.add_argument("--lora-dropout", type=float, help=f"LoRA dropout (default {lora.LoRAConfig.dropout})")
+    g.add_argument("--lora-targets", help="comma-separated official module names (default: every LLM "
+                                          "linear but the head)")
+    g.add_argument("--lora-vit", action="store_true", help="also adapt the ViT linears (default off)")
+    g.add_argument("--lora-rslora", action="store_true", help="scale alpha / sqrt(r), not alpha / r "
+                                                              "(default off)")
+    g.add_argument("--train-vit", action="store_true", help="train the whole ViT (default off, as official)")
+    g.add_argument("--unfreeze-vit-layers", type=int, metavar="K", help="train ViT layers K.. (official; "
+                                                                        "-K: the last K; default 0: none)")
+    g.add_argument("--freeze-projector", action="store_true", help="freeze the mlp1 projector (default off)")
+    g.add_argument("--freeze-llm", action="store_true", help="full mode: train the projector only (default "
+                                                             "off)")
+    g.add_argument("--drop-path-rate", type=float, help="ViT drop path (default 0.1 2b/4b full, 0.4 26b "
+                                                        "full, 0 LoRA)")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="per-layer activation checkpointing of ViT and LLM (default on)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", help="run directory (default runs/demo or runs/{size}_{mode})")
+    g.add_argument("--save-steps", type=int, help="checkpoint every N steps and at the end (default 200)")
+    g.add_argument("--save-total-limit", type=int, help="checkpoints to keep (default 3)")
+    g.add_argument("--resume", help="'auto' (the newest complete checkpoint in --output-dir) or an iter_* "
+                                    "path (default: start at step 0)")
+    g.add_argument("--log-interval", type=int, help="progress-bar refresh every N steps (default 1)")
+    g = p.add_argument_group("memory")
+    g.add_argument("--estimate-memory", action="store_true", help="print the per-GPU memory estimate and "
+                                                                  "exit; reads no weights (default off)")
+    g.add_argument("--gpus", type=int, help="with --estimate-memory: data-parallel GPUs (default: "
+                                            "WORLD_SIZE or 8)")
+    g.add_argument("--gpu-memory", type=float, default=80.0, help="with --estimate-memory: GiB per GPU "
+                                                                  "(default 80)")
+    g.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                   help="start even when the estimate exceeds a GPU's free memory (default: refuse)")
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def fill_defaults(args):
+    """Recipe defaults for the options not given: the demo's, then those of (size, mode), then the common
+    ones."""
+    args.mode = args.mode or "lora"
+    recipe = RECIPES[(args.size, "full" if args.mode == "full" else "lora")]
+    for defaults in (DEMO if args.demo else {}, recipe, COMMON):
+        for k, v in defaults.items():
+            if getattr(args, k, None) is None:
+                setattr(args, k, v)
+    if args.num_workers is None:  # up to 4, never more than this rank's cores (PyTorch warns past them)
+        cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        args.num_workers = min(4, max(1, cores))
+    args.activation_checkpointing = args.activation_checkpointing is not False
+    if args.deepspeed is None:
+        zero3 = args.size == "26b" and args.mode != "qlora"
+        args.deepspeed = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                      "ds_zero3.json" if zero3 else "ds_zero1.json")
+    return args
+
+
+def use_demo(args):
+    """No model and no data: rank 0 writes the demo base and data, and the options point at them."""
+    from data.demo import make_demo
+    args.output_dir = args.output_dir or os.path.join("runs", "demo")
+    root = os.path.join(args.output_dir, "demo")
+    if int(os.environ.get("RANK", "0")) == 0:
+        make_demo(root)
+    data = os.path.join(root, "data")
+    args.model_path = os.path.join(root, "base")
+    args.data = [f"{os.path.join(data, 'train.jsonl')},{data}"]
+    args.eval_data = args.eval_data or [f"{os.path.join(data, 'eval.jsonl')},{data}"]
+    args.eval_steps, args.eval_samples = args.eval_steps or 100, args.eval_samples or 4
+
+
+def read_model_config(args):
+    """The checkpoint's config.json, its architecture checked against --size; then the options it fills."""
+    from model import load_config
+    if args.model_path is None:
+        raise ValueError("--model-path is missing: give an official InternVL 1.5 directory (or run `python "
+                         "train.py` with no model and no data for the demo)")
+    if not args.data and not args.meta_path:
+        raise ValueError("no training data: give --data ANNOTATION[,IMAGE_FOLDER[,REPEAT]] or --meta-path")
+    if not args.demo and not os.path.isfile(os.path.join(args.model_path, "config.json")):
+        raise ValueError(f"--model-path {args.model_path}: no config.json there (expected an official "
+                         f"InternVL 1.5 directory)")
+    if args.demo:
+        config = _wait_for(lambda: load_config(args.model_path))
+    else:
+        config = load_config(args.model_path)
+    if args.system_message is not None:
+        config.system_message = args.system_message
+    found = checkpoint_size(config)
+    if args.size not in (None, found):
+        raise ValueError(f"--size {args.size} but {args.model_path} has the {found} architecture (LLM "
+                         f"{config.llm.family}, ViT {config.vision.norm_type}); pass --size {found}")
+    args.size = found
+    if args.max_packed_tokens is not None:
+        if args.batch_size not in (None, 1):
+            raise ValueError(f"--max-packed-tokens packs samples into one row per micro-batch: --batch-size "
+                             f"must be 1, not {args.batch_size}")
+        args.batch_size = 1
+    fill_defaults(args)
+    resolve_tiling(args, config)
+    if args.max_packed_tokens is not None and args.max_packed_tokens < args.max_length:
+        raise ValueError(f"--max-packed-tokens {args.max_packed_tokens} is below --max-length "
+                         f"{args.max_length}: the longest sample must fit a pack")
+    args.output_dir = args.output_dir or os.path.join("runs", f"{args.size}_{args.mode}")
+    return config
+
+
+def checkpoint_size(config) -> str:
+    """The released size whose architecture (LLM class and ViT variant) this checkpoint has."""
+    for size, arch in ARCHITECTURES.items():
+        if arch == (config.llm.family, config.vision.norm_type):
+            return size
+    raise ValueError(f"the checkpoint's architecture (LLM {config.llm.family}, ViT "
+                     f"{config.vision.norm_type}) is none of InternVL 1.5's: {ARCHITECTURES}")
+
+
+def resolve_tiling(args, config):
+    """Tiling follows the checkpoint's config.json, as chat.py and convert.py do; flags override it."""
+    if args.max_tiles is None:  # dynamic_image_size false: one S x S tile, i.e. a cap of 1
+        args.max_tiles = config.max_dynamic_patch if config.dynamic_image_size else 1
+    args.min_tiles = config.min_dynamic_patch if args.min_tiles is None else args.min_tiles
+    args.thumbnail = config.use_thumbnail if args.thumbnail is None else args.thumbnail
+    if not 1 <= args.min_tiles <= args.max_tiles:
+        raise ValueError(f"tiles per image must satisfy 1 <= min ({args.min_tiles}) <= max "
+                         f"({args.max_tiles})")
+
+
+def read_sources(args):
+    from data import Source, read_meta_file
+    if args.meta_path and not os.path.isfile(args.meta_path):
+        raise ValueError(f"--meta-path {args.meta_path}: no such file")
+    sources = [Source.parse(s) for s in args.data]
+    sources += read_meta_file(args.meta_path) if args.meta_path else []
+    for s in sources:
+        if not os.path.isfile(s.annotation):
+            raise ValueError(f"data file {s.annotation} does not exist (source {s.name})")
+        if s.image_folder is not None and not os.path.isdir(s.image_folder):
+            raise ValueError(f"image folder {s.image_folder} does not exist (source {s.name}: "
+                             f"{s.annotation})")
+    return sources
+
+
+def read_deepspeed_config(args):
+    """(the DeepSpeed config, its ZeRO stage); an unsupported (mode, stage) pair is refused here."""
+    if not os.path.isfile(args.deepspeed):
+        raise ValueError(f"--deepspeed {args.deepspeed}: no such file")
+    with open(args.deepspeed) as f:
+        ds_config = json.load(f)
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    lora.check_supported(args.mode, zero_stage)
+    return ds_config, zero_stage
+
+
+def lora_config(args):
+    given = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                 targets=args.lora_targets.split(",") if args.lora_targets else None)
+    return None if args.mode == "full" else lora.LoRAConfig(
+        vit=args.lora_vit, rslora=args.lora_rslora, **{k: v for k, v in given.items() if v is not None})
+
+
+def mark_trainable(model, args, mode):
+    return lora.mark_trainable(model, mode, train_vit=args.train_vit, freeze_projector=args.freeze_projector,
+                               unfreeze_vit_layers=args.unfreeze_vit_layers or 0, freeze_llm=args.freeze_llm)
+
+
+def meta_model(config, args, lora_cfg):
+    """The run's model on the meta device (no memory), set up as training will: the freeze options are
+    checked here."""
+    from model import build_model
+    model = build_model(config, "meta")
+    if lora_cfg is not None:
+        lora.inject_lora(model, lora_cfg)
+    mark_trainable(model, args, "lora" if args.mode == "qlora" else args.mode)  # no 4-bit layers on meta
+    return model
+
+
+def print_memory_estimate(args):
+    """--estimate-memory: the table for --model-path's config.json or the --size preset, and a verdict."""
+    import memory
+    from model import load_config, preset
+    if args.model_path is None and args.size is None:
+        raise ValueError("--estimate-memory needs --size or --model-path")
+    config = load_config(args.model_path) if args.model_path else preset(args.size)
+    args.size, args.demo = args.size or checkpoint_size(config), False
+    fill_defaults(args)
+    resolve_tiling(args, config)
+    ds_config, zero_stage = read_deepspeed_config(args)
+    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "8"))
+    model = meta_model(config, args, lora_config(args))
+    est, table = memory.for_run(model, config, args, ds_config, zero_stage, gpus,
+                                compute_dtype(args, on_gpu=True))
+    print(table)
+    problem = memory.check_fits(est, [int(args.gpu_memory * memory.GIB)])
+    print(f"verdict: {'does NOT fit' if problem else 'fits'} on {gpus} GPU(s) of {args.gpu_memory:g} GiB"
+          + (f": {problem}" if problem else ""))
+    return est
+
+
+def compute_dtype(args, on_gpu):
+    return torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and on_gpu) else torch.float32
+
+
+def _wait_for(fn, seconds=600):
+    """Other ranks wait for rank 0 to write the demo files."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return fn()
+        except (FileNotFoundError, ValueError, json.JSONDecodeError):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
