@@ -36,12 +36,12 @@ def build_parser():
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=lambda prog: (
         argparse.RawDescriptionHelpFormatter(prog, width=100, max_help_position=36)))
     g = p.add_argument_group("model")
-    g.add_argument("--model-path", help="official InternVL 1.5 directory (default: none; without it and "
-                                        "without data: the embedded demo)")
-    g.add_argument("--size", choices=["2b", "4b", "26b"], help="picks the recipe defaults; checked against "
-                   "the checkpoint (default: the checkpoint's)")
-    g.add_argument("--mode", choices=["full", "lora", "qlora"], help="full: LLM + projector train; lora / "
-                   "qlora: adapters + projector, qlora on an NF4 LLM (default lora)")
+    g.add_argument("--model-path", help="official InternVL 1.5 directory (default: none; with no data "
+                                        "either: the demo)")
+    g.add_argument("--size", choices=["2b", "4b", "26b"], help="picks the recipe; checked against the "
+                                                               "checkpoint (default: the checkpoint's)")
+    g.add_argument("--mode", choices=["full", "lora", "qlora"], help="full: LLM + projector; lora / qlora: "
+                   "adapters + projector, qlora on an NF4 LLM (default lora)")
     g = p.add_argument_group("data")
     spec = "ANNOTATION[,IMAGE_FOLDER[,REPEAT[,MAX_TILES]]]"
     g.add_argument("--data", action="append", default=[], metavar=spec, help="a LLaVA-format .json/.jsonl, "
@@ -56,42 +56,37 @@ def build_parser():
                                        "max_dynamic_patch}} (default: none)")
     g.add_argument("--system-message", help="system prompt of every sample; convert.py exports it "
                                             "(default: config.json's, else the template's)")
-    g.add_argument("--skip-bad-samples", action="store_true", help="skip and count bad annotations instead "
-                                                                   "of refusing to start (default off)")
-    g.add_argument("--max-length", type=int, help="max tokens per sample, image tokens included (default "
-                                                  "4096)")
+    g.add_argument("--skip-bad-samples", action="store_true", help="skip and count bad records instead of "
+                                                                   "refusing to start (default off)")
+    g.add_argument("--max-length", type=int, help="max tokens per sample, image ones included (default 4096)")
     g.add_argument("--max-tiles", type=int, help="max tiles per image, thumbnail aside (default: "
                                                  "max_dynamic_patch)")
     g.add_argument("--min-tiles", type=int, help="min tiles per image (default: min_dynamic_patch)")
     g.add_argument("--thumbnail", action=argparse.BooleanOptionalAction, help="a thumbnail after "
                    "multi-tile images (default: use_thumbnail)")
-    g.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default: min(4, cores); "
-                                                   "demo 0)")
+    g.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default: min(4, cores))")
     g.add_argument("--max-packed-tokens", type=int, metavar="N", help="pack whole samples into one row of <= "
                    "N tokens per micro-batch, batch 1 (official 8192; default: no packing)")
     g.add_argument("--max-packed-tiles", type=int, default=40, metavar="T", help="with packing: <= T tiles "
                    "per pack (official num_images_expected; default 40)")
     g = p.add_argument_group("optimisation (defaults: the official 2nd-finetune recipe of --size and --mode)")
     g.add_argument("--deepspeed", help="DeepSpeed config (default ds_zero3.json for 26b full/lora, else "
-                                       "ds_zero1)")
-    g.add_argument("--batch-size", type=int, help="micro-batch per device (default: the recipe's, demo 4)")
-    g.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: the recipe's, "
-                                                  "demo 1)")
+                                       "ds_zero1.json)")
+    g.add_argument("--batch-size", type=int, help="micro-batch per device (default: the recipe's)")
+    g.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: the recipe's)")
     g.add_argument("--lr", type=float, help="peak LR; AdamW, betas 0.9/0.999, eps 1e-8, clip 1.0 (default: "
                                             "the recipe's)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay, on every trainable tensor as "
-                                                      "official (default: the recipe's)")
-    g.add_argument("--warmup-ratio", type=float, help="linear warmup fraction, then cosine to 0 (default "
-                                                      "0.03)")
+    g.add_argument("--weight-decay", type=float, help="on every trainable tensor (default: the recipe's)")
+    g.add_argument("--warmup-ratio", type=float, help="linear warmup, then cosine to 0 (default 0.03)")
     g.add_argument("--epochs", type=float, help="epochs (default 1); ignored when --max-steps is given")
-    g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs; demo 800); 0 = a "
-                                                 "dry run: load, build the engine, print the summary, exit")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs); 0 = a dry run: "
+                                                 "load, build the engine, print the summary, exit")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto = bf16 on GPU, fp32 on CPU (default auto)")
-    g.add_argument("--seed", type=int, default=42, help="data order, repeat sampling, LoRA init and dropout "
-                                                        "(default 42)")
-    g.add_argument("--max-bad-steps", type=int, default=5, help="abort after N steps in a row with a "
-                                                                "NaN/inf loss, each skipped (default 5)")
+    g.add_argument("--seed", type=int, default=42, help="data order, sampling, LoRA init, dropout (default "
+                                                        "42)")
+    g.add_argument("--max-bad-steps", type=int, default=5, help="abort after N NaN/inf steps in a row, each "
+                                                                "skipped (default 5)")
     add_lora_and_output_options(p)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # `deepspeed` passes it
     return p
@@ -102,19 +97,18 @@ def add_lora_and_output_options(p):
     g.add_argument("--lora-r", type=int, help=f"LoRA rank (default {lora.LoRAConfig.r})")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2r, as official)")
     g.add_argument("--lora-dropout", type=float, help=f"LoRA dropout (default {lora.LoRAConfig.dropout})")
-    g.add_argument("--lora-targets", help="comma-separated official module names (default: every LLM "
-                                          "linear but the head)")
+    g.add_argument("--lora-targets", help="official module names, comma-separated (default: every LLM linear "
+                                          "but the head)")
     g.add_argument("--lora-vit", action="store_true", help="also adapt the ViT linears (default off)")
-    g.add_argument("--lora-rslora", action="store_true", help="scale alpha / sqrt(r), not alpha / r "
-                                                              "(default off)")
+    g.add_argument("--lora-rslora", action="store_true", help="scale alpha / sqrt(r), not / r (default off)")
     g.add_argument("--train-vit", action="store_true", help="train the whole ViT (default off, as official)")
     g.add_argument("--unfreeze-vit-layers", type=int, metavar="K", help="train ViT layers K.. (official; "
                                                                         "-K: the last K; default 0: none)")
     g.add_argument("--freeze-projector", action="store_true", help="freeze the mlp1 projector (default off)")
     g.add_argument("--freeze-llm", action="store_true", help="full mode: train the projector only (default "
                                                              "off)")
-    g.add_argument("--drop-path-rate", type=float, help="ViT drop path (default 0.1 2b/4b full, 0.4 26b "
-                                                        "full, 0 LoRA)")
+    g.add_argument("--drop-path-rate", type=float, help="ViT drop path (default: full 0.1, 26b full 0.4, "
+                                                        "LoRA 0)")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                    help="per-layer activation checkpointing of ViT and LLM (default on)")
     g = p.add_argument_group("output")
@@ -125,10 +119,9 @@ def add_lora_and_output_options(p):
                                     "path (default: start at step 0)")
     g.add_argument("--log-interval", type=int, help="progress-bar refresh every N steps (default 1)")
     g = p.add_argument_group("memory")
-    g.add_argument("--estimate-memory", action="store_true", help="print the per-GPU memory estimate and "
-                                                                  "exit; reads no weights (default off)")
-    g.add_argument("--gpus", type=int, help="with --estimate-memory: data-parallel GPUs (default: "
-                                            "WORLD_SIZE or 8)")
+    g.add_argument("--estimate-memory", action="store_true", help="print the per-GPU memory estimate, exit "
+                                                                  "(default off)")
+    g.add_argument("--gpus", type=int, help="with --estimate-memory: GPUs (default: WORLD_SIZE or 8)")
     g.add_argument("--gpu-memory", type=float, default=80.0, help="with --estimate-memory: GiB per GPU "
                                                                   "(default 80)")
     g.add_argument("--no-memory-check", dest="memory_check", action="store_false",

@@ -8,9 +8,8 @@ options.py's checks. checkpoint.py writes the checkpoints and checks a resume.
 
 The loss of an optimizer step is the mean cross-entropy over ALL its supervised tokens, every rank and
 micro-batch together: sum(CE) / N_step. Each micro-batch backpropagates sum(CE_micro) * world / N_step
-(DeepSpeed averages gradients over the ranks and is told not to divide by the accumulation steps), so the
-gradient is that of the logged loss whatever the split over ranks and micro-batches. (The official trainer
-averages per-micro-batch means, which weights short answers more and changes with the split.)
+(DeepSpeed averages over the ranks and does not divide by the accumulation steps), so the gradient is that of
+the logged loss whatever the split. (The official trainer averages per-micro-batch means instead.)
 """
 from __future__ import annotations
 
@@ -394,7 +393,7 @@ def main(argv=None):
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def log(*a):
+def log(*a):  # rank 0 only
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(*a)
 

@@ -457,6 +457,8 @@ def test_bad_combinations_are_refused_before_any_heavy_work(demo, tmp_path):
              r"freeze_llm is for mode 'full', not 'lora'")
     _refused(["--model-path", base, "--data", data, "--mode", "full", "--freeze-llm", "--freeze-projector", *out],
              r"error: nothing to train with these freeze options")
+    _refused(["--model-path", base, "--data", data, "--unfreeze-vit-layers", "2", *out],
+             r"error: unfreeze_vit_layers 2: the ViT has 2 layers")
     _refused(["--model-path", base, "--data", data, "--resume", str(tmp_path), *out], r"not a complete checkpoint")
     (tmp_path / "iter_5").mkdir()
     (tmp_path / "iter_5" / "meta.json").write_text("{}")
