@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import random
-import re
 import resource
 import shutil
 import socket
@@ -37,6 +36,8 @@ import warnings
 from functools import partial
 
 import torch
+
+from checkpoint import FORMAT, complete_checkpoints
 
 # --- official 2nd-stage fine-tune recipes (SPEC §11.1); QLoRA uses the LoRA row ---
 RECIPES = {
@@ -57,7 +58,6 @@ DEMO = dict(mode="lora", lr=2e-3, weight_decay=0.0, batch_size=4, grad_accum=1, 
 # What tells the three released architectures apart (checked against --size before anything heavy is loaded).
 ARCHITECTURES = {"2b": ("internlm2", "layer_norm"), "4b": ("phi3", "layer_norm"), "26b": ("internlm2", "rms_norm")}
 GRAD_CLIP = 1.0  # official max_grad_norm
-FORMAT = "internvl-train-checkpoint/1"
 
 
 def build_parser():
@@ -204,16 +204,6 @@ def checkpoint_size(config) -> str:
             return size
     raise ValueError(f"the checkpoint's architecture (LLM {config.llm.family}, ViT {config.vision.norm_type}) is "
                      f"none of InternVL 1.5's: {ARCHITECTURES}")
-
-
-def complete_checkpoints(out_dir):
-    """[(step, path)] of the complete iter_* checkpoints (renamed, with meta.json), oldest first."""
-    found = []
-    for path in glob.glob(os.path.join(out_dir, "iter_*")):
-        m = re.fullmatch(r"iter_(\d+)", os.path.basename(path))
-        if m and os.path.exists(os.path.join(path, "meta.json")):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
 
 
 def resolve_resume(args):
