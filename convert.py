@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import glob
 import io
 import json
@@ -21,10 +22,16 @@ import shutil
 import sys
 import zipfile
 from collections.abc import Iterable
+from functools import partial
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
+import chat
 from checkpoint import FORMAT, complete_checkpoints
+from data import build_sample, load_tokenizer
+from lora import LoRAConfig, inject_lora, merge_checkpoint, prepare_qlora
 from model import load_config, load_pretrained
 from model.weights import (DTYPES, SAFETENSORS_CODES, SafetensorsWriter, checkpoint_files,
                            checkpoint_fingerprint, iter_checkpoint, mismatch_message, read_headers,
@@ -144,11 +151,8 @@ def trained_tensors(ckpt_dir: str, meta: dict, dtype: torch.dtype = torch.float3
                                  else dtype) for k, v in state.items()}
 
 
-def lora_settings(meta: dict):
-    if meta["lora"] is None:
-        return None
-    from lora import LoRAConfig
-    return LoRAConfig.from_dict(meta["lora"])
+def lora_settings(meta: dict) -> LoRAConfig | None:
+    return None if meta["lora"] is None else LoRAConfig.from_dict(meta["lora"])
 
 
 # --- the output directory ---
@@ -281,8 +285,6 @@ def copy_base_files(base: str, out_dir: str) -> list[str]:
 
 def check_image():
     """A fixed 896x448 picture (2 tiles + thumbnail): gradients and a few shapes, nothing random."""
-    import numpy as np
-    from PIL import Image, ImageDraw
     x, y = np.meshgrid(np.arange(896), np.arange(448))
     img = Image.fromarray(np.stack([x * 255 // 895, y * 255 // 447, (x + y) % 256], -1).astype(np.uint8))
     d = ImageDraw.Draw(img)
@@ -294,7 +296,6 @@ def check_image():
 
 def check_sample(base: str, config) -> dict:
     """The fixed input, built by the data pipeline exactly as training builds samples."""
-    from data import build_sample, load_tokenizer
     record = {"image": "self-check.png", "conversations": [
         {"from": "human", "value": "<image>\nDescribe the picture in one sentence."},
         {"from": "gpt", "value": "A red circle, a blue rectangle and a yellow triangle on a colourful "
@@ -312,9 +313,6 @@ def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, 
     For QLoRA the reference puts the adapters on the unquantised base: the export merges onto that base, so
     this is the model the export must equal. nf4=True rebuilds the 4-bit model training ran instead; it
     differs from both by the base's quantisation error, which the self-check reports apart."""
-    from functools import partial
-
-    from lora import inject_lora, prepare_qlora
     prepare = partial(prepare_qlora, device=device, compute_dtype=compute_dtype) if nf4 else None
     adapters = {k: v for k, v in trained.items() if k.endswith((".lora_A", ".lora_B"))}
     plain = {k.replace(".base.", "."): v for k, v in trained.items() if k not in adapters}
@@ -380,7 +378,6 @@ def computing_in(model, dtype: torch.dtype):
 
 def release_memory() -> None:
     """Give a freed model's memory back before the next one loads (see trim_heap)."""
-    import gc
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -406,7 +403,6 @@ CHECK_NEW_TOKENS = 16
 
 def _answer(model, tokenizer, sample, dtype) -> str:
     """The official chat's greedy answer to CHECK_QUESTION about the check image."""
-    import chat
     with computing_in(model, dtype):
         return chat.chat(model, tokenizer, sample["pixel_values"], CHECK_QUESTION,
                          max_new_tokens=CHECK_NEW_TOKENS)[0]
@@ -414,7 +410,6 @@ def _answer(model, tokenizer, sample, dtype) -> str:
 
 def _run_and_free(load, sample, device, dtype, tokenizer_dir=None):
     """Load a model, compute its logits (and its chat answer when tokenizer_dir is given), free it."""
-    from data import load_tokenizer
     model = load()
     logits = _logits(model, sample, device, dtype)
     answer = _answer(model, load_tokenizer(tokenizer_dir), sample, dtype) if tokenizer_dir else None
@@ -468,15 +463,15 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
 
 
 def log_check(result: dict, default_tol: bool, compute_dtype, device, log=print) -> None:
-    how = f" = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {result['logit_scale']:.3g})" \
-        if default_tol else ""
+    how = (f" = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {result['logit_scale']:.3g})"
+           if default_tol else "")
     log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {dtype_name(compute_dtype)} on "
         f"{device}: largest |logit difference| export vs trained model = {result['max_abs_diff']:.3g} "
         f"(tolerance {result['tolerance']:.3g}{how}); training moved the logits by up to "
         f"{result['training_shift']:.3g}; same argmax at {100 * result['argmax_agreement']:.2f}% of "
         f"positions -> {'OK' if result['ok'] else 'FAILED'}")
-    same = "the same" if result["answer"] == result["trained_answer"] else \
-        "DIFFERENT (greedy decoding can part at a near-tie; the logit check above is the criterion)"
+    same = ("the same" if result["answer"] == result["trained_answer"] else
+            "DIFFERENT (greedy decoding can part at a near-tie; the logit check above is the criterion)")
     log(f"self-check chat ({CHECK_NEW_TOKENS} greedy tokens, {CHECK_QUESTION!r}): export "
         f"\"{readable(result['answer'])}\", trained model \"{readable(result['trained_answer'])}\": {same}")
     if "nf4_gap" in result:
@@ -512,7 +507,6 @@ def convert(args, log=print) -> dict:
     trained = trained_tensors(ckpt_dir, meta, dtype)
     log(f"trained tensors: {len(trained)} ({sum(t.numel() for t in trained.values()):,} values)")
 
-    from lora import merge_checkpoint
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
