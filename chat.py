@@ -281,19 +281,23 @@ def parse_args(argv=None):
     p.add_argument("--system-message", help="override the system message (default: config.json's, else the "
                                             "template default of the directory's conversation.py, else the "
                                             "data pipeline's)")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --do-sample: divides the logits")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (default off)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="with --do-sample: divides the logits (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="with --do-sample: nucleus sampling (default "
                                                             "1.0: all tokens)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if available), cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights and compute dtype (default: bfloat16 on "
                                                            "GPU, float32 on CPU)")
-    p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
+    p.add_argument("--no-stream", action="store_true",
+                   help="print the answer only when it is complete (default: stream it)")
     p.add_argument("--data", metavar="ANNOTATION[,IMAGE_FOLDER]",
                    help="a LLaVA-format test set: greedy answers to each record's first question, batched, "
-                        "to --output, with exact-match and contained rates against the first answers")
-    p.add_argument("--output", help="with --data: the answers, JSON lines")
+                        "to --output, with exact-match and contained rates against the first answers "
+                        "(default: none, a chat)")
+    p.add_argument("--output", help="with --data: the answers, JSON lines (default none)")
     p.add_argument("--batch-size", type=int, default=8, help="with --data: prompts per batch (default 8)")
     args = p.parse_args(argv)
     if (args.data is None) != (args.output is None):

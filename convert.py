@@ -557,10 +557,12 @@ def parse_args(argv=None):
                    help="dtype of the written weights (default bfloat16, as released)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                    help="largest safetensors shard, e.g. 5GB (default), 500MB, 2GiB")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (default off)")
     p.add_argument("--allow-base-change", action="store_true",
-                   help="convert even when the base's weights differ from those training started from")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the self-check")
+                   help="convert even when the base's weights differ from those training started from "
+                        "(default off)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the self-check (default: run it)")
     p.add_argument("--verify-dtype", default="float32", choices=sorted(DTYPES),
                    help="compute dtype of the self-check (default float32: exact; bfloat16 halves memory)")
     p.add_argument("--verify-device", help="device of the self-check (default: cuda if available)")
