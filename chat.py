@@ -1,15 +1,13 @@
-"""Talk to an official InternVL 1.5 directory (converted or released) with the official chat semantics (SPEC §9).
+"""Talk to an official InternVL 1.5 directory (converted or released) with the official chat semantics.
 
     python chat.py MODEL_DIR --image photo.jpg --question "What is in the picture?"
     python chat.py MODEL_DIR --image photo.jpg      # interactive: one question per line, history kept
-    python chat.py MODEL_DIR --data test.jsonl,images/ --output answers.jsonl --batch-size 8   # a test set
+    python chat.py MODEL_DIR --data test.jsonl,images/ --output answers.jsonl   # a test set, batched
 
-What `InternVLChatModel.chat` does, step by step: the system message is config.json's `system_message`, else the
-template default (read from the directory's own conversation.py when it ships one); the image is tiled with the
-directory's own tiling settings (max_dynamic_patch, thumbnail); `<image>\\n` goes in front of the first question
-when it has no `<image>`; each `<image>` becomes `<img>` + `<IMG_CONTEXT>` x (256 x tiles) + `</img>`; generation
-stops only at the template terminator (`<|im_end|>` / `<|end|>`); the answer is decoded without special tokens,
-cut at the terminator text and stripped.
+As the official `InternVLChatModel.chat`: the system message is config.json's, else the template default of
+the directory's own conversation.py; the image is tiled with the directory's settings; `<image>\\n` goes in
+front of the first question when it has none; generation stops only at the template terminator (`<|im_end|>`
+/ `<|end|>`); the answer is decoded without special tokens, cut at the terminator text and stripped.
 """
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ from data.templates import DEFAULT_SYSTEM_MESSAGE, generation_prompt, get_templa
 from data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
 from model import load_pretrained
 from model.config import InternVLConfig
+from model.weights import DTYPES
 
 IMAGE_TAG = "<image>"
 
@@ -37,8 +36,8 @@ def image_to_pixel_values(image, config: InternVLConfig, max_num: int | None = N
     size = config.force_image_size
     if not config.dynamic_image_size:  # one tile, warped to S x S (to_tensor resizes)
         return to_tensor([image.convert("RGB")], size)
-    tiles = dynamic_preprocess(image.convert("RGB"), config.min_dynamic_patch, max_num or config.max_dynamic_patch,
-                               size, config.use_thumbnail)
+    tiles = dynamic_preprocess(image.convert("RGB"), config.min_dynamic_patch,
+                               max_num or config.max_dynamic_patch, size, config.use_thumbnail)
     return to_tensor(tiles, size)
 
 
@@ -89,9 +88,9 @@ def build_prompt(tokenizer, config: InternVLConfig, question: str, history=(), n
 
 
 class StreamPrinter:
-    """Prints the answer as tokens arrive. It re-decodes the new tokens each step and prints only text that can
-    no longer change: nothing after the terminator, no trailing whitespace (the answer is stripped), and nothing
-    while the text ends in an incomplete UTF-8 sequence (byte-fallback pieces)."""
+    """Prints the answer as tokens arrive. It re-decodes the new tokens each step and prints only text that
+    can no longer change: nothing after the terminator, no trailing whitespace (the answer is stripped), and
+    nothing while the text ends in an incomplete UTF-8 sequence (byte-fallback pieces)."""
 
     def __init__(self, tokenizer, sep: str, out=None):
         self.tokenizer, self.sep, self.out = tokenizer, sep, out or sys.stdout
@@ -106,7 +105,7 @@ class StreamPrinter:
 
     def __call__(self, step_ids: torch.Tensor) -> None:
         self.ids.append(int(step_ids[0]))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).split(self.sep)[0].strip()
+        text = decode_answer(self.tokenizer, self.ids, self.sep)
         if not text.endswith("\ufffd"):
             self._emit(text)
 
@@ -125,8 +124,8 @@ def chat(model, tokenizer, pixel_values: torch.Tensor | None, question: str, his
          system_message: str | None = None, streamer=None, generator=None):
     """One turn of the official chat: returns (response, history + [(question, response)], new token ids).
 
-    Like the official chat, the image (all its tiles) is passed again on every turn: its `<image>` lives in the
-    first question of the history.
+    Like the official chat, the image (all its tiles) is passed again on every turn: its `<image>` lives in
+    the first question of the history.
     """
     config = model.config
     history = list(history or [])
@@ -153,28 +152,28 @@ def decode_answer(tokenizer, ids, sep: str) -> str:
 
 
 def record_prompt(record, image_folder, tokenizer, config: InternVLConfig, system_message=None, max_num=None):
-    """A LLaVA record -> (question, reference, prompt ids, pixel values or None). The question is the first human
-    turn and the reference the first gpt turn (a leading gpt turn is dropped, as in training); the image tag goes
-    in front of the question when it has none, as in chat() and in training. Several images share the tile cap
-    (max(1, cap // n) each), as in training. Raises SampleError, ImageLoadError or ValueError."""
+    """A LLaVA record -> (question, reference, prompt ids, pixel values or None): the first human turn and the
+    first gpt turn (a leading gpt turn is dropped), the image tag in front of the question when it has none,
+    and several images sharing the tile cap, all as in training. Raises SampleError, ImageLoadError or
+    ValueError."""
     conv = parse_record(record)
     question, reference = conv.turns[0]
     pixel_values, patches = None, []
     if conv.images:
         cap = max_num or config.max_dynamic_patch
         cap = cap if len(conv.images) == 1 else max(1, cap // len(conv.images))
-        tiles = [image_to_pixel_values(load_image(p if image_folder is None else os.path.join(image_folder, p)),
-                                       config, cap) for p in conv.images]
+        paths = [p if image_folder is None else os.path.join(image_folder, p) for p in conv.images]
+        tiles = [image_to_pixel_values(load_image(p), config, cap) for p in paths]
         pixel_values, patches = torch.cat(tiles), [t.shape[0] for t in tiles]
     _, ids = build_prompt(tokenizer, config, question, [], patches, system_message)
     return question, reference, ids, pixel_values
 
 
 @torch.no_grad()
-def generate_batch(model, prompts, eos_id: int, max_new_tokens: int, stop_early: bool = True) -> list[list[int]]:
-    """Greedy answers for [(prompt ids, pixel values or None)] in one left-padded batch with the KV cache: the new
-    ids of each prompt, cut after its terminator. stop_early=False always runs max_new_tokens steps (ZeRO-3 ranks
-    must run the same number of forwards)."""
+def generate_batch(model, prompts, eos_id: int, max_new_tokens: int, stop_early: bool = True):
+    """Greedy answers for [(prompt ids, pixel values or None)] in one left-padded batch with the KV cache:
+    the new ids of each prompt, cut after its terminator. stop_early=False always runs max_new_tokens steps
+    (ZeRO-3 ranks must run the same number of forwards)."""
     device, dtype = next(model.parameters()).device, model.llm.embed.weight.dtype
     width = max(len(ids) for ids, _ in prompts)
     input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -190,9 +189,9 @@ def generate_batch(model, prompts, eos_id: int, max_new_tokens: int, stop_early:
 
 
 def plan_batches(prompts, batch_size, max_new_tokens, config: InternVLConfig):
-    """Batches of [(row, ids, pixel values)], longest first (less padding). Phi-3's 'su' RoPE picks its factors
-    from the largest position of the whole batch, so a batch mixes only prompts that stay on one side of
-    original_max_position_embeddings for the whole generation, and one that may cross it runs alone: every
+    """Batches of [(row, ids, pixel values)], longest first (less padding). Phi-3's 'su' RoPE picks its
+    factors from the largest position of the whole batch, so a batch mixes only prompts that stay on one side
+    of original_max_position_embeddings for the whole generation, and one that may cross it runs alone: every
     answer then equals the prompt's answer alone."""
     prompts = sorted(prompts, key=lambda p: -len(p[1]))
     llm = config.llm
@@ -205,12 +204,12 @@ def plan_batches(prompts, batch_size, max_new_tokens, config: InternVLConfig):
     return [g[k:k + batch_size] for g in (long, short) for k in range(0, len(g), batch_size)] + alone
 
 
-def answer_test_set(model, tokenizer, records, output, batch_size=8, max_new_tokens=1024, system_message=None,
-                    max_num=None):
-    """Greedy answers for [(id, record, image folder)], `batch_size` prompts at a time (longest first, less
-    padding), written to `output` as JSON lines in the input order: id, question, reference, answer, tokens (or
-    error). Returns the scores: exact match (stripped strings equal) and reference contained in the answer,
-    over the rows that have a reference and no error."""
+def answer_test_set(model, tokenizer, records, output, batch_size=8, max_new_tokens=1024,
+                    system_message=None, max_num=None):
+    """Greedy answers for [(id, record, image folder)], `batch_size` prompts at a time, written to `output` as
+    JSON lines in the input order: id, question, reference, answer, tokens (or error). Returns the scores:
+    exact match (stripped strings equal) and reference contained in the answer, over the rows that have a
+    reference and no error."""
     from tqdm import tqdm
     config = model.config
     sep = get_template(config.template).sep
@@ -231,8 +230,8 @@ def answer_test_set(model, tokenizer, records, output, batch_size=8, max_new_tok
     bar = tqdm(total=len(ready), desc="answers", dynamic_ncols=True)
     tokens, t0 = 0, time.time()
     for chunk in plan_batches(ready, batch_size, max_new_tokens, config):
-        for (i, _, _), ids in zip(chunk, generate_batch(model, [(ids, pv) for _, ids, pv in chunk], eos_id,
-                                                        max_new_tokens)):
+        answers = generate_batch(model, [(ids, pv) for _, ids, pv in chunk], eos_id, max_new_tokens)
+        for (i, _, _), ids in zip(chunk, answers):
             rows[i].update(answer=decode_answer(tokenizer, ids, sep), tokens=len(ids))
             tokens += len(ids)
         bar.update(len(chunk))
@@ -251,8 +250,8 @@ def answer_test_set(model, tokenizer, records, output, batch_size=8, max_new_tok
 
 
 def read_test_set(spec: str):
-    """--data ANNOTATION[,IMAGE_FOLDER] -> [(id, record, image folder)]; id = the record's "id", else file:line.
-    A malformed line becomes a record that fails with its file:line in the error."""
+    """--data ANNOTATION[,IMAGE_FOLDER] -> [(id, record, image folder)]; id = the record's "id", else
+    file:line. A malformed line becomes a record that fails with its file:line in the error."""
     path, _, folder = spec.partition(",")
     if not os.path.isfile(path):
         raise SystemExit(f"error: --data {path}: no such file")
@@ -270,71 +269,57 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=lambda prog: argparse.HelpFormatter(prog, width=100))
-    p.add_argument("model_dir", help="an official InternVL 1.5 directory (convert.py output or a released model)")
+    p.add_argument("model_dir", help="an official InternVL 1.5 directory (convert.py's or a released one)")
     p.add_argument("--image", help="image file (default: none, a text-only chat)")
-    p.add_argument("--question", help="ask once and exit (default: read questions from stdin, "
-                                                 "interactive)")
+    p.add_argument("--question", help="ask once and exit (default: read questions from stdin)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="longest answer in tokens (default 1024)")
-    p.add_argument("--max-num", type=int, default=None,
-                   help="tile cap for the image (default: the directory's max_dynamic_patch)")
-    p.add_argument("--system-message", default=None,
-                   help="override the system message (default: config.json's, else the template default of the "
-                        "directory's conversation.py, else the toolkit's default)")
+    p.add_argument("--max-num", type=int, help="tile cap for the image (default: the directory's "
+                                               "max_dynamic_patch)")
+    p.add_argument("--system-message", help="override the system message (default: config.json's, else the "
+                                            "template default of the directory's conversation.py, else the "
+                                            "data pipeline's)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (default off)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="with --do-sample: divides the logits (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="with --do-sample: sample from the smallest set of tokens whose probability reaches P "
-                        "(default 1.0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --do-sample: nucleus sampling (default "
+                                                            "1.0: all tokens)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... "
-                                                         "(default auto)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="weights and compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete (default: "
-                                                                   "stream it)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if available), cpu, cuda, cuda:1, ... (default auto)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights and compute dtype (default: bfloat16 on "
+                                                           "GPU, float32 on CPU)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="print the answer only when it is complete (default: stream it)")
     p.add_argument("--data", metavar="ANNOTATION[,IMAGE_FOLDER]",
-                   help="a LLaVA-format test set: greedy answers to each record's first question, batched, to "
-                        "--output; prints exact-match and contained rates against the first answers (default: "
-                        "none, an interactive chat)")
+                   help="a LLaVA-format test set: greedy answers to each record's first question, batched, "
+                        "to --output, with exact-match and contained rates against the first answers "
+                        "(default: none, a chat)")
     p.add_argument("--output", help="with --data: the answers, JSON lines (default none)")
-    p.add_argument("--batch-size", type=int, default=8, help="with --data: prompts per batch, left padded (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="with --data: prompts per batch (default 8)")
     args = p.parse_args(argv)
     if (args.data is None) != (args.output is None):
         p.error("--data and --output go together")
+    return args
 
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokenizer = load_tokenizer(args.model_dir)
-    model = load_pretrained(args.model_dir, dtype=dtype, device=device)
-    if args.data:
-        scores = answer_test_set(model, tokenizer, read_test_set(args.data), args.output, args.batch_size,
-                                 args.max_new_tokens, resolve_system_message(model.config, args.system_message,
-                                                                             args.model_dir), args.max_num)
-        print(f"{scores['answered']} of {scores['records']} records answered ({scores['errors']} errors) -> "
-              f"{args.output}; exact match {scores['exact_match']:.1%}, reference contained "
-              f"{scores['contained']:.1%} (of {scores['scored']} with a reference); {scores['tokens_per_s']:.1f} "
-              f"tokens/s\n{json.dumps(scores)}")
-        return 0
+
+def converse(model, tokenizer, args, system_message: str, device) -> int:
+    """--question once, or one question per stdin line with the history kept (/reset, /exit)."""
     pixel_values = None
     if args.image:
         pixel_values = image_to_pixel_values(load_image(args.image), model.config, args.max_num)
     sep = get_template(model.config.template).sep
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.do_sample else None
-    system_message = resolve_system_message(model.config, args.system_message, args.model_dir)
-    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                    top_p=args.top_p, system_message=system_message, generator=generator)
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                    temperature=args.temperature, top_p=args.top_p, system_message=system_message,
+                    generator=generator)
 
     def answer(question, history):
         printer = None if args.no_stream else StreamPrinter(tokenizer, sep)
-        response, history, _ = chat(model, tokenizer, pixel_values, question, history, streamer=printer, **settings)
+        response, history, _ = chat(model, tokenizer, pixel_values, question, history, streamer=printer,
+                                    **settings)
         if printer is None:
             print(response, flush=True)
         else:
@@ -344,26 +329,42 @@ def main(argv=None) -> int:
     if args.question is not None:
         answer(args.question, None)
         return 0
-    tiles = f", image {args.image} ({pixel_values.shape[0]} tiles)" if pixel_values is not None else ", no image"
-    print(f"{args.model_dir} on {device} ({str(dtype).removeprefix('torch.')}){tiles}. "
-          f"Type a question; /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    tiles = f"image {args.image} ({pixel_values.shape[0]} tiles)" if pixel_values is not None else "no image"
+    dtype = str(model.llm.embed.weight.dtype).removeprefix("torch.")
+    print(f"{args.model_dir} on {device} ({dtype}), {tiles}. Type a question; /reset clears the history, "
+          f"/exit (or Ctrl-D) quits.", file=sys.stderr)
     history = None
     while True:
         try:
-            question = input("USER: ")
+            question = input("USER: ").strip()
         except EOFError:
             print(file=sys.stderr)
             return 0
-        question = question.strip()
         if question in ("/exit", "/quit"):
             return 0
         if question == "/reset":
             history = None
-            continue
-        if not question:
-            continue
-        print("ASSISTANT: ", end="", flush=True)
-        history = answer(question, history)
+        elif question:
+            print("ASSISTANT: ", end="", flush=True)
+            history = answer(question, history)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = load_tokenizer(args.model_dir)
+    model = load_pretrained(args.model_dir, dtype=dtype, device=device)
+    system_message = resolve_system_message(model.config, args.system_message, args.model_dir)
+    if not args.data:
+        return converse(model, tokenizer, args, system_message, device)
+    scores = answer_test_set(model, tokenizer, read_test_set(args.data), args.output, args.batch_size,
+                             args.max_new_tokens, system_message, args.max_num)
+    print(f"{scores['answered']} of {scores['records']} records answered ({scores['errors']} errors) -> "
+          f"{args.output}; exact match {scores['exact_match']:.1%}, reference contained "
+          f"{scores['contained']:.1%} (of {scores['scored']} with a reference); {scores['tokens_per_s']:.1f} "
+          f"tokens/s\n{json.dumps(scores)}")
+    return 0
 
 
 if __name__ == "__main__":

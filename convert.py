@@ -1,29 +1,17 @@
-"""A train.py checkpoint -> an official InternVL 1.5 directory: merged, bf16, key-exact, verified (SPEC §12).
+"""A train.py checkpoint -> an official InternVL 1.5 directory: merged, bf16, key-exact, verified.
 
-    python convert.py runs/demo/iter_400 runs/demo/converted     # an iter_* directory
-    python convert.py runs/2b_lora exports/2b_lora                # a run directory: its newest complete checkpoint
+    python convert.py runs/demo/iter_800 runs/demo/converted   # an iter_* directory
+    python convert.py runs/2b_lora exports/2b_lora              # a run directory: its newest checkpoint
 
-What it does:
-  1. Reads the checkpoint's meta.json (base model, mode, LoRA settings); --base-model overrides a moved base.
-  2. Consolidates the trained tensors with DeepSpeed's own zero_to_fp32 (ZeRO-1 and ZeRO-3 partitions alike;
-     frozen tensors were never saved).
-  3. Streams the base checkpoint tensor by tensor: full-mode tensors are replaced by the trained ones; LoRA and
-     QLoRA adapters are merged in float32 onto the bf16 base read from the base directory (never onto
-     dequantised 4-bit weights). Internal names and layouts become official ones through model/weights.py.
-  4. Writes safetensors shards (--max-shard-size) + model.safetensors.index.json, checks the key set and shapes
-     strictly against the base directory, writes config.json (use_llm_lora = use_backbone_lora = 0, the
-     system message training used, all else kept) and copies every other file of the base (tokenizer,
-     generation_config.json, remote code).
-  5. Self-check (--no-verify skips): reloads the output with load_pretrained, runs a fixed image + conversation
-     built by the data pipeline through it and through the trained model (adapters unmerged), prints the
-     largest logit difference (and both greedy chat answers) and fails above the tolerance of the dtypes.
-Everything is written into a temporary sibling of OUT and renamed at the end: a failure leaves no half-written
-OUT. An export that fails the self-check is left at OUT.rejected for inspection, and the exit status is 1.
+The export is written into a temporary sibling of OUT and renamed at the end, so a failure leaves no
+half-written OUT. Exit status 2: a refusal or bad input; 1: the self-check failed (the export is then left at
+OUT.rejected for inspection). README.md's "Export and chat" describes each step.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import glob
 import io
 import json
@@ -34,23 +22,28 @@ import shutil
 import sys
 import zipfile
 from collections.abc import Iterable
+from functools import partial
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
+import chat
+from checkpoint import FORMAT, complete_checkpoints
+from data import build_sample, load_tokenizer
+from lora import LoRAConfig, inject_lora, merge_checkpoint, prepare_qlora
 from model import load_config, load_pretrained
-from model.weights import (SafetensorsWriter, checkpoint_files, iter_checkpoint, read_header, to_official_name,
-                           to_official_tensor, trim_heap)
+from model.weights import (DTYPES, SAFETENSORS_CODES, SafetensorsWriter, checkpoint_files,
+                           checkpoint_fingerprint, iter_checkpoint, mismatch_message, read_headers,
+                           to_official_name, to_official_tensor, trim_heap)
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # The weight files of a checkpoint directory: written anew, never copied from the base.
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
-# Self-check tolerance, relative to the largest |logit| of the trained model: K_TOL x the unit roundoff u of the
-# coarsest dtype involved (the output weights, or the self-check's compute dtype). Rounding every weight to
-# bf16 (u = 2^-8) moves the logits of the demo models by 0.6-1.5 u of their scale (measured); K_TOL = 8 leaves
-# room for deeper models. A missing merge, a wrong layout or a swapped tensor moves them by as much as training
-# did, or by O(1): the check prints how far training moved the logits next to the difference.
+# Self-check tolerance, relative to the largest |logit| of the trained model: K_TOL x the unit roundoff u of
+# the coarsest dtype involved (the output weights, or the self-check's compute dtype). Rounding every weight
+# to bf16 (u = 2^-8) moves the logits of the demo models by 0.6-1.5 u of their scale (measured); K_TOL = 8
+# leaves room for deeper models. A missing merge, a wrong layout or a swapped tensor moves them by as much as
+# training did, or by O(1): the check prints how far training moved the logits next to the difference.
 K_TOL = 8.0
 FLOOR = 1e-4  # float32 compute noise (the fixtures' cross-implementation agreement)
 
@@ -63,11 +56,14 @@ class SelfCheckFailed(RuntimeError):
     """The export does not reproduce the trained model: exit status 1."""
 
 
-# --- the checkpoint --------------------------------------------------------------------------------------------
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --- the checkpoint ---
 
 def resolve_checkpoint(path: str) -> str:
     """An iter_* directory (it has meta.json), or a run directory -> its newest complete iter_* checkpoint."""
-    from checkpoint import complete_checkpoints
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ConvertError(f"{path}: no such checkpoint directory")
@@ -82,7 +78,6 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def read_meta(ckpt_dir: str) -> dict:
-    from checkpoint import FORMAT
     meta_file = os.path.join(ckpt_dir, "meta.json")
     with open(meta_file) as f:
         meta = json.load(f)
@@ -102,42 +97,40 @@ def resolve_base(meta: dict, override: str | None, ckpt_dir: str) -> str:
     if override is not None:
         base = os.path.abspath(override)
         if not os.path.isfile(os.path.join(base, "config.json")):
-            raise ConvertError(f"--base-model {override}: no config.json there (expected the official InternVL 1.5 "
-                               f"directory the run was trained from)")
+            raise ConvertError(f"--base-model {override}: no config.json there (expected the official "
+                               f"InternVL 1.5 directory the run was trained from)")
         return base
     base = meta["base_model_path"]
     if not os.path.isfile(os.path.join(base, "config.json")):
-        raise ConvertError(f"the base model {base} named in {os.path.join(ckpt_dir, 'meta.json')} is missing (no "
-                           f"config.json); if it moved, pass its new location with --base-model DIR")
+        raise ConvertError(f"the base model {base} named in {os.path.join(ckpt_dir, 'meta.json')} is missing "
+                           f"(no config.json); if it moved, pass its new location with --base-model DIR")
     return os.path.abspath(base)
 
 
 def check_base_unchanged(meta: dict, base: str, allow: bool, log=print) -> None:
     """The base's weights must be those training started from (meta.json's fingerprint of them)."""
-    from model.weights import checkpoint_fingerprint
     recorded = meta.get("base_fingerprint")
     if recorded is None:
         return log("note: this checkpoint records no fingerprint of its base; the base is not verified")
     now = checkpoint_fingerprint(base)
     if now != recorded:
-        msg = (f"the base model {base} is not the one this run trained from: its weight files' fingerprint is {now}, "
-               f"meta.json recorded {recorded}. Merging onto other base weights gives a wrong model")
+        msg = (f"the base model {base} is not the one this run trained from: its weight files' fingerprint "
+               f"is {now}, meta.json recorded {recorded}. Merging onto other base weights gives a wrong "
+               f"model")
         if not allow:
             raise ConvertError(msg + "; pass --allow-base-change if you know the difference does not matter")
         log(f"warning: {msg} (--allow-base-change given)")
 
 
 def trained_tensors(ckpt_dir: str, meta: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The trained tensors, consolidated from the ZeRO partitions by DeepSpeed's zero_to_fp32 one tensor at a
-    time (lazy mode): LoRA factors and the weights under them in float32 (the merge is float32), every other
-    tensor in the export's `dtype`
-    (it is written in that dtype anyway; a 26B full run's LLM is then 40 GB, not 80 GB of float32).
-
-    Strict: exactly the parameters meta.json lists as trainable."""
+    """Exactly the parameters meta.json lists as trainable, consolidated from the ZeRO partitions by
+    DeepSpeed's zero_to_fp32, one tensor at a time (lazy mode). LoRA factors and the weights under them stay
+    float32 (the merge adds to them: one rounding only); every other tensor is held in the export's `dtype`,
+    in which it is written anyway (a 26B full run's LLM is then 40 GB, not 80 GB)."""
     for path in sorted(glob.glob(os.path.join(ckpt_dir, "*.pt"))):  # torch.save files are zip archives
         if not zipfile.is_zipfile(path):
-            raise ConvertError(f"{path}: not a readable torch.save file (truncated or damaged: no zip directory at "
-                               f"its end); use an earlier checkpoint")
+            raise ConvertError(f"{path}: not a readable torch.save file (truncated or damaged: no zip "
+                               f"directory at its end); use an earlier checkpoint")
     if not torch.cuda.is_available():  # else DeepSpeed warns on every import that it fell back to the CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -152,22 +145,17 @@ def trained_tensors(ckpt_dir: str, meta: dict, dtype: torch.dtype = torch.float3
     if expected is not None:
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ConvertError(f"{ckpt_dir}: the DeepSpeed files do not hold the trainable parameters meta.json "
-                               f"lists: missing {missing[:8]} ({len(missing)}), unexpected {unexpected[:8]} "
-                               f"({len(unexpected)})")
-    # float32 where the merge adds to it (adapters, and a trained weight under an adapter): one rounding only
-    return {k: v.contiguous().to(torch.float32 if k.endswith((".lora_A", ".lora_B")) or ".base." in k else dtype)
-            for k, v in state.items()}
+            raise ConvertError(mismatch_message(f"{ckpt_dir}: the DeepSpeed files do not hold the trainable "
+                                                f"parameters meta.json lists:", missing, unexpected))
+    return {k: v.contiguous().to(torch.float32 if k.endswith((".lora_A", ".lora_B")) or ".base." in k
+                                 else dtype) for k, v in state.items()}
 
 
-def lora_settings(meta: dict):
-    if meta["lora"] is None:
-        return None
-    from lora import LoRAConfig
-    return LoRAConfig.from_dict(meta["lora"])
+def lora_settings(meta: dict) -> LoRAConfig | None:
+    return None if meta["lora"] is None else LoRAConfig.from_dict(meta["lora"])
 
 
-# --- the output directory --------------------------------------------------------------------------------------
+# --- the output directory ---
 
 def _inside(path: str, parent: str) -> bool:
     path, parent = os.path.realpath(path), os.path.realpath(parent)
@@ -177,13 +165,11 @@ def _inside(path: str, parent: str) -> bool:
 def check_output(out: str, ckpt_arg: str, ckpt_dir: str, base: str, overwrite: bool) -> str:
     """Refuse every OUT that would damage the inputs or mix with old files."""
     out = os.path.abspath(out)
-    for name, path in (("the checkpoint", ckpt_arg), ("the checkpoint", ckpt_dir)):
+    for name, path in (("the checkpoint", ckpt_arg), ("the checkpoint", ckpt_dir), ("the base model", base)):
         if _inside(out, path):
-            raise ConvertError(f"OUT {out} is {'' if os.path.realpath(out) == os.path.realpath(path) else 'inside '}"
-                               f"{name} {os.path.abspath(path)}; write the export somewhere else")
-    if _inside(out, base):
-        raise ConvertError(f"OUT {out} is {'' if os.path.realpath(out) == os.path.realpath(base) else 'inside '}"
-                           f"the base model {base}; write the export somewhere else")
+            where = "" if os.path.realpath(out) == os.path.realpath(path) else "inside "
+            raise ConvertError(f"OUT {out} is {where}{name} {os.path.abspath(path)}; "
+                               f"write the export somewhere else")
     for name, path in (("the checkpoint", ckpt_dir), ("the base model", base)):
         if _inside(path, out):
             raise ConvertError(f"OUT {out} contains {name} {path}; replacing it would delete it")
@@ -198,7 +184,8 @@ def parse_size(text: str) -> int:
     """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2^20, '1000' -> 1000 (the transformers convention)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise argparse.ArgumentTypeError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+        raise argparse.ArgumentTypeError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB "
+                                         f"or 2GiB")
     unit = (m.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
@@ -210,26 +197,24 @@ def parse_size(text: str) -> int:
 
 def write_weights(out_dir: str, base: str, tensors: Iterable[tuple[str, torch.Tensor]], config,
                   dtype: torch.dtype, max_shard_bytes: int) -> dict[str, str]:
-    """(internal name, tensor) stream, in the base checkpoint's order -> official names/layouts in `dtype`,
-    shards of at most max_shard_bytes (a tensor larger than that gets a shard of its own) +
-    model.safetensors.index.json. The shards are planned from the base's headers and streamed tensor by tensor,
-    so nothing close to a shard is ever held in memory."""
+    """(internal name, tensor) stream, in the base checkpoint's order -> official names and layouts in
+    `dtype`, in shards of at most max_shard_bytes (a larger tensor gets a shard of its own) + the index. The
+    shards are planned from the base's headers and streamed tensor by tensor: no shard is held in memory."""
     family = config.llm.family
-    shapes = tensor_shapes(base)
+    shapes = {k: tuple(entry["shape"]) for k, entry in read_headers(checkpoint_files(base)).items()}
     plan, size = [[]], 0
     for internal, _ in iter_checkpoint(base, config, read=False):
         official = to_official_name(internal, family)
-        nbytes = math.prod(shapes[official][0]) * dtype.itemsize
+        nbytes = math.prod(shapes[official]) * dtype.itemsize
         if plan[-1] and size + nbytes > max_shard_bytes:
             plan.append([])
             size = 0
-        plan[-1].append((official, shapes[official][0], dtype))
+        plan[-1].append((official, shapes[official], dtype))
         size += nbytes
     names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
     stream = iter(tensors)
     for fname, entries in zip(names, plan):
-        path = os.path.join(out_dir, fname)
-        writer = SafetensorsWriter(path, entries, metadata={"format": "pt"})
+        writer = SafetensorsWriter(os.path.join(out_dir, fname), entries, metadata={"format": "pt"})
         for _ in entries:
             name, tensor = next(stream)
             writer.write(to_official_name(name, family), to_official_tensor(name, tensor, config).to(dtype))
@@ -239,29 +224,22 @@ def write_weights(out_dir: str, base: str, tensors: Iterable[tuple[str, torch.Te
     weight_map = {name: fname for fname, entries in zip(names, plan) for name, _, _ in entries}
     total = sum(math.prod(shape) * dtype.itemsize for entries in plan for _, shape, _ in entries)
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                  indent=2)
     return weight_map
-
-
-def tensor_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Official name -> (shape, dtype) from the safetensors headers of a directory (no tensor is read)."""
-    files = checkpoint_files(path)
-    headers = {fname: read_header(fname) for fname in set(files.values())}
-    return {k: (tuple(headers[f][k]["shape"]), headers[f][k]["dtype"]) for k, f in files.items()}
 
 
 def check_against_base(out_dir: str, base: str, dtype: torch.dtype) -> int:
     """The written key set and shapes must equal the base directory's exactly; every tensor in `dtype`."""
-    got, want = tensor_shapes(out_dir), tensor_shapes(base)
+    got, want = read_headers(checkpoint_files(out_dir)), read_headers(checkpoint_files(base))
+    code = SAFETENSORS_CODES[dtype]
+    wrong = [f"{k}: {got[k]['shape']} {got[k]['dtype']} vs base {want[k]['shape']} {code}"
+             for k in sorted(set(got) & set(want))
+             if got[k]["shape"] != want[k]["shape"] or got[k]["dtype"] != code]
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    wrong = [f"{k}: {list(got[k][0])} vs base {list(want[k][0])}" for k in sorted(set(got) & set(want))
-             if got[k][0] != want[k][0]]
-    st_dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
-    wrong_dtype = [k for k, (_, d) in got.items() if d != st_dtype]
-    if missing or unexpected or wrong or wrong_dtype:
-        raise RuntimeError(f"the export does not match the base {base}: missing {missing[:8]} ({len(missing)}), "
-                           f"unexpected {unexpected[:8]} ({len(unexpected)}), wrong shapes {wrong[:8]} "
-                           f"({len(wrong)}), not {st_dtype} {wrong_dtype[:8]} ({len(wrong_dtype)})")
+    if missing or unexpected or wrong:
+        raise RuntimeError(mismatch_message(f"the export does not match the base {base}:",
+                                            missing, unexpected, wrong))
     return len(got)
 
 
@@ -272,19 +250,16 @@ def training_system_message(meta: dict) -> str:
 
 
 def write_config(out_dir: str, base: str, dtype: torch.dtype, system_message: str) -> None:
-    """The base config.json with the LoRA flags reset (the adapters are merged), torch_dtype = the output's, and
-    system_message = the one training used (SPEC §6.3): it wins over the template default of whatever
-    conversation.py the official code or a serving engine brings, so the model is prompted as it was trained."""
+    """The base config.json with the LoRA flags reset (the adapters are merged), torch_dtype = the output's,
+    and system_message = the one training used: it wins over the template default of whatever conversation.py
+    the official code or a serving engine brings, so the model is prompted as it was trained."""
     with open(os.path.join(base, "config.json")) as f:
         cfg = json.load(f)
-    cfg["use_llm_lora"] = 0
-    cfg["use_backbone_lora"] = 0
-    cfg["system_message"] = system_message
-    name = DTYPE_NAMES[dtype]
-    cfg["torch_dtype"] = name
+    cfg.update(use_llm_lora=0, use_backbone_lora=0, system_message=system_message,
+               torch_dtype=dtype_name(dtype))
     for sub in ("llm_config", "vision_config"):  # only where the base states one
         if isinstance(cfg.get(sub), dict) and "torch_dtype" in cfg[sub]:
-            cfg[sub]["torch_dtype"] = name
+            cfg[sub]["torch_dtype"] = dtype_name(dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, ensure_ascii=False)
         f.write("\n")
@@ -306,16 +281,12 @@ def copy_base_files(base: str, out_dir: str) -> list[str]:
     return copied
 
 
-# --- the self-check --------------------------------------------------------------------------------------------
+# --- the self-check ---
 
 def check_image():
     """A fixed 896x448 picture (2 tiles + thumbnail): gradients and a few shapes, nothing random."""
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", (896, 448))
-    px = img.load()
-    for y in range(448):
-        for x in range(896):
-            px[x, y] = (x * 255 // 895, y * 255 // 447, (x + y) % 256)
+    x, y = np.meshgrid(np.arange(896), np.arange(448))
+    img = Image.fromarray(np.stack([x * 255 // 895, y * 255 // 447, (x + y) % 256], -1).astype(np.uint8))
     d = ImageDraw.Draw(img)
     d.ellipse([100, 100, 300, 300], fill=(220, 30, 30))
     d.rectangle([520, 60, 760, 240], fill=(30, 60, 220))
@@ -325,10 +296,10 @@ def check_image():
 
 def check_sample(base: str, config) -> dict:
     """The fixed input, built by the data pipeline exactly as training builds samples."""
-    from data import build_sample, load_tokenizer
     record = {"image": "self-check.png", "conversations": [
         {"from": "human", "value": "<image>\nDescribe the picture in one sentence."},
-        {"from": "gpt", "value": "A red circle, a blue rectangle and a yellow triangle on a colourful gradient."}]}
+        {"from": "gpt", "value": "A red circle, a blue rectangle and a yellow triangle on a colourful "
+                                 "gradient."}]}
     return build_sample(record, load_tokenizer(base), config.template, max_num=config.max_dynamic_patch,
                         system_message=config.system_message, images=[check_image()],
                         use_thumbnail=config.use_thumbnail, check_labels=False)
@@ -340,19 +311,13 @@ def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, 
     (the trained tensors in their own dtype).
 
     For QLoRA the reference puts the adapters on the unquantised base: the export merges onto that base, so
-    this is the model the export must equal. nf4=True rebuilds the 4-bit model training ran instead; it differs
-    from both by the base's quantisation error, which the self-check reports apart."""
-    prepare = None
-    if nf4:
-        from functools import partial
-
-        from lora import prepare_qlora
-        prepare = partial(prepare_qlora, device=device, compute_dtype=compute_dtype)
+    this is the model the export must equal. nf4=True rebuilds the 4-bit model training ran instead; it
+    differs from both by the base's quantisation error, which the self-check reports apart."""
+    prepare = partial(prepare_qlora, device=device, compute_dtype=compute_dtype) if nf4 else None
     adapters = {k: v for k, v in trained.items() if k.endswith((".lora_A", ".lora_B"))}
     plain = {k.replace(".base.", "."): v for k, v in trained.items() if k not in adapters}
     model = load_pretrained(base, dtype=dtype, device=device, prepare=prepare, replace=plain)
     if lora_cfg is not None:
-        from lora import inject_lora
         inject_lora(model, lora_cfg)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -365,10 +330,10 @@ def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, 
 
 def _blocks(module, limit: int) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter]]]:
     """(module, the parameters it casts) covering every parameter once: each outermost module of at most
-    `limit` parameters (a decoder or ViT layer, the projector) casts all of its own; a bigger parent casts its
-    direct parameters and those of its leaf children (the ViT's patch embedding, the LLM's embedding, norm and
-    head), since its forward may read their dtype before they run; those leaves also cast themselves when called
-    from elsewhere (the head, from InternVL.forward)."""
+    `limit` parameters (a decoder or ViT layer, the projector) casts all of its own; a bigger parent casts
+    its direct parameters and those of its leaf children (the ViT's patch embedding, the LLM's embedding,
+    norm and head), since its forward may read their dtype before they run; those leaves also cast
+    themselves when called from elsewhere (the head, from InternVL.forward)."""
     n = sum(p.numel() for p in module.parameters())
     children = list(module.children())
     if n == 0:
@@ -384,10 +349,10 @@ def _blocks(module, limit: int) -> list[tuple[torch.nn.Module, list[torch.nn.Par
 
 @contextlib.contextmanager
 def computing_in(model, dtype: torch.dtype):
-    """Run `model` in `dtype` while its weights stay in their storage dtype: each block (a decoder or ViT layer,
-    an embedding, the head) casts its floating parameters and inputs to `dtype` on entry and its parameters
-    back on exit, so a bf16 model is checked in float32 with one block's float32 copy at a time. The numbers
-    equal those of the same weights held in `dtype`."""
+    """Run `model` in `dtype` while its weights stay in their storage dtype: each block (a decoder or ViT
+    layer, an embedding, the head) casts its floating parameters and inputs to `dtype` on entry and its
+    parameters back on exit, so a bf16 model is checked in float32 with one block's float32 copy at a time.
+    The numbers equal those of the same weights held in `dtype`."""
     def enter(module, args, params):
         module._cast_back = [(p, p.dtype) for p in params if p.is_floating_point() and p.dtype != dtype]
         for p, _ in module._cast_back:
@@ -399,7 +364,7 @@ def computing_in(model, dtype: torch.dtype):
             p.data = p.data.to(storage)
         module._cast_back = []
 
-    limit = max(sum(p.numel() for p in layer.parameters()) for layer in [*model.vit.layers, *model.llm.layers])
+    limit = max(sum(p.numel() for p in m.parameters()) for m in [*model.vit.layers, *model.llm.layers])
     handles = []
     for m, params in _blocks(model, limit):
         handles += [m.register_forward_pre_hook(lambda mod, args, ps=params: enter(mod, args, ps)),
@@ -413,7 +378,6 @@ def computing_in(model, dtype: torch.dtype):
 
 def release_memory() -> None:
     """Give a freed model's memory back before the next one loads (see trim_heap)."""
-    import gc
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -423,7 +387,8 @@ def release_memory() -> None:
 @torch.no_grad()
 def _logits(model, sample, device, dtype):
     with computing_in(model, dtype):
-        return model(sample["input_ids"][None].to(device), sample["pixel_values"].to(device=device, dtype=dtype),
+        return model(sample["input_ids"][None].to(device),
+                     sample["pixel_values"].to(device=device, dtype=dtype),
                      sample["image_flags"].to(device)).logits[0].float().cpu()
 
 
@@ -438,14 +403,23 @@ CHECK_NEW_TOKENS = 16
 
 def _answer(model, tokenizer, sample, dtype) -> str:
     """The official chat's greedy answer to CHECK_QUESTION about the check image."""
-    import chat
     with computing_in(model, dtype):
         return chat.chat(model, tokenizer, sample["pixel_values"], CHECK_QUESTION,
                          max_new_tokens=CHECK_NEW_TOKENS)[0]
 
 
+def _run_and_free(load, sample, device, dtype, tokenizer_dir=None):
+    """Load a model, compute its logits (and its chat answer when tokenizer_dir is given), free it."""
+    model = load()
+    logits = _logits(model, sample, device, dtype)
+    answer = _answer(model, load_tokenizer(tokenizer_dir), sample, dtype) if tokenizer_dir else None
+    del model
+    release_memory()
+    return logits, answer
+
+
 def readable(text: str) -> str:
-    """An answer for the log: control characters and undecodable bytes (U+FFFD) escaped, everything else as is."""
+    """An answer for the log: control characters and undecodable bytes (U+FFFD) escaped, the rest as is."""
     return "".join(c if c.isprintable() and c != "\ufffd" else ascii(c)[1:-1] for c in text)
 
 
@@ -458,29 +432,21 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
     `compute_dtype` (see computing_in), so the check holds at most one model of the export's size at a time.
     `trained` is consumed: its tensors become the trained model's and are freed with it (a 26B full run's
     are 40 GB), before the base and the export load."""
-    from data import load_tokenizer
-    config = load_config(base)
-    sample = check_sample(base, config)
+    sample = check_sample(base, load_config(base))
+
+    def load_trained(nf4=False):
+        model = trained_model(base, trained, lora_cfg, out_dtype, device, nf4, compute_dtype)
+        if not nf4:
+            trained.clear()  # the model holds them now
+        return model
+
     if qlora:  # the 4-bit model training ran, apart (see trained_model)
-        model = trained_model(base, trained, lora_cfg, out_dtype, device, nf4=True, compute_dtype=compute_dtype)
-        nf4_logits = _logits(model, sample, device, compute_dtype)
-        del model
-        release_memory()
-    model = trained_model(base, trained, lora_cfg, out_dtype, device, compute_dtype=compute_dtype)
-    trained.clear()
-    ref = _logits(model, sample, device, compute_dtype)
-    ref_answer = _answer(model, load_tokenizer(base), sample, compute_dtype)
-    del model
-    release_memory()
-    model = load_pretrained(base, dtype=out_dtype, device=device)
-    base_logits = _logits(model, sample, device, compute_dtype)
-    del model
-    release_memory()
-    model = load_pretrained(out_dir, dtype=out_dtype, device=device)
-    got = _logits(model, sample, device, compute_dtype)
-    answer = _answer(model, load_tokenizer(out_dir), sample, compute_dtype)
-    del model
-    release_memory()
+        nf4_logits, _ = _run_and_free(lambda: load_trained(nf4=True), sample, device, compute_dtype)
+    ref, ref_answer = _run_and_free(load_trained, sample, device, compute_dtype, base)
+    base_logits, _ = _run_and_free(lambda: load_pretrained(base, dtype=out_dtype, device=device), sample,
+                                   device, compute_dtype)
+    got, answer = _run_and_free(lambda: load_pretrained(out_dir, dtype=out_dtype, device=device), sample,
+                                device, compute_dtype, out_dir)
     scale = ref.abs().max().item()
     result = dict(
         tokens=int(sample["input_ids"].numel()), tiles=int(sample["pixel_values"].shape[0]),
@@ -492,23 +458,29 @@ def self_check(out_dir: str, base: str, trained, lora_cfg, out_dtype, compute_dt
     result["ok"] = result["max_abs_diff"] <= result["tolerance"]
     if qlora:
         result["nf4_gap"] = (nf4_logits - ref).abs().max().item()
-    how = "" if tol is not None else f" = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {scale:.3g})"
-    log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {DTYPE_NAMES[compute_dtype]} on "
-        f"{device}: largest |logit difference| export vs trained model = {result['max_abs_diff']:.3g} "
-        f"(tolerance {result['tolerance']:.3g}{how}); training moved the logits by up to "
-        f"{result['training_shift']:.3g}; same argmax at {100 * result['argmax_agreement']:.2f}% of positions "
-        f"-> {'OK' if result['ok'] else 'FAILED'}")
-    same = "the same" if answer == ref_answer else "DIFFERENT (greedy decoding can part at a near-tie; the " \
-                                                   "logit check above is the criterion)"
-    log(f"self-check chat ({CHECK_NEW_TOKENS} greedy tokens, {CHECK_QUESTION!r}): export \"{readable(answer)}\", "
-        f"trained model \"{readable(ref_answer)}\": {same}")
-    if qlora:
-        log(f"self-check (QLoRA): the 4-bit model training ran differs from the bf16-base model by up to "
-            f"{result['nf4_gap']:.3g} (the base's NF4 quantisation error; the export merges onto the bf16 base)")
+    log_check(result, tol is None, compute_dtype, device, log)
     return result
 
 
-# --- main --------------------------------------------------------------------------------------------------------
+def log_check(result: dict, default_tol: bool, compute_dtype, device, log=print) -> None:
+    how = (f" = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {result['logit_scale']:.3g})"
+           if default_tol else "")
+    log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {dtype_name(compute_dtype)} on "
+        f"{device}: largest |logit difference| export vs trained model = {result['max_abs_diff']:.3g} "
+        f"(tolerance {result['tolerance']:.3g}{how}); training moved the logits by up to "
+        f"{result['training_shift']:.3g}; same argmax at {100 * result['argmax_agreement']:.2f}% of "
+        f"positions -> {'OK' if result['ok'] else 'FAILED'}")
+    same = ("the same" if result["answer"] == result["trained_answer"] else
+            "DIFFERENT (greedy decoding can part at a near-tie; the logit check above is the criterion)")
+    log(f"self-check chat ({CHECK_NEW_TOKENS} greedy tokens, {CHECK_QUESTION!r}): export "
+        f"\"{readable(result['answer'])}\", trained model \"{readable(result['trained_answer'])}\": {same}")
+    if "nf4_gap" in result:
+        log(f"self-check (QLoRA): the 4-bit model training ran differs from the bf16-base model by up to "
+            f"{result['nf4_gap']:.3g} (the base's NF4 quantisation error; the export merges onto the bf16 "
+            f"base)")
+
+
+# --- main ---
 
 def publish(tmp: str, out: str) -> None:
     """Put the finished export at OUT; an old OUT (only with --overwrite) is removed after the swap."""
@@ -535,7 +507,6 @@ def convert(args, log=print) -> dict:
     trained = trained_tensors(ckpt_dir, meta, dtype)
     log(f"trained tensors: {len(trained)} ({sum(t.numel() for t in trained.values()):,} values)")
 
-    from lora import merge_checkpoint
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
@@ -543,28 +514,28 @@ def convert(args, log=print) -> dict:
     os.makedirs(tmp)
     try:
         try:
-            merged = merge_checkpoint(base, trained, lora_cfg, config, dtype=torch.float32)  # cast once, below
+            # float32: write_weights casts once, so a float32 export keeps the float32 merge
+            merged = merge_checkpoint(base, trained, lora_cfg, config, dtype=torch.float32)
             weight_map = write_weights(tmp, base, merged, config, dtype, args.max_shard_size)
             release_memory()
         except ValueError as e:  # the trained tensors do not fit this base
             raise ConvertError(f"{e}\nIs {base} the base model the run was trained from?") from e
-        n = check_against_base(tmp, base, dtype)
+        n, shards = check_against_base(tmp, base, dtype), len(set(weight_map.values()))
         write_config(tmp, base, dtype, training_system_message(meta))
         copied = copy_base_files(base, tmp)
-        log(f"wrote {n} tensors ({DTYPE_NAMES[dtype]}) in {len(set(weight_map.values()))} shard(s), key set and "
-            f"shapes equal to the base; config.json (LoRA flags reset, system message kept); copied {', '.join(copied)}")
-        result = dict(out=out, checkpoint=ckpt_dir, base=base, tensors=n, shards=len(set(weight_map.values())))
+        log(f"wrote {n} tensors ({dtype_name(dtype)}) in {shards} shard(s), key set and shapes equal to the "
+            f"base; config.json (LoRA flags reset, system message kept); copied {', '.join(copied)}")
+        result = dict(out=out, checkpoint=ckpt_dir, base=base, tensors=n, shards=shards)
         if args.verify:
             device = torch.device(args.verify_device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            check = self_check(tmp, base, trained, lora_cfg, dtype, DTYPES[args.verify_dtype], device,
-                               args.tolerance, meta["mode"] == "qlora", log)
-            result["check"] = check
-            if not check["ok"]:
+            result["check"] = self_check(tmp, base, trained, lora_cfg, dtype, DTYPES[args.verify_dtype],
+                                         device, args.tolerance, meta["mode"] == "qlora", log)
+            if not result["check"]["ok"]:
                 rejected = out + ".rejected"
                 shutil.rmtree(rejected, ignore_errors=True)
                 os.replace(tmp, rejected)
-                raise SelfCheckFailed(f"the self-check failed; the export was NOT written to {out}. It is kept at "
-                                      f"{rejected} for inspection.")
+                raise SelfCheckFailed(f"the self-check failed; the export was NOT written to {out}. It is "
+                                      f"kept at {rejected} for inspection.")
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -576,25 +547,25 @@ def convert(args, log=print) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=lambda prog: (
         argparse.HelpFormatter(prog, width=100, max_help_position=30)))
-    p.add_argument("ckpt", metavar="CKPT", help="an iter_* checkpoint directory, or a run directory (its newest "
-                                                "complete checkpoint is used)")
-    p.add_argument("out", metavar="OUT", help="the official directory to write (must not exist, or be empty, "
-                                              "unless --overwrite)")
-    p.add_argument("--base-model", metavar="DIR",
-                   help="the base model directory, when it is no longer where meta.json says (default: "
-                        "meta.json's base_model_path)")
+    p.add_argument("ckpt", metavar="CKPT", help="an iter_* checkpoint directory, or a run directory (its "
+                                                "newest complete checkpoint)")
+    p.add_argument("out", metavar="OUT", help="the official directory to write (absent or empty, unless "
+                                              "--overwrite)")
+    p.add_argument("--base-model", metavar="DIR", help="the base model, if it moved (default: meta.json's "
+                                                       "base_model_path)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
                    help="dtype of the written weights (default bfloat16, as released)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                    help="largest safetensors shard, e.g. 5GB (default), 500MB, 2GiB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (default off)")
     p.add_argument("--allow-base-change", action="store_true",
-                   help="convert even when the base's weights differ from those training started from (default off)")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the self-check (default: run it)")
+                   help="convert even when the base's weights differ from those training started from "
+                        "(default off)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the self-check (default: run it)")
     p.add_argument("--verify-dtype", default="float32", choices=sorted(DTYPES),
-                   help="compute dtype of the self-check (default float32: exact; bfloat16 halves its "
-                        "memory)")
-    p.add_argument("--verify-device", default=None, help="device of the self-check (default: cuda if available)")
+                   help="compute dtype of the self-check (default float32: exact; bfloat16 halves memory)")
+    p.add_argument("--verify-device", help="device of the self-check (default: cuda if available)")
     p.add_argument("--tolerance", type=float, default=None,
                    help=f"largest accepted |logit difference| (default: {K_TOL:g} x the unit roundoff of the "
                         f"coarser of --dtype and --verify-dtype x the largest |logit|)")

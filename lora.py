@@ -1,21 +1,15 @@
-"""LoRA and QLoRA for InternVL, from scratch (SPEC §10).
+"""LoRA and QLoRA for InternVL, from scratch.
 
     y = base(x) + s * B(A(dropout(x))),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
-A is Kaiming-uniform (a = sqrt(5)) and B is zero, so an injected model computes exactly what its base did.
-Adapters go on the fused linears (internal `attn.qkv` is the official `wqkv` / `qkv_proj`), so a LoRA here is
-the official LoRA. Users name targets in OFFICIAL module names; model/weights.py translates them.
+A is Kaiming-uniform and B is zero, so an injected model computes exactly what its base did. Adapters go on
+the fused linears (internal `attn.qkv` is the official `wqkv` / `qkv_proj`), so a LoRA here is the official
+LoRA. Targets are named in official module names; model/weights.py translates them.
 
-QLoRA: every LLM linear except the output head becomes a bitsandbytes NF4 matrix (double quantisation, bf16
-compute), quantised while loading one tensor at a time (`prepare_qlora` is the loader's `prepare` hook). The ViT,
-the projector, the embeddings and the head stay unquantised. Merges never touch dequantised NF4 weights:
-`merge_checkpoint` merges onto the base checkpoint's own tensors.
-
-Typical use (train.py):
-    check_supported(mode, zero_stage)
-    model = load_pretrained(path, dtype, device, prepare=partial(prepare_qlora, device=device) if qlora else None)
-    inject_lora(model, lora_config)
-    print(format_report(mark_trainable(model, mode)))
+QLoRA: every LLM linear except the output head becomes a bitsandbytes NF4 matrix (double quantisation),
+quantised while loading one tensor at a time (`prepare_qlora` is the loader's `prepare` hook). The ViT, the
+projector, the embeddings and the head stay unquantised. Merges never touch NF4 weights: `merge_checkpoint`
+merges onto the base checkpoint's own tensors.
 """
 from __future__ import annotations
 
@@ -28,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import build_model, load_config
+from model.weights import iter_checkpoint, mismatch_message, to_official_name
+
 MODES = ("full", "lora", "qlora")
-# Official module names (last components), for the defaults and for error messages. SPEC §10.1.
-LLM_TARGETS = {"internlm2": ("wqkv", "wo", "w1", "w2", "w3"),
-               "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
-VIT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 NF4_BLOCK = 64  # bitsandbytes NF4 block size (absmax per 64 weights)
 NF4_NESTED_BLOCK = 256  # double quantisation: the absmax values, 8-bit per block of 256
 
@@ -41,18 +34,14 @@ def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
     return alpha / (math.sqrt(r) if rslora else r)
 
 
-def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """s * B @ A in float32."""
-    return scale * (lora_B.detach().float() @ lora_A.detach().float())
-
-
 @dataclass
 class LoRAConfig:
+    """The official recipe's defaults: r 16, alpha 2r, dropout 0.05, every LLM linear but the head."""
     r: int = 16
-    alpha: float | None = None  # None = 2r (the official ratio), resolved here so meta.json records it
+    alpha: float | None = None  # None = 2r, resolved here so meta.json records it
     dropout: float = 0.05
-    targets: list[str] | None = None  # official names, e.g. ["wqkv", "wo"] or ["attn.qkv"]; None = the defaults
-    vit: bool = False  # also every ViT linear (attn.qkv, attn.proj, mlp.fc1, mlp.fc2), targets or not
+    targets: list[str] | None = None  # official names, e.g. ["wqkv", "attention.wo"]; None = the LLM default
+    vit: bool = False  # also every ViT linear, targets or not (as official use_backbone_lora)
     rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
 
     def __post_init__(self):
@@ -79,7 +68,8 @@ class LoRAConfig:
     def from_dict(cls, d: dict) -> "LoRAConfig":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown LoRA settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(f"unknown LoRA settings {sorted(unknown)}; "
+                             f"known: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
 
 
@@ -90,9 +80,9 @@ class LoRALinear(nn.Module):
                  dtype: torch.dtype | None = None):
         super().__init__()
         self.base = base
+        # in_features/out_features, not weight.shape: under ZeRO-3 the base weight is a 0-element partition.
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.scale = r, lora_scale(r, alpha, rslora)
-        # in_features/out_features, not weight.shape: under ZeRO-3 the base weight is a 0-element partition.
         device = base.weight.device
         if dtype is None:
             dtype = base.weight.dtype if base.weight.is_floating_point() else base.compute_dtype
@@ -100,28 +90,23 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's (and nn.Linear's) initialisation
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged:
-            return y
         update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
         return y + (self.scale * update).to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        return lora_delta(self.lora_A, self.lora_B, self.scale)
-
     def extra_repr(self) -> str:
-        return f"r={self.r}, scale={self.scale:g}, merged={self.merged}"
+        return f"r={self.r}, scale={self.scale:g}"
 
 
-def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + s * B @ A, computed in float32 and cast to W's dtype (the one merge formula used everywhere)."""
-    return (weight.detach().float() + lora_delta(lora_A, lora_B, scale)).to(weight.dtype)
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float):
+    """W + s * B @ A, computed in float32 and cast to W's dtype: the one merge formula."""
+    delta = scale * (lora_B.detach().float() @ lora_A.detach().float())
+    return (weight.detach().float() + delta).to(weight.dtype)
 
 
-# --- QLoRA: a frozen NF4 linear -------------------------------------------------------------------------------
+# --- QLoRA: a frozen NF4 linear ---
 
 def _bnb():
     try:
@@ -135,10 +120,10 @@ def _bnb():
 class NF4Linear(nn.Module):
     """A frozen linear whose weight is bitsandbytes NF4 with double quantisation; computes in `compute_dtype`.
 
-    `weight` is the packed uint8 tensor (a frozen Parameter, so frozen-parameter filters such as DeepSpeed's
-    exclude_frozen_parameters leave it out of checkpoints); the quantisation state is a plain attribute, never
-    saved: a QLoRA model is always rebuilt from the bf16 base checkpoint. The loader hands each tensor to
-    `assign_weight`, which quantises it on `device` and drops the bf16 copy.
+    `weight` is the packed uint8 tensor, a frozen Parameter so that DeepSpeed's exclude_frozen_parameters
+    leaves it out of checkpoints; the quantisation state is a plain attribute, never saved: a QLoRA model is
+    always rebuilt from the bf16 base checkpoint. The loader hands each tensor to `assign_weight`, which
+    quantises it on `device` and drops the bf16 copy.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -148,18 +133,20 @@ class NF4Linear(nn.Module):
         self.compute_dtype = compute_dtype
         self.quant_device = torch.device(device) if device is not None else None
         packed = (in_features * out_features + 1) // 2
-        self.weight = nn.Parameter(torch.empty(packed, 1, dtype=torch.uint8, device="meta"), requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device="meta"), requires_grad=False)
-                     if bias else None)
+        self.weight = nn.Parameter(torch.empty(packed, 1, dtype=torch.uint8, device="meta"),
+                                   requires_grad=False)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device="meta"),
+                                     requires_grad=False)
         self.quant_state = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "NF4Linear":
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
                 device=linear.weight.device)
-        q.assign_weight("weight", linear.weight.detach())
-        if linear.bias is not None:
-            q.assign_weight("bias", linear.bias.detach())
+        for name, p in linear.named_parameters():
+            q.assign_weight(name, p.detach())
         return q
 
     def assign_weight(self, name: str, tensor: torch.Tensor) -> None:
@@ -190,10 +177,11 @@ class NF4Linear(nn.Module):
 
     def _check_loaded(self):
         if self.quant_state is None:
-            raise RuntimeError("NF4Linear was never given its weight (assign_weight was not called while loading)")
+            raise RuntimeError("NF4Linear was never given its weight "
+                               "(assign_weight was not called while loading)")
 
     def _apply(self, fn, recurse=True):
-        # .to(device) moves the packed weight; the quantisation state is not a tensor attribute, move it along.
+        # .to(device) moves the packed weight; the quantisation state is no tensor attribute: move it along.
         super()._apply(fn, recurse)
         if self.quant_state is not None and self.weight.device != self.quant_state.absmax.device:
             self.quant_state.to(self.weight.device)
@@ -205,22 +193,18 @@ class NF4Linear(nn.Module):
 
 
 def nf4_nbytes(out_features: int, in_features: int) -> int:
-    """Bytes of one NF4 double-quantised matrix: packed 4-bit weights, 8-bit absmax per 64, and per 256 of those
-    one float32 absmax, plus the two code books (16 and 256 float32) and the float32 offset."""
+    """Bytes of one NF4 double-quantised matrix: packed 4-bit weights, 8-bit absmax per 64, and per 256 of
+    those one float32 absmax, plus the two code books (16 and 256 float32) and the float32 offset."""
     n = out_features * in_features
     blocks = math.ceil(n / NF4_BLOCK)
     return (n + 1) // 2 + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 * (16 + 256) + 4
 
 
-# --- which modules: official names -> internal linear modules -------------------------------------------------
-
-def _get(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
+# --- which modules: official names -> internal linear modules ---
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(_get(model, parent) if parent else model, child, module)
+    setattr(model.get_submodule(parent), child, module)
 
 
 def _linear_names(model: nn.Module, prefix: str) -> list[str]:
@@ -234,46 +218,40 @@ def quantizable_names(model: nn.Module) -> list[str]:
 
 
 def lora_candidates(model: nn.Module) -> dict[str, str]:
-    """{official module name: internal module name} for every linear LoRA may target: the LLM linears except the
-    head, and the ViT linears (never the projector, embeddings or head; SPEC §10.1)."""
-    from model.weights import to_official_name
+    """{official module name: internal name} of every linear LoRA may target: the LLM linears but the head,
+    and the ViT linears (never the projector or the embeddings)."""
     family = model.config.llm.family
     names = quantizable_names(model) + _linear_names(model, "vit")
-    out = {}
-    for name in names:
-        official = to_official_name(name + ".weight", family)
-        out[official.removesuffix(".weight")] = name
-    return out
+    return {to_official_name(name + ".weight", family).removesuffix(".weight"): name for name in names}
 
 
 def _layer_relative(official: str) -> str:
     """'language_model.model.layers.3.attention.wqkv' -> 'attention.wqkv' (for listing candidates)."""
     parts = official.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[i + 1:])
-    return official
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[digits[0] + 1:]) if digits else official
 
 
 def resolve_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Internal module names the adapters go on. A target matches an official module name when it equals its
-    last dotted components ('wqkv', 'attention.wqkv', 'attn.qkv'); a target matching nothing is an error."""
-    family = model.config.llm.family
-    # Like the official use_llm_lora / use_backbone_lora: the LLM targets and the ViT ones are independent.
-    targets = (list(cfg.targets) if cfg.targets is not None else list(LLM_TARGETS[family])) + (
-        list(VIT_TARGETS) if cfg.vit else [])
+    last dotted components ('wqkv', 'attention.wqkv', 'attn.qkv'); a target matching nothing is an error.
+    Like the official use_llm_lora / use_backbone_lora, the LLM targets and the ViT ones are independent."""
     candidates = lora_candidates(model)
-    chosen: set[str] = set()
-    for target in targets:
+    chosen = set()
+    if cfg.targets is None:
+        chosen.update(i for i in candidates.values() if i.startswith("llm."))
+    if cfg.vit:
+        chosen.update(i for i in candidates.values() if i.startswith("vit."))
+    for target in cfg.targets or []:
         t = target.strip().split(".")
         hits = [internal for official, internal in candidates.items() if official.split(".")[-len(t):] == t]
         if not hits:
             llm = sorted({_layer_relative(o) for o, i in candidates.items() if i.startswith("llm.")})
             vit = sorted({_layer_relative(o) for o, i in candidates.items() if i.startswith("vit.")})
             raise ValueError(
-                f"LoRA target {target!r} matches no linear layer of this {family} model. Candidates (official "
-                f"names): LLM {', '.join(llm)}; ViT {', '.join(vit)}. The output head, the embeddings and the "
-                f"projector (mlp1) are never LoRA targets.")
+                f"LoRA target {target!r} matches no linear layer of this {model.config.llm.family} model. "
+                f"Candidates (official names): LLM {', '.join(llm)}; ViT {', '.join(vit)}. The output head, "
+                f"the embeddings and the projector (mlp1) are never LoRA targets.")
         chosen.update(hits)
     order = {name: i for i, name in enumerate(n for n, _ in model.named_modules())}
     return sorted(chosen, key=order.__getitem__)
@@ -288,7 +266,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype | None = N
         raise RuntimeError("this model already has LoRA adapters; inject_lora once per model")
     names = resolve_targets(model, cfg)
     for name in names:
-        base = _get(model, name)
+        base = model.get_submodule(name)
         a_dtype = dtype or (model.llm.head.weight.dtype if isinstance(base, NF4Linear) else None)
         wrapper = LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, a_dtype)
         _set(model, name, wrapper.train(base.training))  # keep the model's train/eval mode (dropout)
@@ -297,27 +275,29 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype | None = N
 
 def prepare_qlora(model: nn.Module, device: torch.device | str | None = None,
                   compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Loader hook (load_pretrained(..., prepare=...)): on the meta-built model, replace every LLM linear except
+    """Loader hook (load_pretrained(..., prepare=...)): on the meta-built model, replace every LLM linear but
     the head by an empty NF4Linear; the loader then hands each checkpoint tensor to its `assign_weight`, which
     quantises it on `device` (so only one bf16 matrix exists at a time)."""
     for name in quantizable_names(model):
-        lin = _get(model, name)
-        _set(model, name, NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, compute_dtype, device))
+        lin = model.get_submodule(name)
+        q = NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, compute_dtype, device)
+        _set(model, name, q)
     return model
 
 
 def quantize_llm(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Quantise an already loaded model in place, one linear at a time (tests, and models built in memory)."""
+    """Quantise an already loaded model in place, one linear at a time (tests, benches, models built in
+    memory)."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise RuntimeError("quantize before inject_lora (the adapters wrap the quantised linears)")
     for name in quantizable_names(model):
-        lin = _get(model, name)
+        lin = model.get_submodule(name)
         if isinstance(lin, nn.Linear):
             _set(model, name, NF4Linear.from_linear(lin, compute_dtype))
     return model
 
 
-# --- what trains -------------------------------------------------------------------------------------------------
+# --- what trains ---
 
 def check_supported(mode: str, zero_stage: int) -> None:
     """Refuse unsupported (mode, ZeRO stage) pairs before any heavy work (train.py calls this first)."""
@@ -393,8 +373,10 @@ def parameter_report(model: nn.Module) -> dict[str, tuple[int, int]]:
     report = {part: [0, 0] for part in ("vit", "projector", "llm", "adapters")}
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
-            numel = (module.in_features * module.out_features if isinstance(module, NF4Linear) and p_name == "weight"
-                     else getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions leave p empty; ds_numel is whole
+            if isinstance(module, NF4Linear) and p_name == "weight":
+                numel = module.in_features * module.out_features
+            else:
+                numel = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition is empty; ds_numel whole
             part = "adapters" if p_name in ("lora_A", "lora_B") else mod_name.split(".")[0]
             report[part][0] += numel if p.requires_grad else 0
             report[part][1] += numel
@@ -410,93 +392,38 @@ def format_report(report: dict[str, tuple[int, int]], mode: str = "") -> str:
     return "\n".join(lines)
 
 
-# --- merge / unmerge ---------------------------------------------------------------------------------------------
-
-def _lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def merge_lora(model: nn.Module) -> None:
-    """W <- W + s * B @ A (float32, cast to W's dtype) for every adapter; the adapters then stop contributing."""
-    for name, m in _lora_modules(model):
-        if m.merged:
-            continue
-        if isinstance(m.base, NF4Linear):
-            raise ValueError(f"{name}: QLoRA adapters are never merged into NF4 weights; merge onto the bf16 base "
-                             f"checkpoint with merge_checkpoint(base_dir, trainable_state_dict, lora_config)")
-        if hasattr(m.base.weight, "ds_id"):
-            raise ValueError(f"{name}: the weight is ZeRO-3 partitioned; merge the consolidated checkpoint with "
-                             f"merge_checkpoint instead")
-        with torch.no_grad():
-            m.base.weight.copy_(merged_weight(m.base.weight, m.lora_A, m.lora_B, m.scale))
-        m.merged = True
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    """W <- W - s * B @ A (float32, cast back). Exact in float32 up to rounding; in bf16 it is only approximately
-    the pre-merge weight (reload the base for bit-exactness)."""
-    for _, m in _lora_modules(model):
-        if m.merged:
-            with torch.no_grad():
-                w = m.base.weight
-                w.copy_((w.float() - m.delta_weight()).to(w.dtype))
-            m.merged = False
-
-
-def unwrap_lora(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the base linears back: a plain InternVL with the original parameter names
-    (its state_dict then goes through model.weights.to_official_state_dict)."""
-    merge_lora(model)
-    for name, m in _lora_modules(model):
-        _set(model, name, m.base)
-    return model
-
-
-# --- small checkpoints -------------------------------------------------------------------------------------------
+# --- small checkpoints and the merge ---
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the tensors that train (adapters + trainable non-LoRA parameters): a LoRA checkpoint is megabytes."""
+    """Only the tensors that train (adapters + trainable non-LoRA parameters): LoRA's are megabytes."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict"):
     """Copy `state` into the trainable parameters of a freshly built, injected and marked model. Strict: every
     trainable parameter must be given, nothing else may be, and shapes must match."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
-        raise ValueError(f"{source} does not match the model's trainable parameters: missing {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}). Were the same mode, LoRA "
-                         f"settings and freeze options used?")
+        raise ValueError(mismatch_message(f"{source} does not match the model's trainable parameters (were "
+                                          f"the same mode, LoRA settings and freeze options used?):",
+                                          missing, unexpected))
     with torch.no_grad():
         for name, p in params.items():
             if tuple(state[name].shape) != tuple(p.shape):
-                raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model {tuple(p.shape)}")
+                raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, "
+                                 f"the model {tuple(p.shape)}")
             p.copy_(state[name])
 
 
-def merge_checkpoint(base_dir: str | Path, trainable: dict[str, torch.Tensor], lora: LoRAConfig | None,
-                     config=None, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream the merged model as (internal name, tensor), one tensor at a time, in the base checkpoint's dtype
-    (or in `dtype`: convert.py asks for float32 and casts once when writing, so a float32 export keeps the
-    float32 merge).
-
-    Base tensors are read from `base_dir` (the bf16 checkpoint, never a 4-bit model); each trained non-LoRA
-    tensor replaces the base one, then each adapted weight W (base or trained) becomes W + s * B @ A (float32,
-    cast back). Every key of `trainable` is checked against the architecture (built on the meta device)
-    before anything is read.
-    """
-    from model import build_model, load_config
-    from model.weights import iter_checkpoint
-    base_dir = Path(base_dir)
-    config = config or load_config(str(base_dir))
+def _split_trained(trainable: dict[str, torch.Tensor], lora: LoRAConfig | None, config):
+    """Check the trained tensors against the architecture (built on the meta device) and split them into
+    ({adapted weight: (A, B)}, {replaced tensor: trained value}), both under the base checkpoint's names."""
     meta = build_model(config, "meta")
     if lora is not None:
         inject_lora(meta, lora)
     expected = dict(meta.named_parameters())
-    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    replaced: dict[str, torch.Tensor] = {}
+    adapters, replaced = {}, {}
     for name, t in trainable.items():
         if name not in expected:
             raise ValueError(f"trained tensor {name!r} is not a parameter of this {config.llm.family} model "
@@ -504,57 +431,44 @@ def merge_checkpoint(base_dir: str | Path, trainable: dict[str, torch.Tensor], l
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ValueError(f"trained tensor {name}: shape {tuple(t.shape)}, the model expects "
                              f"{tuple(expected[name].shape)}")
-        if name.endswith(".lora_A"):
-            module = name.removesuffix(".lora_A")
-            if module + ".lora_B" not in trainable:
-                raise ValueError(f"{module}: lora_A without lora_B in the trained tensors")
-            adapters[module + ".weight"] = (t, trainable[module + ".lora_B"])
-        elif name.endswith(".lora_B"):
-            if name.removesuffix(".lora_B") + ".lora_A" not in trainable:
-                raise ValueError(f"{name.removesuffix('.lora_B')}: lora_B without lora_A in the trained tensors")
+        module, _, kind = name.rpartition(".")
+        if kind in ("lora_A", "lora_B"):
+            other = "lora_B" if kind == "lora_A" else "lora_A"
+            if f"{module}.{other}" not in trainable:
+                raise ValueError(f"{module}: {kind} without {other} in the trained tensors")
+            adapters[module + ".weight"] = (trainable[module + ".lora_A"], trainable[module + ".lora_B"])
         else:
             replaced[name.replace(".base.", ".")] = t  # a wrapped linear's own tensors keep their plain name
     wrapped = {n.removesuffix(".lora_A") for n in expected if n.endswith(".lora_A")}
     absent = sorted(wrapped - {m.removesuffix(".weight") for m in adapters})
     if absent:
-        raise ValueError(f"LoRA settings target {len(absent)} modules with no adapter in the trained tensors, "
-                         f"e.g. {absent[:4]}")
-    scale = lora.scale if lora is not None else 0.0
+        raise ValueError(f"LoRA settings target {len(absent)} modules with no adapter in the trained "
+                         f"tensors, e.g. {absent[:4]}")
+    return adapters, replaced
+
+
+def merge_checkpoint(base_dir: str | Path, trainable: dict[str, torch.Tensor], lora: LoRAConfig | None,
+                     config=None, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the merged model as (internal name, tensor), one tensor at a time, in the base checkpoint's
+    dtype or in `dtype` (convert.py asks for float32 and casts once when writing, so a float32 export keeps
+    the float32 merge).
+
+    Base tensors are read from `base_dir` (the bf16 checkpoint, never a 4-bit model); each trained non-LoRA
+    tensor replaces the base one, then each adapted weight W (base or trained) becomes merged_weight(W, A, B).
+    Every trained tensor is checked before anything is read."""
+    config = config or load_config(str(base_dir))
+    adapters, replaced = _split_trained(trainable, lora, config)
     used = set()
-    for name, tensor in iter_checkpoint(base_dir, config):
+    for name, tensor in iter_checkpoint(str(base_dir), config):
         if dtype is not None:
             tensor = tensor.to(dtype)
         if name in replaced:  # trained; if also adapted (a ViT layer unfrozen under LoRA), merged onto below
             tensor = replaced[name].detach().to(device=tensor.device, dtype=tensor.dtype)
             used.add(name)
         if name in adapters:
-            a, b = adapters[name]
-            tensor = merged_weight(tensor, a, b, scale)
+            tensor = merged_weight(tensor, *adapters[name], lora.scale)
             used.add(name)
         yield name, tensor
     left = sorted((set(adapters) | set(replaced)) - used)
     if left:
         raise ValueError(f"{base_dir}: the checkpoint has no tensor for trained parameters {left[:8]}")
-
-
-# --- sizes -------------------------------------------------------------------------------------------------------
-
-def adapter_count_closed_form(config, r: int, llm: bool = True, vit: bool = False) -> int:
-    """Adapter parameters of the default targets, from the architecture's dimensions: r * (in + out) per linear.
-
-    InternLM2 per layer: wqkv (D, (H + 2 KV) hd), wo (H hd, D), w1 and w3 (D, I), w2 (I, D).
-    Phi-3 per layer: qkv_proj, o_proj as above, gate_up_proj (D, 2 I), down_proj (I, D).
-    ViT per layer: qkv (C, 3C), proj (C, C), fc1 (C, Iv), fc2 (Iv, C).
-    """
-    total = 0
-    if llm:
-        c = config.llm
-        d, hd, i = c.hidden_size, c.head_dim, c.intermediate_size
-        attn = (d + (c.num_heads + 2 * c.num_kv_heads) * hd) + (c.num_heads * hd + d)
-        mlp = (d + 2 * i) + (i + d) if c.family == "phi3" else 2 * (d + i) + (i + d)
-        total += r * c.num_layers * (attn + mlp)
-    if vit:
-        v = config.vision
-        total += r * v.num_layers * ((v.hidden_size + 3 * v.hidden_size) + 2 * v.hidden_size
-                                     + 2 * (v.hidden_size + v.intermediate_size))
-    return total

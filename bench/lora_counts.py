@@ -16,6 +16,27 @@ import lora  # noqa: E402
 from model import build_model, preset  # noqa: E402
 
 
+def adapter_count_closed_form(config, r: int, llm: bool = True, vit: bool = False) -> int:
+    """Adapter parameters of the default targets, from the architecture's dimensions: r * (in + out) per linear.
+
+    InternLM2 per layer: wqkv (D, (H + 2 KV) hd), wo (H hd, D), w1 and w3 (D, I), w2 (I, D).
+    Phi-3 per layer: qkv_proj, o_proj as above, gate_up_proj (D, 2 I), down_proj (I, D).
+    ViT per layer: qkv (C, 3C), proj (C, C), fc1 (C, Iv), fc2 (Iv, C).
+    """
+    total = 0
+    if llm:
+        c = config.llm
+        d, hd, i = c.hidden_size, c.head_dim, c.intermediate_size
+        attn = (d + (c.num_heads + 2 * c.num_kv_heads) * hd) + (c.num_heads * hd + d)
+        mlp = (d + 2 * i) + (i + d) if c.family == "phi3" else 2 * (d + i) + (i + d)
+        total += r * c.num_layers * (attn + mlp)
+    if vit:
+        v = config.vision
+        total += r * v.num_layers * ((v.hidden_size + 3 * v.hidden_size) + 2 * v.hidden_size
+                                     + 2 * (v.hidden_size + v.intermediate_size))
+    return total
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--r", type=int, default=128, help="LoRA rank (XTuner's 128 by default)")
@@ -30,8 +51,8 @@ def main():
         report = lora.mark_trainable(model, "lora")
         counted = {part: sum(p.numel() for n, p in model.named_parameters() if n.startswith(part) and "lora_" in n)
                    for part in ("llm.", "vit.")}
-        closed_llm = lora.adapter_count_closed_form(config, args.r)
-        closed_vit = lora.adapter_count_closed_form(config, args.r, llm=False, vit=True)
+        closed_llm = adapter_count_closed_form(config, args.r)
+        closed_vit = adapter_count_closed_form(config, args.r, llm=False, vit=True)
         assert counted["llm."] == closed_llm and counted["vit."] == closed_vit, (counted, closed_llm, closed_vit)
         print(f"== {size} ({config.llm.family}), r={args.r}")
         print(f"LLM adapters {counted['llm.']:,} = closed form {closed_llm:,} "

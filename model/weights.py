@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -87,7 +88,7 @@ def to_internal_name(official: str, family: str) -> str | None:
     return _translate(official, family, to_official=False)
 
 
-# --- the fused layout that differs: InternLM2 wqkv rows are [q x G, k, v] per kv head, internal rows are Q|K|V ---
+# --- the one fused layout that differs: InternLM2's wqkv rows are [q x G, k, v] per kv head, ours Q|K|V ---
 
 def _wqkv_to_internal(w: torch.Tensor, cfg: InternVLConfig) -> torch.Tensor:
     h, kv, hd = cfg.llm.num_heads, cfg.llm.num_kv_heads, cfg.llm.head_dim
@@ -103,8 +104,8 @@ def _wqkv_to_official(w: torch.Tensor, cfg: InternVLConfig) -> torch.Tensor:
     g = h // kv
     rest = w.shape[1:]
     q, k, v = w.split([h * hd, kv * hd, kv * hd])
-    grouped = torch.cat([q.reshape(kv, g, hd, *rest), k.reshape(kv, 1, hd, *rest), v.reshape(kv, 1, hd, *rest)],
-                        dim=1)
+    grouped = torch.cat([q.reshape(kv, g, hd, *rest), k.reshape(kv, 1, hd, *rest),
+                         v.reshape(kv, 1, hd, *rest)], dim=1)
     return grouped.reshape(-1, *rest)
 
 
@@ -133,30 +134,49 @@ def to_official_tensor(internal: str, tensor: torch.Tensor, cfg: InternVLConfig)
     return fns[1](tensor, cfg) if fns else tensor
 
 
-def to_official_state_dict(state_dict: dict[str, torch.Tensor], cfg: InternVLConfig) -> dict[str, torch.Tensor]:
+def to_official_state_dict(state_dict: dict[str, torch.Tensor], cfg: InternVLConfig) -> dict:
     """Internal state dict -> official names and layouts (what convert.py writes)."""
     fam = cfg.llm.family
     return {to_official_name(k, fam): to_official_tensor(k, v, cfg) for k, v in state_dict.items()}
 
 
-# --- reading official checkpoints ---
+# --- dtypes, key errors ---
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+# The --dtype names of convert.py, chat.py and train.py.
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def mismatch_message(what: str, missing=(), unexpected=(), wrong=(), limit: int | None = 8) -> str:
+    """The one format of every key-set error: `what`, then each non-empty list with its length and its first
+    `limit` names (None: all of them)."""
+    lines = [what]
+    for label, names in [("missing tensors", missing), ("unexpected tensors", unexpected),
+                         ("wrong shapes", wrong)]:
+        if names:
+            more = " ..." if limit is not None and len(names) > limit else ""
+            lines.append(f"{label} ({len(names)}): {list(names)[:limit]}{more}")
+    return "\n  ".join(lines)
+
+
+# --- safetensors files ---
 
 
 class SafetensorsWriter:
-    """Streams tensors into one safetensors file whose names, shapes and dtypes are known in advance: the header
-    first, then each tensor's bytes as it arrives, so a shard is never held in memory (safetensors' save_file
-    holds the tensors and a bytes copy of each)."""
+    """Streams tensors into one safetensors file whose names, shapes and dtypes are known in advance: the
+    header first, then each tensor's bytes as it arrives, so a shard is never held in memory (safetensors'
+    save_file holds the tensors and a bytes copy of each)."""
 
     def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata=None):
-        names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
         header, offset = {}, 0
         for name, shape, dtype in entries:
             end = offset + math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, end]}
             offset = end
         if metadata:
             header["__metadata__"] = metadata
@@ -175,7 +195,8 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         if self.pending:
-            raise ValueError(f"{self.f.name}: {len(self.pending)} tensors never written, e.g. {self.pending[-1]}")
+            raise ValueError(f"{self.f.name}: {len(self.pending)} tensors never written, "
+                             f"e.g. {self.pending[-1]}")
         self.f.close()
 
 
@@ -191,8 +212,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
 def trim_heap() -> None:
     """Hand freed heap memory back to the system (glibc's malloc_trim; a no-op elsewhere). glibc keeps freed
     blocks under its mmap threshold (up to 32 MB: most weight matrices) for reuse, so a loader that reads,
-    converts and frees tensor after tensor, or a process that loads models one after the other, would otherwise
-    keep the freed memory resident: a 2B QLoRA load peaked at 3.16 GiB instead of 2.40."""
+    converts and frees tensor after tensor, or a process that loads models one after the other, would
+    otherwise keep the freed memory resident: a 2B QLoRA load peaked at 3.16 GiB instead of 2.40."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
@@ -213,7 +234,8 @@ def read_header(fname: str) -> dict[str, dict]:
 
 def read_tensor(f, entry: dict) -> torch.Tensor:
     """One tensor of an open safetensors file, read into memory this process owns. (Not memory-mapped: mapped
-    pages stay in the resident set until the file is closed, so a 4-bit load would peak at a shard's bf16 size.)"""
+    pages stay in the resident set until the file is closed, so a 4-bit load would peak at a shard's bf16
+    size.)"""
     start, end = entry["data_offsets"]
     raw = torch.empty(end - start, dtype=torch.uint8)
     f.seek(entry["_data_start"] + start)
@@ -239,41 +261,34 @@ def checkpoint_files(path: str) -> dict[str, str]:
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def check_checkpoint(path: str, cfg: InternVLConfig, expected: dict[str, torch.Size]) -> dict[str, str]:
-    """Strict key/shape check from the file headers alone, before any tensor is read.
+def read_headers(files: dict[str, str]) -> dict[str, dict]:
+    """Official tensor name -> its header entry, for checkpoint_files' mapping; no tensor is read."""
+    headers = {fname: read_header(fname) for fname in set(files.values())}
+    for k, fname in files.items():
+        if k not in headers[fname]:
+            raise KeyError(f"{fname}: the index lists {k!r} but the shard does not hold it")
+    return {k: headers[fname][k] for k, fname in files.items()}
 
-    `expected` maps internal names to shapes. Returns official name -> file. Raises one error listing every
-    missing, unexpected and wrongly shaped tensor.
-    """
+
+def check_checkpoint(path: str, cfg: InternVLConfig, expected: dict[str, torch.Size]) -> dict[str, str]:
+    """Strict key/shape check from the file headers alone, before any tensor is read: one error listing every
+    missing, unexpected and wrongly shaped tensor. `expected` maps internal names to shapes; returns official
+    name -> file."""
     files = checkpoint_files(path)
     fam = cfg.llm.family
     seen, unexpected, wrong = set(), [], []
-    by_file: dict[str, list[str]] = {}
-    for k, fname in files.items():
-        by_file.setdefault(fname, []).append(k)
-    for fname, keys in by_file.items():
-        header = read_header(fname)
-        for k in keys:
-            if k not in header:
-                raise KeyError(f"{fname}: the index lists {k!r} but the shard does not hold it")
-            internal = to_internal_name(k, fam)
-            if internal is None or internal not in expected:
-                unexpected.append(k)
-                continue
-            seen.add(internal)
-            shape = torch.Size(header[k]["shape"])
-            if shape != expected[internal]:
-                wrong.append(f"{k}: checkpoint {list(shape)} vs model {list(expected[internal])}")
+    for k, entry in read_headers(files).items():
+        internal = to_internal_name(k, fam)
+        if internal is None or internal not in expected:
+            unexpected.append(k)
+            continue
+        seen.add(internal)
+        if entry["shape"] != list(expected[internal]):
+            wrong.append(f"{k}: checkpoint {entry['shape']} vs model {list(expected[internal])}")
     missing = [to_official_name(n, fam) for n in expected if n not in seen]
     if missing or unexpected or wrong:
-        parts = [f"{path} does not match the model built from its config.json:"]
-        if missing:
-            parts.append(f"missing tensors ({len(missing)}): {missing}")
-        if unexpected:
-            parts.append(f"unexpected tensors ({len(unexpected)}): {unexpected}")
-        if wrong:
-            parts.append(f"wrong shapes ({len(wrong)}): {wrong}")
-        raise ValueError("\n".join(parts))
+        raise ValueError(mismatch_message(f"{path} does not match the model built from its config.json:",
+                                          missing, unexpected, wrong, limit=None))
     return files
 
 
@@ -298,7 +313,7 @@ def iter_checkpoint(path: str, cfg: InternVLConfig, files: dict[str, str] | None
 
 
 def assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Put a loaded tensor in place. A module may take it itself (`assign_weight`, e.g. a 4-bit base layer)."""
+    """Put a loaded tensor in place. A module may take it itself (`assign_weight`: a 4-bit base layer)."""
     module_name, _, param_name = name.rpartition(".")
     module = model.get_submodule(module_name)
     if hasattr(module, "assign_weight"):
@@ -308,17 +323,26 @@ def assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> No
     setattr(module, param_name, torch.nn.Parameter(tensor, requires_grad=old.requires_grad))
 
 
+def sampled_sha1(path: str, samples: int, chunk: int) -> str:
+    """sha1 of `samples` reads of `chunk` bytes at evenly spaced offsets, the first at 0 and the last ending
+    at the end of the file (the whole file when it is no larger): a content fingerprint that reads little."""
+    size = os.path.getsize(path)
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        if size <= samples * chunk:
+            h.update(f.read())
+        else:
+            for k in range(samples):
+                f.seek(k * (size - chunk) // max(1, samples - 1))
+                h.update(f.read(chunk))
+    return h.hexdigest()
+
+
 def checkpoint_fingerprint(path: str, samples: int = 16, chunk: int = 1 << 16) -> str:
-    """A cheap fingerprint of a checkpoint's weights: per weight file its name, size, and `samples` reads of
-    `chunk` bytes at evenly spaced offsets (the first one holds the safetensors header), hashed. A re-saved,
+    """A fingerprint of a checkpoint's weights: each weight file's name, size and sampled_sha1. A re-saved,
     retrained or truncated base changes it; it reads about 1 MiB per file, not the whole 4-52 GB."""
-    import hashlib
     h = hashlib.sha256()
     for fname in sorted(set(checkpoint_files(path).values())):
-        size = os.path.getsize(fname)
-        h.update(f"{os.path.basename(fname)}:{size}".encode())
-        with open(fname, "rb") as f:
-            for i in range(samples):
-                f.seek(max(0, size - chunk) * i // max(1, samples - 1))
-                h.update(f.read(chunk))
+        sampled = sampled_sha1(fname, samples, chunk)
+        h.update(f"{os.path.basename(fname)}:{os.path.getsize(fname)}:{sampled}".encode())
     return h.hexdigest()[:16]

@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 import convert
 from model import load_config, load_pretrained
-from model.weights import iter_checkpoint
+from model.weights import checkpoint_files, iter_checkpoint, read_headers
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +84,9 @@ def run(request, workdir, demo_src):
                 config=load_config(base))
 
 
-def headers(path):
-    return {k: v[0] for k, v in convert.tensor_shapes(path).items()}
+def headers(path, field="shape"):
+    return {k: tuple(e[field]) if field == "shape" else e[field]
+            for k, e in read_headers(checkpoint_files(path)).items()}
 
 
 def test_key_and_shape_set_equals_base(run):
@@ -93,7 +94,7 @@ def test_key_and_shape_set_equals_base(run):
     assert got == want
     index = json.loads(Path(run["out"], "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(want)
-    assert all(d == "BF16" for _, d in convert.tensor_shapes(run["out"]).values())
+    assert all(d == "BF16" for d in headers(run["out"], "dtype").values())
     assert index["metadata"]["total_size"] == sum(2 * torch.Size(s).numel() for s in want.values())
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lora
+from bench.lora_counts import adapter_count_closed_form
 from lora import LoRAConfig, LoRALinear, NF4Linear
 from model import build_model, load_pretrained, preset
 from model.weights import to_official_state_dict
@@ -56,6 +57,26 @@ def randomize_adapters(model, seed=0, std=0.05):
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
+
+
+def merge_in_memory(model):
+    """Every adapter merged into its base weight with lora.merged_weight and the plain linears put back (the
+    model then has the base's parameter names); returns the wrappers, for unmerge."""
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    with torch.no_grad():
+        for name, m in wrappers:
+            m.base.weight.copy_(lora.merged_weight(m.base.weight, m.lora_A, m.lora_B, m.scale))
+            lora._set(model, name, m.base)
+    return wrappers
+
+
+def unmerge(model, wrappers):
+    """W <- W - s * B @ A (float32, cast back), and the wrappers back in place."""
+    with torch.no_grad():
+        for name, m in wrappers:
+            w = m.base.weight
+            w.copy_((w.float() - m.scale * (m.lora_B.float() @ m.lora_A.float())).to(w.dtype))
+            lora._set(model, name, m)
 
 
 # --- the LoRA linear itself --------------------------------------------------------------------------------------
@@ -161,13 +182,13 @@ def test_merged_equals_unmerged(family):
     randomize_adapters(model, std=0.02)  # s B A about 7% of W (std): a real, trained-sized update
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     unmerged = logits_of(model, batch)
-    lora.merge_lora(model)
+    wrappers = merge_in_memory(model)
     merged = logits_of(model, batch)
     diff = (merged - unmerged).abs().max().item()
     print(f"{family}: merged vs unmerged logits, max |diff| = {diff:.2e} (float32, LLM + ViT adapters; "
           f"adapters move the logits by up to {(unmerged - base).abs().max().item():.2f})")
     assert diff <= 1e-5 and (unmerged - base).abs().max() > 0.1
-    lora.unmerge_lora(model)
+    unmerge(model, wrappers)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
     torch.testing.assert_close(logits_of(model, batch), unmerged, rtol=0, atol=1e-5)
@@ -187,7 +208,8 @@ def test_merge_checkpoint_equals_in_memory_merge_and_export(family):
         model.projector.fc1.weight.add_(0.01)
     trained = lora.trainable_state_dict(model)
     streamed = dict(lora.merge_checkpoint(path, trained, cfg))
-    merged = lora.unwrap_lora(model).state_dict()
+    merge_in_memory(model)
+    merged = model.state_dict()
     assert streamed.keys() == merged.keys()
     for name, t in streamed.items():
         assert torch.equal(t, merged[name]), name
@@ -227,7 +249,8 @@ def test_merge_checkpoint_onto_trained_vit_layers():
     streamed = dict(lora.merge_checkpoint(path, trained, cfg))
     name = f"vit.layers.{len(model.vit.layers) - 1}.attn.qkv.weight"
     assert torch.equal(streamed[name], lora.merged_weight(qkv.base.weight, qkv.lora_A, qkv.lora_B, cfg.scale))
-    merged = lora.unwrap_lora(model).state_dict()
+    merge_in_memory(model)
+    merged = model.state_dict()
     assert all(torch.equal(t, merged[n]) for n, t in streamed.items())
 
 
@@ -237,13 +260,10 @@ def test_alpha_defaults_to_2r():
     assert LoRAConfig(r=64).to_dict()["alpha"] == 128
     assert LoRAConfig(r=64, alpha=32).scale == 0.5
     assert LoRAConfig.from_dict(LoRAConfig(r=8).to_dict()).scale == 2.0
+    default = LoRAConfig()  # the official recipe's
+    assert (default.r, default.alpha, default.dropout, default.targets, default.vit) == (16, 32, 0.05, None, False)
 
-def test_merge_refuses_nf4_and_merge_checkpoint_checks_keys():
-    model = build_model(preset("tiny"), "cpu")
-    lora.quantize_llm(model)
-    lora.inject_lora(model, LoRAConfig(r=4, alpha=8))
-    with pytest.raises(ValueError, match="never merged into NF4.*merge_checkpoint"):
-        lora.merge_lora(model)
+def test_merge_checkpoint_checks_keys():
     path = FIXTURES / "internlm2"
     cfg = LoRAConfig(r=4, alpha=8)
     good = load_pretrained(str(path), dtype=torch.float32)
@@ -298,10 +318,10 @@ def test_trainable_state_dict_restores_the_model_exactly(tmp_path):
     fresh2 = load_pretrained(path, dtype=torch.float32)
     lora.inject_lora(fresh2, cfg)
     lora.mark_trainable(fresh2, "lora", freeze_projector=True)
-    with pytest.raises(ValueError, match=r"unexpected \['projector.fc1.bias'"):
+    with pytest.raises(ValueError, match=r"unexpected tensors \(6\): \['projector.fc1.bias'"):
         lora.load_trainable_state_dict(fresh2, saved)
     lora.mark_trainable(fresh2, "lora")
-    with pytest.raises(ValueError, match=r"missing \['llm.layers.0.attn.out.lora_A'\]"):
+    with pytest.raises(ValueError, match=r"missing tensors \(1\): \['llm.layers.0.attn.out.lora_A'\]"):
         lora.load_trainable_state_dict(fresh2, {k: v for k, v in saved.items()
                                                 if k != "llm.layers.0.attn.out.lora_A"})
 
@@ -361,7 +381,7 @@ def test_mark_trainable_modes_and_report():
     cfg = LoRAConfig(r=8, alpha=16)
     lora.inject_lora(model, cfg)
     rep = lora.mark_trainable(model, "lora")
-    closed = lora.adapter_count_closed_form(model.config, 8)
+    closed = adapter_count_closed_form(model.config, 8)
     assert rep == {"vit": (0, n["vit"]), "projector": (n["projector"], n["projector"]), "llm": (0, n["llm"]),
                    "adapters": (closed, closed)}
     text = lora.format_report(rep, "lora")
@@ -487,8 +507,8 @@ def test_adapter_counts_at_r128_equal_closed_form(size):
     rep = lora.mark_trainable(model, "lora")
     llm = sum(p.numel() for n, p in model.named_parameters() if n.startswith("llm.") and "lora_" in n)
     vit = sum(p.numel() for n, p in model.named_parameters() if n.startswith("vit.") and "lora_" in n)
-    closed_llm = lora.adapter_count_closed_form(config, 128)
-    closed_vit = lora.adapter_count_closed_form(config, 128, llm=False, vit=True)
+    closed_llm = adapter_count_closed_form(config, 128)
+    closed_vit = adapter_count_closed_form(config, 128, llm=False, vit=True)
     print(f"{size}: r=128 adapters LLM {llm:,} (closed form {closed_llm:,}), ViT {vit:,} (closed form {closed_vit:,})")
     assert (llm, vit) == (closed_llm, closed_vit)
     assert rep["adapters"] == (llm + vit, llm + vit)

@@ -185,7 +185,7 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(case):
 # --- presets on the meta device ---
 
 def _spec_shapes(size):
-    """The official keys and shapes from SPEC.md §4, written out independently of model/weights.py."""
+    """The official keys and shapes of the released models, written out independently of model/weights.py."""
     shapes = {}
     vit, llm = {"2b": (1024, 24, 4096, False), "4b": (1024, 24, 4096, False), "26b": (3200, 45, 12800, True)}[size], \
         {"2b": ("internlm2", 92553, 2048, 24, 4096, 8192), "4b": ("phi3", 32020, 3072, 32, 9216, 8192),
@@ -243,7 +243,7 @@ def test_presets_have_released_keys_shapes_and_parameter_counts(size, count, par
 # --- pieces ---
 
 def test_pixel_shuffle_order_v1_v2():
-    """SPEC §3.5: 4x4 grid, one channel, value 10r + c."""
+    """A 4x4 grid, one channel, value 10r + c."""
     grid = torch.tensor([[10 * r + c for c in range(4)] for r in range(4)], dtype=torch.float32)
     x = grid.reshape(1, 4, 4, 1)
     v2 = pixel_shuffle(x, 0.5, "v2").reshape(4, 4).tolist()
@@ -451,3 +451,35 @@ def test_a_truncated_weight_file_is_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"model.safetensors: truncated file"):
         load_pretrained(str(base), dtype=torch.float32)
+
+
+def test_key_mismatch_message_names_counts_and_the_first_keys():
+    from model.weights import mismatch_message
+    msg = mismatch_message("x.safetensors does not match:", [f"m{i}" for i in range(10)], ["u"])
+    assert msg == ("x.safetensors does not match:\n  missing tensors (10): ['m0', 'm1', 'm2', 'm3', 'm4', 'm5', "
+                   "'m6', 'm7'] ...\n  unexpected tensors (1): ['u']")
+    assert mismatch_message("w:", wrong=["a: [1] vs [2]"], limit=None) == "w:\n  wrong shapes (1): ['a: [1] vs [2]']"
+
+
+def test_sampled_sha1_reads_evenly_spaced_chunks(tmp_path):
+    """The whole file when it is small, else `samples` chunks, the first at 0 and the last ending at the end of
+    the file: a byte in the last chunk changes it, a byte between chunks does not. The data index fingerprint
+    hashes the same bytes, so existing index caches and resumes stay valid."""
+    import hashlib
+
+    from data.dataset import file_fingerprint
+    from model.weights import sampled_sha1
+    data = bytearray(torch.randint(0, 256, (300_000,), generator=torch.Generator().manual_seed(0)).byte().numpy())
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    chunks = b"".join(data[k * (300_000 - 1000) // 3:][:1000] for k in range(4))
+    assert sampled_sha1(str(path), 4, 1000) == hashlib.sha1(chunks).hexdigest()
+    assert sampled_sha1(str(path), 300, 1000) == hashlib.sha1(data).hexdigest()  # 300 x 1000 covers it all
+    assert sampled_sha1(str(path), 64, 4096) == file_fingerprint(str(path))["sample_sha1"]
+    before = sampled_sha1(str(path), 4, 1000)
+    data[150_000] ^= 0xFF  # between the second and third chunk
+    path.write_bytes(data)
+    assert sampled_sha1(str(path), 4, 1000) == before
+    data[-1] ^= 0xFF
+    path.write_bytes(data)
+    assert sampled_sha1(str(path), 4, 1000) != before
