@@ -335,7 +335,7 @@ def main(argv=None):
     if args.demo and args.output_dir is None:
         args.output_dir = os.path.join("runs", "demo")
     if args.demo:
-        from data.demo import make_demo
+        from demo import make_demo
         demo_root = os.path.join(args.output_dir, "demo")
         if int(os.environ.get("RANK", "0")) == 0:
             make_demo(demo_root)
@@ -354,8 +354,8 @@ def main(argv=None):
                          f"(expected an official InternVL 1.5 directory)")
     from model import load_config
     config = _wait_for(lambda: load_config(args.model_path)) if args.demo else load_config(args.model_path)
-    if args.system_message is not None:
-        config.system_message = args.system_message
+    from data.templates import resolve_system_message
+    config.system_message = resolve_system_message(config, args.system_message)
     found = checkpoint_size(config)
     if args.size is not None and args.size != found:
         raise SystemExit(f"error: --size {args.size} but {args.model_path} has the {found} architecture "
@@ -565,7 +565,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- resume
     step, epoch, micro_in_epoch = 0, 0, 0
     counters = dict(skipped_steps=0, nonfinite_steps=0, all_masked_steps=0, all_masked_micro_batches=0,
-                    samples_seen=0, replaced_samples=0, image_failures=0, label_mismatches=0)
+                    samples_seen=0, replaced_samples=0, image_failures=0)
     meta_args["trainable"] = trainable
     if resume_from:
         if meta["run"]["trainable"] != trainable:  # DeepSpeed loads the saved tensors non-strictly: check here
@@ -651,9 +651,9 @@ def main(argv=None):
                  sum(int(b["image_flags"].sum()) for b in micro),
                  sum(b["meta"]["num_supervised"] == 0 for b in micro),
                  *(sum(len(b["meta"][k]) if k == "skipped" else b["meta"][k] for b in micro)
-                   for k in ("skipped", "image_failures", "label_mismatches"))]
+                   for k in ("skipped", "image_failures"))]
         n_step, tokens, samples, tiles, all_masked, *problems = (int(x) for x in all_reduce_sum(local, device))
-        for k, n in zip(("replaced_samples", "image_failures", "label_mismatches"), problems):
+        for k, n in zip(("replaced_samples", "image_failures"), problems):
             counters[k] += n
         lr = scheduler.get_last_lr()[0]  # the lr this step's update uses
         counters["all_masked_micro_batches"] += all_masked
@@ -733,8 +733,7 @@ def main(argv=None):
     final = os.path.join(args.output_dir, f"iter_{last_saved}") if last_saved is not None else None
     log(f"done: {step} steps; skipped {counters['skipped_steps']} (non-finite {counters['nonfinite_steps']}, "
         f"all-masked {counters['all_masked_steps']}); replaced {counters['replaced_samples']} samples "
-        f"({counters['image_failures']} unreadable images, the rest too long); {counters['label_mismatches']} "
-        f"label-rule mismatches; checkpoint {final}")
+        f"({counters['image_failures']} unreadable images, the rest too long); checkpoint {final}")
     if final:
         log(f"convert it to an official InternVL 1.5 directory with:\n  python convert.py {final} "
             f"{os.path.join(args.output_dir, 'converted')}")
@@ -822,9 +821,6 @@ def report_data_problems(meta, warn):
     """The problems DataLoader workers met while building a batch (they log nothing themselves)."""
     for problem in meta["skipped"]:
         warn("replaced sample", f"replaced sample {problem}")
-    for sample_id in meta["label_mismatch_ids"]:
-        warn("label rule", f"sample {sample_id}: net-rule labels differ from the official fragment-count labels "
-                           f"(the official code would mask or shift them); keeping the net rule")
 
 
 def _forward_returning_dict(self, **batch):

@@ -1,13 +1,10 @@
-"""LLaVA-format annotations -> training samples (token-exact with the official InternVL 1.5 pipeline).
+"""LLaVA-format annotations -> training samples, token-exact with the official InternVL 1.5 pipeline.
 
-- `build_sample`: one record -> input_ids, labels, pixel_values, image_flags (SPEC §5, §6, §7).
-- `Source`, `read_meta_file`: annotation files (.json array or .jsonl) with an image folder, a repeat
-  ratio and an optional per-source tile cap; the official meta file is accepted too.
-- `SupervisedDataset`: validates every record and checks its image files when it is built (problems
-  reported together, with file:line), keeps an index (byte offsets, lines, lengths; cached on disk)
-  rather than the records, realises the repeat ratios with a seed, and in __getitem__ reads and parses
-  the record and turns a missing/corrupt image or an over-long sample into a counted, logged skip (a
-  seeded replacement of the same modality takes the slot), aborting past a failure threshold.
+`build_sample` turns one record into input_ids, labels, pixel_values and image_flags. `SupervisedDataset` checks
+every record and image file up front (all problems reported together, with file:line), keeps only an index of
+the records (byte offsets, lines, length estimates; cached on disk) and reads a record when it is needed. A
+missing or corrupt image or an over-long sample then becomes a counted, logged skip: a seeded replacement of the
+same modality takes its slot, so batches keep their shape reproducibly.
 """
 import hashlib
 import json
@@ -15,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +22,10 @@ from model.loss import target_mask
 
 from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, images_to_pixel_values, jpeg_degrade,
                      load_image, num_tiles)
-from .templates import DEFAULT_SYSTEM_MESSAGE, get_template, net_labels, official_labels, render
-from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+from .templates import NUM_IMAGE_TOKENS, get_template, image_tokens, net_labels, render, resolve_system_message
 
 log = logging.getLogger("data")
 
-NUM_IMAGE_TOKENS = 256  # per 448px tile after pixel shuffle (downsample 0.5)
 IMAGE_TAG = "<image>"
 ROLES = ("human", "gpt")
 
@@ -102,10 +98,6 @@ def parse_record(record):
     return Conversation(images, turns)
 
 
-def _image_string(n_tiles):
-    return IMG_START + IMG_CONTEXT * (NUM_IMAGE_TOKENS * n_tiles) + IMG_END
-
-
 def conversation_text(conv, template, tiles_per_image, system_message):
     """Rendered prompt with image tokens, and the char spans of the supervised answers."""
     t = get_template(template)
@@ -118,27 +110,16 @@ def conversation_text(conv, template, tiles_per_image, system_message):
     for pair in turns:  # each <image>, in order, becomes the tokens of the next image
         for side in range(2):
             while IMAGE_TAG in pair[side]:
-                pair[side] = pair[side].replace(IMAGE_TAG, _image_string(tiles_per_image[k]), 1)
+                pair[side] = pair[side].replace(IMAGE_TAG, image_tokens(tiles_per_image[k]), 1)
                 k += 1
     return render(t, [tuple(p) for p in turns], system_message)
 
 
-def build_sample(record, tokenizer, template=None, image_folder=None, max_num=12, max_length=None,
-                 system_message=None, *, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True, images=None,
-                 check_labels=True, label_rule="net"):
-    """One LLaVA record -> dict(input_ids, labels, pixel_values, image_flags, num_tiles, truncated,
-    labels_match_official). `images` (PIL) replaces loading from disk. system_message None means
-    DEFAULT_SYSTEM_MESSAGE. Raises SampleError (bad record), SampleTooLong, ImageLoadError.
-
-    Labels: label_rule "net" (default) supervises each answer + terminator. The official
-    fragment-count labels are computed alongside (check_labels) and labels_match_official says whether
-    they agree; where they do not, the official code shifts or wholly masks the labels (e.g. InternLM2
-    answers whose first word tokenizes differently behind the dummy prefix). label_rule "official"
-    returns the official labels instead, mismatches and all."""
-    if label_rule not in ("net", "official"):
-        raise ValueError(f"label_rule must be 'net' or 'official', got {label_rule!r}")
-    template = get_template(template or tokenizer.template)
-    system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max_length=None, system_message=None,
+                 *, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True, images=None):
+    """One LLaVA record -> dict(input_ids, labels, pixel_values, image_flags, truncated). `images` (PIL) replaces
+    loading from disk. Raises SampleError (bad record), SampleTooLong, ImageLoadError."""
+    template = get_template(template)
     conv = parse_record(record)
     if conv.images:
         if images is None:
@@ -148,15 +129,9 @@ def build_sample(record, tokenizer, template=None, image_folder=None, max_num=12
     else:
         pixel_values, tiles = dummy_pixel_values(image_size), []
         image_flags = torch.zeros(1, dtype=torch.long)
-    text, spans = conversation_text(conv, template, tiles, system_message)
+    text, spans = conversation_text(conv, template, tiles, resolve_system_message(override=system_message))
     ids, starts = tokenizer.encode_with_offsets(text)
     labels = net_labels(template, tokenizer, ids, starts, spans)
-    match = True
-    if check_labels or label_rule == "official":  # the official fragment-count procedure, for comparison
-        official, consistent = official_labels(template, tokenizer, text, ids)
-        match = consistent and official == labels
-        if label_rule == "official":
-            labels = official
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         image_end = max((i + 1 for i, t in enumerate(ids) if t == tokenizer.img_end_id), default=0)
@@ -167,8 +142,7 @@ def build_sample(record, tokenizer, template=None, image_folder=None, max_num=12
     if not target_mask(torch.tensor(labels)).any():
         raise SampleTooLong(f"no supervised token left ({len(ids)} tokens, max_length {max_length})")
     return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
-                pixel_values=pixel_values, image_flags=image_flags, num_tiles=len(pixel_values),
-                truncated=truncated, labels_match_official=match)
+                pixel_values=pixel_values, image_flags=image_flags, truncated=truncated)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,20 +207,29 @@ def read_meta_file(path):
 def read_annotation(path):
     """Yield (line, byte offset, byte length, record or SampleError) for every record of a .jsonl file or a
     .json array; line = where the record starts. A .json array that cannot be read on is a DataError."""
-    if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            offset = 0
-            for n, raw in enumerate(f, 1):
-                if raw.strip():
-                    try:
-                        rec = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        rec = SampleError(f"malformed JSON line: {e.msg} (column {e.colno})")
-                    except UnicodeDecodeError as e:
-                        rec = SampleError(f"not UTF-8: {e.reason}")
-                    yield n, offset, len(raw), rec
-                offset += len(raw)
+    if not path.endswith(".jsonl"):
+        yield from _read_json_array(path)
         return
+    with open(path, "rb") as f:
+        offset = 0
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                try:
+                    rec = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    rec = SampleError(f"malformed JSON line: {e.msg} (column {e.colno})")
+                except UnicodeDecodeError as e:
+                    rec = SampleError(f"not UTF-8: {e.reason}")
+                yield n, offset, len(raw), rec
+            offset += len(raw)
+
+
+_WS = re.compile(r"[ \t\r\n]*")  # JSON whitespace
+_NEXT = re.compile(r"[ \t\r\n]*([,\]])[ \t\r\n]*")
+
+
+def _read_json_array(path):
+    """json.load, one element at a time (raw_decode), so each record keeps its line and byte range."""
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -255,47 +238,31 @@ def read_annotation(path):
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8: {e.reason}") from None
     del data
-    decoder = json.JSONDecoder()
-    pos, line, counted, byte, at = 0, 1, 0, 0, 0
-    ascii_only = text.isascii()
+    size = len if text.isascii() else (lambda s: len(s.encode("utf-8")))
+    line, byte, at = 1, 0, 0
 
-    def skip(p):
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
+    def seek(p):  # (line, byte offset) of char position p; positions only move forward
+        nonlocal line, byte, at
+        line, byte, at = line + text.count("\n", at, p), byte + size(text[at:p]), p
+        return line, byte
 
-    def line_at(p):
-        nonlocal line, counted
-        line += text.count("\n", counted, p)
-        counted = p
-        return line
-
-    def byte_at(p):  # char position -> byte offset, moving forward only
-        nonlocal byte, at
-        byte += (p - at) if ascii_only else len(text[at:p].encode("utf-8"))
-        at = p
-        return byte
-
-    pos = skip(pos)
+    pos = _WS.match(text).end()
     if not text.startswith("[", pos):
-        raise DataError(f"{path}:{line_at(pos)}: a .json annotation must be an array of records (or use .jsonl)")
-    pos = skip(pos + 1)
-    if text.startswith("]", pos):
-        return
-    while True:
+        raise DataError(f"{path}:{seek(pos)[0]}: a .json annotation must be an array of records (or use .jsonl)")
+    pos = _WS.match(text, pos + 1).end()
+    decoder, done = json.JSONDecoder(), text.startswith("]", pos)
+    while not done:
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:  # the rest of the array cannot be read: not skippable
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        start = byte_at(pos)
-        yield line_at(pos), start, byte_at(end) - start, obj
-        pos = skip(end)
-        if text.startswith(",", pos):
-            pos = skip(pos + 1)
-        elif text.startswith("]", pos):
-            return
-        else:
-            raise DataError(f"{path}:{line_at(pos)}: malformed JSON: expected ',' or ']' after a record")
+        first, start = seek(pos)
+        yield first, start, seek(end)[1] - start, obj
+        sep = _NEXT.match(text, end)
+        if sep is None:
+            raise DataError(f"{path}:{seek(_WS.match(text, end).end())[0]}: malformed JSON: expected ',' or ']' "
+                            "after a record")
+        pos, done = sep.end(), sep.group(1) == "]"
 
 
 def repeat_indices(n, ratio, rng):
@@ -305,7 +272,7 @@ def repeat_indices(n, ratio, rng):
     return list(range(n)) * whole + sorted(rng.sample(range(n), extra))
 
 
-def file_fingerprint(path, chunks=64, chunk=4096):
+def file_fingerprint(path, chunks=64, chunk=4096):  # TODO(lead): hash with model.weights.sampled_sha1 (r13-export)
     """Cheap content fingerprint: size, mtime and a hash of `chunks` evenly spread `chunk`-byte pieces (the
     whole file when it is small). The index cache is keyed by it; resume compares size and hash."""
     st = os.stat(path)
@@ -354,29 +321,27 @@ class SupervisedDataset(torch.utils.data.Dataset):
       ds.is_image[i]          modality for the sampler (True = has images)
       ds.tiles[i]             image tiles (0 for text-only): exact with `image_wh`, else the cap (+ thumbnail)
       ds.source_counts        {name: {"records", "bad", "missing_images", "valid", "sampled"}}
-      ds[i]                   build_sample output + "meta" {"id", "skipped", "image_failures",
-                              "labels_match_official", "truncated"}
+      ds[i]                   build_sample output + "meta" {"id", "skipped", "image_failures", "truncated"}
 
     The index (byte offset, line, length, tiles and modality of every valid record, and every problem found) is
     built in one pass over each file, or read from `cache_dir` where a build with the same file content, image
     folder, tokenizer, template, system message and tile/length settings left it. `index` (ds.source_index of
-    another process) skips both. Records stay in the file: ds[i] reads and parses its bytes.
+    another process) skips both.
     """
 
-    def __init__(self, sources, tokenizer, template=None, system_message=None, max_num=12, max_length=None,
+    def __init__(self, sources, tokenizer, template, system_message=None, max_num=12, max_length=None,
                  min_num=1, use_thumbnail=True, image_size=IMAGE_SIZE, seed=0, skip_bad_samples=False,
-                 max_image_failure_rate=0.01, image_failure_grace=10, max_replacements=10, check_labels=True,
-                 cache_dir=None, index=None):
+                 max_image_failure_rate=0.01, image_failure_grace=10, max_replacements=10, cache_dir=None,
+                 index=None):
         self.sources = list(sources)
         self.tokenizer = tokenizer
-        self.template = get_template(template or tokenizer.template)
-        self.system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+        self.template = get_template(template)
+        self.system_message = resolve_system_message(override=system_message)
         self.max_num, self.max_length, self.min_num = max_num, max_length, min_num
         self.use_thumbnail, self.image_size, self.seed = use_thumbnail, image_size, seed
         self.max_image_failure_rate, self.image_failure_grace = max_image_failure_rate, image_failure_grace
-        self.max_replacements, self.check_labels = max_replacements, check_labels
+        self.max_replacements = max_replacements
         self.epoch, self._tiles_memo = 0, {}
-
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise DataError(f"source names must be unique, got {names}")
@@ -384,11 +349,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.source_counts = {s.name: {"records": x["records"], "bad": x["bad"], "missing_images": x["missing_images"],
                                        "valid": len(x["line"])} for s, x in zip(self.sources, self.source_index)}
         self._report_problems(skip_bad_samples)
+        self._repeat()
+        self.stats = {"seen": 0, "image_failures": 0, "too_long": 0}
+        # Per-sample problems are logged here; train.py turns this off and reports them from the batch meta in the
+        # main process with a per-run cap (DataLoader workers restart every epoch, so a cap here is per worker).
+        self.log_problems = True
 
+    def _repeat(self):
+        """The epoch's samples: each source's valid records under its repeat ratio, seeded by source name."""
         picks = []
         for si, s in enumerate(self.sources):
             p = np.array(repeat_indices(len(self.source_index[si]["line"]), s.repeat,
-                                        random.Random(f"{seed}/{s.name}")), dtype=np.int64)
+                                        random.Random(f"{self.seed}/{s.name}")), dtype=np.int64)
             picks.append(np.stack([np.full(len(p), si), p], 1))
             self.source_counts[s.name]["sampled"] = len(p)
         self.index = np.concatenate(picks)  # rows (source, valid record)
@@ -398,10 +370,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 for c in ("length", "is_image", "tiles")}
         self.lengths, self.is_image, self.tiles = cols["length"], cols["is_image"], cols["tiles"]
         self._by_modality = {True: np.flatnonzero(self.is_image), False: np.flatnonzero(~self.is_image)}
-        self.stats = {"seen": 0, "image_failures": 0, "too_long": 0, "label_mismatches": 0}
-        # Per-sample problems are logged here; train.py turns this off and reports them from the batch meta in the
-        # main process with a per-run cap (DataLoader workers restart every epoch, so a cap here is per worker).
-        self.log_problems = True
 
     def _max_num(self, si):
         return self.sources[si].max_num or self.max_num
@@ -545,7 +513,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                       for p in paths]
         return build_sample(rec, self.tokenizer, self.template, s.image_folder, self._max_num(si), self.max_length,
                             self.system_message, min_num=self.min_num, image_size=self.image_size,
-                            use_thumbnail=self.use_thumbnail, images=images, check_labels=self.check_labels)
+                            use_thumbnail=self.use_thumbnail, images=images)
 
     def _replacement(self, i, failed, attempt):
         """A seeded sample of the same modality, no longer and with no more tiles than sample i when there is
@@ -564,35 +532,29 @@ class SupervisedDataset(torch.utils.data.Dataset):
             try:
                 sample = self.build(j)
                 break
-            except ImageLoadError as e:
-                self.stats["image_failures"] += 1
-                image_failures += 1
+            except (ImageLoadError, SampleTooLong) as e:
                 skipped.append(f"{self.sample_id(j)}: {e}")
                 if self.log_problems:
                     log.warning("skipping sample %s: %s", self.sample_id(j), e)
-                limit = max(self.image_failure_grace, self.max_image_failure_rate * self.stats["seen"])
-                if self.stats["image_failures"] > limit:
-                    raise RuntimeError(
-                        f"too many unreadable images: {self.stats['image_failures']} of {self.stats['seen']} "
-                        f"samples seen in this process (limit {self.max_image_failure_rate:.1%}, grace "
-                        f"{self.image_failure_grace}); last: {e}") from e
-            except SampleTooLong as e:
-                self.stats["too_long"] += 1
-                skipped.append(f"{self.sample_id(j)}: {e}")
-                if self.log_problems:
-                    log.warning("skipping sample %s: %s", self.sample_id(j), e)
+                if isinstance(e, ImageLoadError):
+                    image_failures += 1
+                    self._count_image_failure(e)
+                else:
+                    self.stats["too_long"] += 1
             failed.add(j)  # a seeded replacement of the same modality keeps the batch's shape, reproducibly
             j = self._replacement(i, failed, attempt)
         else:
             raise RuntimeError(f"sample {self.sample_id(i)}: {self.max_replacements} replacements failed too; "
                                f"last problems: {skipped[-3:]}")
-        if not sample["labels_match_official"]:
-            self.stats["label_mismatches"] += 1
-            if self.log_problems and self.stats["label_mismatches"] <= 10:  # then only counted (batch meta, stats)
-                log.warning("sample %s: net-rule labels differ from the official fragment-count labels "
-                            "(the official code would mask or shift them); keeping the net rule", self.sample_id(j))
         sample["meta"] = {"id": self.sample_id(j), "skipped": skipped, "image_failures": image_failures,
-                          "labels_match_official": sample.pop("labels_match_official"),
                           "truncated": sample.pop("truncated")}
-        sample.pop("num_tiles")
         return sample
+
+    def _count_image_failure(self, e):
+        """A few unreadable images are skipped; past the grace count and the rate the data set is broken."""
+        self.stats["image_failures"] += 1
+        limit = max(self.image_failure_grace, self.max_image_failure_rate * self.stats["seen"])
+        if self.stats["image_failures"] > limit:
+            raise RuntimeError(f"too many unreadable images: {self.stats['image_failures']} of {self.stats['seen']} "
+                               f"samples seen in this process (limit {self.max_image_failure_rate:.1%}, grace "
+                               f"{self.image_failure_grace}); last: {e}") from e

@@ -23,7 +23,7 @@ import struct
 import sentencepiece as spm
 import torch
 from PIL import Image, ImageDraw
-from model.config import InternVLConfig, LLMConfig, VisionConfig
+from model.config import InternVLConfig, preset
 from model.weights import save_safetensors, to_official_state_dict
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 200, 20),
@@ -36,7 +36,7 @@ WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "b
 HEAD_STD = 0.1
 SYSTEM_MESSAGE = "You are a helpful assistant that describes simple pictures."
 
-# InternLM2 layout (SPEC §2, tests/fixtures/README.md): the chat tokens are the last pieces of the sentencepiece
+# InternLM2 layout (tests/fixtures/README.md): the chat tokens are the last pieces of the sentencepiece
 # vocabulary under placeholder names, renamed by tokenizer_config.json's added_tokens_decoder ...
 CHAT_PIECES = [("[UNUSED_TOKEN_141]", "<|plugin|>"), ("[UNUSED_TOKEN_142]", "<|interpreter|>"),
                ("[UNUSED_TOKEN_143]", "<|action_end|>"), ("[UNUSED_TOKEN_144]", "<|action_start|>"),
@@ -57,17 +57,9 @@ TEXT_ONLY = [  # (question, answer): learnable without an image
 
 
 def demo_config(vocab_size: int) -> InternVLConfig:
-    """2B-like family (InternLM2 + InternViT-300M style: LayerNorm, qkv bias), tiny sizes, one tile per image."""
-    return InternVLConfig(
-        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, image_size=448,
-                            patch_size=14, norm_type="layer_norm", qk_normalization=False, qkv_bias=True,
-                            initializer_factor=1.0),
-        llm=LLMConfig(family="internlm2", vocab_size=vocab_size, hidden_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, intermediate_size=256, rope_theta=1e6,
-                      rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=32768),
-        template="internlm2-chat", ps_version="v2", downsample_ratio=0.5, select_layer=-1, force_image_size=448,
-        dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
-        system_message=SYSTEM_MESSAGE)
+    config = preset("demo", system_message=SYSTEM_MESSAGE)
+    config.llm.vocab_size = vocab_size
+    return config
 
 
 # --- data ---
