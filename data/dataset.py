@@ -1,10 +1,10 @@
 """LLaVA-format annotations -> training samples, token-exact with the official InternVL 1.5 pipeline.
 
-`build_sample` turns one record into input_ids, labels, pixel_values and image_flags. `SupervisedDataset` checks
-every record and image file up front (all problems reported together, with file:line), keeps only an index of
-the records (byte offsets, lines, length estimates; cached on disk) and reads a record when it is needed. A
-missing or corrupt image or an over-long sample then becomes a counted, logged skip: a seeded replacement of the
-same modality takes its slot, so batches keep their shape reproducibly.
+`build_sample` turns one record into input_ids, labels, pixel_values and image_flags. `SupervisedDataset`
+checks every record and image file up front (all problems reported together, with file:line), keeps only an
+index of the records (byte offsets, lines, length estimates; cached on disk) and reads a record when it is
+needed. A missing or corrupt image or an over-long sample then becomes a counted, logged skip: a seeded
+replacement of the same modality takes its slot, so batches keep their shape reproducibly.
 """
 import hashlib
 import json
@@ -22,7 +22,8 @@ from model.loss import target_mask
 
 from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, images_to_pixel_values, jpeg_degrade,
                      load_image, num_tiles)
-from .templates import NUM_IMAGE_TOKENS, get_template, image_tokens, net_labels, render, resolve_system_message
+from .templates import (NUM_IMAGE_TOKENS, get_template, image_tokens, net_labels, render,
+                        resolve_system_message)
 
 log = logging.getLogger("data")
 
@@ -40,10 +41,6 @@ class SampleTooLong(SampleError):
 
 class DataError(ValueError):
     """Problems found while building the dataset (all of them, with file:line)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# one record
 
 
 @dataclass
@@ -74,7 +71,8 @@ def parse_record(record):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise SampleError(f"conversations[{k}] must be an object with 'from' and 'value'")
         if turn["from"] not in ROLES:
-            raise SampleError(f"conversations[{k}]: unknown role {turn['from']!r} (expected 'human' or 'gpt')")
+            raise SampleError(f"conversations[{k}]: unknown role {turn['from']!r} "
+                              "(expected 'human' or 'gpt')")
         if not isinstance(turn["value"], str):
             raise SampleError(f"conversations[{k}]: 'value' must be a string")
         if not turn["value"].strip():
@@ -83,8 +81,8 @@ def parse_record(record):
     rest = convs[first:]
     for k, turn in enumerate(rest):
         if turn["from"] != ROLES[k % 2]:
-            raise SampleError(f"conversations[{first + k}]: expected role {ROLES[k % 2]!r}, got {turn['from']!r} "
-                              "(turns must alternate human/gpt)")
+            raise SampleError(f"conversations[{first + k}]: expected role {ROLES[k % 2]!r}, got "
+                              f"{turn['from']!r} (turns must alternate human/gpt)")
     if not any(t["from"] == "gpt" for t in rest):
         raise SampleError("no answer turn ('gpt') after a 'human' turn")
     if len(rest) % 2:
@@ -94,7 +92,8 @@ def parse_record(record):
     if tags > len(images):
         raise SampleError(f"{tags} {IMAGE_TAG} tags but {len(images)} image(s)")
     if len(images) > 1 and tags != len(images):
-        raise SampleError(f"{len(images)} images but {tags} {IMAGE_TAG} tags (multi-image samples need one each)")
+        raise SampleError(f"{len(images)} images but {tags} {IMAGE_TAG} tags "
+                          "(multi-image samples need one each)")
     return Conversation(images, turns)
 
 
@@ -115,15 +114,14 @@ def conversation_text(conv, template, tiles_per_image, system_message):
     return render(t, [tuple(p) for p in turns], system_message)
 
 
-def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max_length=None, system_message=None,
-                 *, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True, images=None):
-    """One LLaVA record -> dict(input_ids, labels, pixel_values, image_flags, truncated). `images` (PIL) replaces
-    loading from disk. Raises SampleError (bad record), SampleTooLong, ImageLoadError."""
-    template = get_template(template)
+def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max_length=None,
+                 system_message=None, *, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True, images=None):
+    """One LLaVA record -> dict(input_ids, labels, pixel_values, image_flags, truncated). `images` (PIL)
+    replaces loading from disk. Raises SampleError (bad record), SampleTooLong, ImageLoadError."""
     conv = parse_record(record)
     if conv.images:
         if images is None:
-            images = [load_image(p if image_folder is None else os.path.join(image_folder, p)) for p in conv.images]
+            images = [load_image(os.path.join(image_folder or "", p)) for p in conv.images]
         pixel_values, tiles = images_to_pixel_values(images, max_num, min_num, image_size, use_thumbnail)
         image_flags = torch.ones(len(pixel_values), dtype=torch.long)
     else:
@@ -143,10 +141,6 @@ def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max
         raise SampleTooLong(f"no supervised token left ({len(ids)} tokens, max_length {max_length})")
     return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
                 pixel_values=pixel_values, image_flags=image_flags, truncated=truncated)
-
-
-# ---------------------------------------------------------------------------------------------------
-# sources
 
 
 @dataclass
@@ -186,20 +180,19 @@ def read_meta_file(path):
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: the meta file must map dataset names to settings")
+    known = {"root", "annotation", "repeat_time", "max_dynamic_patch", "data_augment", "length"}
+    base = os.path.dirname(os.path.abspath(path))
     sources = []
     for name, ds in meta.items():
         if not isinstance(ds, dict) or "annotation" not in ds:
             raise DataError(f"{path}: dataset {name!r} needs an 'annotation' path")
-        known = {"root", "annotation", "repeat_time", "max_dynamic_patch", "data_augment", "length"}
         unknown = set(ds) - known
         if unknown:
-            raise DataError(f"{path}: dataset {name!r} has unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        base = os.path.dirname(os.path.abspath(path))
-        ann = ds["annotation"] if os.path.isabs(ds["annotation"]) else os.path.join(base, ds["annotation"])
+            raise DataError(f"{path}: dataset {name!r} has unknown keys {sorted(unknown)} "
+                            f"(known: {sorted(known)})")
         root = ds.get("root") or None
-        if root is not None and not os.path.isabs(root):
-            root = os.path.join(base, root)
-        sources.append(Source(ann, root, float(ds.get("repeat_time", 1)), ds.get("max_dynamic_patch"),
+        sources.append(Source(os.path.join(base, ds["annotation"]), root and os.path.join(base, root),
+                              float(ds.get("repeat_time", 1)), ds.get("max_dynamic_patch"),
                               bool(ds.get("data_augment", False)), name))
     return sources
 
@@ -229,7 +222,7 @@ _NEXT = re.compile(r"[ \t\r\n]*([,\]])[ \t\r\n]*")
 
 
 def _read_json_array(path):
-    """json.load, one element at a time (raw_decode), so each record keeps its line and byte range."""
+    """json.load, one element at a time (raw_decode), so that each record keeps its line and byte range."""
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -248,7 +241,8 @@ def _read_json_array(path):
 
     pos = _WS.match(text).end()
     if not text.startswith("[", pos):
-        raise DataError(f"{path}:{seek(pos)[0]}: a .json annotation must be an array of records (or use .jsonl)")
+        raise DataError(f"{path}:{seek(pos)[0]}: a .json annotation must be an array of records "
+                        "(or use .jsonl)")
     pos = _WS.match(text, pos + 1).end()
     decoder, done = json.JSONDecoder(), text.startswith("]", pos)
     while not done:
@@ -260,8 +254,8 @@ def _read_json_array(path):
         yield first, start, seek(end)[1] - start, obj
         sep = _NEXT.match(text, end)
         if sep is None:
-            raise DataError(f"{path}:{seek(_WS.match(text, end).end())[0]}: malformed JSON: expected ',' or ']' "
-                            "after a record")
+            line = seek(_WS.match(text, end).end())[0]
+            raise DataError(f"{path}:{line}: malformed JSON: expected ',' or ']' after a record")
         pos, done = sep.end(), sep.group(1) == "]"
 
 
@@ -272,9 +266,10 @@ def repeat_indices(n, ratio, rng):
     return list(range(n)) * whole + sorted(rng.sample(range(n), extra))
 
 
-def file_fingerprint(path, chunks=64, chunk=4096):  # TODO(lead): hash with model.weights.sampled_sha1 (r13-export)
-    """Cheap content fingerprint: size, mtime and a hash of `chunks` evenly spread `chunk`-byte pieces (the
-    whole file when it is small). The index cache is keyed by it; resume compares size and hash."""
+# TODO(lead): hash with model.weights.sampled_sha1 once r13-export lands.
+def file_fingerprint(path, chunks=64, chunk=4096):
+    """Size, mtime and a hash of `chunks` evenly spread `chunk`-byte pieces (the whole file when it is small):
+    cheap on a multi-GB annotation. The index cache is keyed by it; resume compares size and hash."""
     st = os.stat(path)
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -288,8 +283,8 @@ def file_fingerprint(path, chunks=64, chunk=4096):  # TODO(lead): hash with mode
 
 
 def default_cache_dir():
-    return os.environ.get("INTERNVL_DATA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "internvl",
-                                                                 "index")
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache", "internvl", "index")
+    return os.environ.get("INTERNVL_DATA_CACHE") or home_cache
 
 
 def _exists(path, listings):
@@ -304,9 +299,6 @@ def _exists(path, listings):
     return name in names
 
 
-# ---------------------------------------------------------------------------------------------------
-# the dataset
-
 INDEX_VERSION = 1
 _COLUMNS = {"offset": np.int64, "nbytes": np.int64, "line": np.int64, "length": np.int32, "tiles": np.int32,
             "is_image": np.bool_}
@@ -315,18 +307,17 @@ _SHOWN = 50  # problems listed in the error; the rest are counted
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """Samples from several sources. After construction:
-      len(ds)                 samples per epoch after repeat ratios
-      ds.lengths[i]           tokens of sample i (numpy): exact for the text, + 256 per estimated tile, capped
-                              at max_length; never below the built sample's length
-      ds.is_image[i]          modality for the sampler (True = has images)
-      ds.tiles[i]             image tiles (0 for text-only): exact with `image_wh`, else the cap (+ thumbnail)
-      ds.source_counts        {name: {"records", "bad", "missing_images", "valid", "sampled"}}
-      ds[i]                   build_sample output + "meta" {"id", "skipped", "image_failures", "truncated"}
+      len(ds)            samples per epoch after repeat ratios
+      ds.lengths[i]      tokens of sample i (numpy): exact for the text, + 256 per estimated tile, capped at
+                         max_length; never below the built sample's length
+      ds.is_image[i]     modality for the sampler (True = has images)
+      ds.tiles[i]        image tiles (0 for text-only): exact with `image_wh`, else the cap (+ thumbnail)
+      ds.source_counts   {name: {"records", "bad", "missing_images", "valid", "sampled"}}
+      ds[i]              build_sample output + "meta" {"id", "skipped", "image_failures", "truncated"}
 
-    The index (byte offset, line, length, tiles and modality of every valid record, and every problem found) is
-    built in one pass over each file, or read from `cache_dir` where a build with the same file content, image
-    folder, tokenizer, template, system message and tile/length settings left it. `index` (ds.source_index of
-    another process) skips both.
+    The index is built in one pass over each file, or read from `cache_dir` where a build with the same file
+    content, image folder, tokenizer, template, system message and tile/length settings left it. `index`
+    (ds.source_index of another process) skips both.
     """
 
     def __init__(self, sources, tokenizer, template, system_message=None, max_num=12, max_length=None,
@@ -346,13 +337,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if len(set(names)) != len(names):
             raise DataError(f"source names must be unique, got {names}")
         self.source_index = index or [self._load_index(si, cache_dir) for si in range(len(self.sources))]
-        self.source_counts = {s.name: {"records": x["records"], "bad": x["bad"], "missing_images": x["missing_images"],
-                                       "valid": len(x["line"])} for s, x in zip(self.sources, self.source_index)}
+        self.source_counts = {s.name: {"records": x["records"], "bad": x["bad"],
+                                       "missing_images": x["missing_images"], "valid": len(x["line"])}
+                              for s, x in zip(self.sources, self.source_index)}
         self._report_problems(skip_bad_samples)
         self._repeat()
         self.stats = {"seen": 0, "image_failures": 0, "too_long": 0}
-        # Per-sample problems are logged here; train.py turns this off and reports them from the batch meta in the
-        # main process with a per-run cap (DataLoader workers restart every epoch, so a cap here is per worker).
+        # Per-sample problems are logged here; train.py turns this off and reports them from the batch meta
+        # in the main process with a per-run cap (DataLoader workers restart every epoch).
         self.log_problems = True
 
     def _repeat(self):
@@ -375,15 +367,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return self.sources[si].max_num or self.max_num
 
     def _cache_key(self, si):
-        s, tok = self.sources[si], self.tokenizer
-        h = hashlib.sha1()
-        for name in ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
-            path = os.path.join(tok.path, name)
+        s, h = self.sources[si], hashlib.sha1()
+        for name in ("tokenizer.model", "tokenizer_config.json", "added_tokens.json",
+                     "special_tokens_map.json"):
+            path = os.path.join(self.tokenizer.path, name)
             if os.path.exists(path):
                 with open(path, "rb") as f:
                     h.update(f.read())
-        key = [INDEX_VERSION, file_fingerprint(s.annotation), s.image_folder and os.path.abspath(s.image_folder),
-               h.hexdigest(), self.template.name, self.system_message, self._max_num(si), self.min_num,
+        key = [INDEX_VERSION, file_fingerprint(s.annotation),
+               s.image_folder and os.path.abspath(s.image_folder), h.hexdigest(), self.template.name,
+               self.system_message, self._max_num(si), self.min_num,
                self.image_size, self.use_thumbnail, self.max_length]
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()
 
@@ -401,10 +394,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
         x = self._scan(si)
         if path:  # written whole, then renamed: a reader never sees half a file
             info = {k: x[k] for k in ("records", "bad", "missing_images", "problems")}
+            info = np.frombuffer(json.dumps(info).encode(), np.uint8)
             tmp = f"{path}.{os.getpid()}.tmp.npz"
             try:
                 os.makedirs(cache_dir, exist_ok=True)
-                np.savez(tmp, info=np.frombuffer(json.dumps(info).encode(), np.uint8), **{c: x[c] for c in _COLUMNS})
+                np.savez(tmp, info=info, **{c: x[c] for c in _COLUMNS})
                 os.replace(tmp, path)
             except OSError as e:  # a read-only or full cache folder costs the next start time, nothing else
                 log.warning("could not cache the index of %s in %s: %s", s.annotation, cache_dir, e)
@@ -420,10 +414,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 if isinstance(rec, Exception):
                     raise rec
                 conv = parse_record(rec)
-                lost = [p for p in conv.images if not _exists(os.path.join(s.image_folder or "", p), listings)]
+                lost = [os.path.join(s.image_folder or "", p) for p in conv.images]
+                lost = [p for p in lost if not _exists(p, listings)]
                 if lost:
                     missing += 1
-                    raise SampleError(f"image file not found: {os.path.join(s.image_folder or '', lost[0])}"
+                    raise SampleError(f"image file not found: {lost[0]}"
                                       + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""))
             except SampleError as e:
                 bad += 1
@@ -448,28 +443,31 @@ class SupervisedDataset(torch.utils.data.Dataset):
         shown = "\n  ".join(problems[:_SHOWN])
         more = f"\n  ... and {bad - _SHOWN} more" if bad > _SHOWN else ""
         if not skip_bad_samples:
-            raise DataError(f"{bad} bad sample(s) (use --skip-bad-samples to skip them){summary}:\n  {shown}{more}")
+            raise DataError(f"{bad} bad sample(s) (use --skip-bad-samples to skip them){summary}:\n  "
+                            f"{shown}{more}")
         log.warning("skipping %d bad samples%s:\n  %s%s", bad, summary, shown, more)
-        log.warning("skipped %d bad samples: %s", bad, {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
+        log.warning("skipped %d bad samples: %s", bad,
+                    {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
 
     def _estimate(self, si, conv, rec):
-        """(tokens, tiles): the exact token count of the text + 256 per tile (+ <img></img>), capped at
-        max_length; tiles exact when `image_wh` is given, else the cap (+ thumbnail) per image, an upper bound.
-        So the estimate is never below the built sample's length."""
+        """(tokens, tiles): the exact token count of the text + 256 per tile, capped at max_length. Tiles are
+        exact when the record gives `image_wh`, else the cap (+ thumbnail) per image: an upper bound, so the
+        estimate is never below the built sample's length (packing budgets rely on it)."""
         tiles = 0
         if conv.images:
-            cap = self._max_num(si) if len(conv.images) == 1 else max(1, self._max_num(si) // len(conv.images))
+            n_images = len(conv.images)
+            cap = self._max_num(si) if n_images == 1 else max(1, self._max_num(si) // n_images)
             wh = rec.get("image_wh")
             if isinstance(wh, list) and wh and isinstance(wh[0], (int, float)):
                 wh = [wh]  # XTuner writes [W, H] for one image
-            if (isinstance(wh, list) and len(wh) == len(conv.images)
-                    and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
-                            for p in wh)):
-                for w, h in wh:  # num_tiles per distinct (size, cap), memoised: it builds the grid list each call
-                    key = (w, h, cap)
-                    if key not in self._tiles_memo:
-                        self._tiles_memo[key] = num_tiles(w, h, self.min_num, cap, self.image_size, self.use_thumbnail)
-                    tiles += self._tiles_memo[key]
+            if isinstance(wh, list) and len(wh) == len(conv.images) and all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
+                    for p in wh):
+                for w, h in wh:  # memoised: num_tiles builds the grid list on every call
+                    if (w, h, cap) not in self._tiles_memo:
+                        self._tiles_memo[w, h, cap] = num_tiles(w, h, self.min_num, cap, self.image_size,
+                                                                self.use_thumbnail)
+                    tiles += self._tiles_memo[w, h, cap]
             else:
                 tiles = len(conv.images) * (cap + (1 if self.use_thumbnail and cap > 1 else 0))
         text, _ = conversation_text(conv, self.template, [0] * len(conv.images), self.system_message)
@@ -477,7 +475,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return (n if self.max_length is None else min(n, self.max_length)), tiles
 
     def set_epoch(self, epoch):
-        """The epoch seeds the JPEG augmentation (data_augment); call it before the epoch's DataLoader forks."""
+        """The epoch seeds the JPEG augmentation (data_augment): call it before the DataLoader forks."""
         self.epoch = epoch
 
     def __len__(self):
@@ -497,23 +495,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
         try:
             return json.loads(raw)
         except ValueError:
-            raise DataError(f"{s.annotation}:{x['line'][k]}: the record no longer reads as JSON: the file changed "
-                            f"after its index was built") from None
+            raise DataError(f"{s.annotation}:{x['line'][k]}: the record no longer reads as JSON: the file "
+                            f"changed after its index was built") from None
 
     def build(self, i):
         """build_sample for dataset index i (may raise ImageLoadError / SampleTooLong)."""
         si = self.index[i][0]
         s, rec = self.sources[si], self.record(i)
         images = None
-        conv_images = rec.get("image")
-        if s.data_augment and conv_images:  # official train-time JPEG re-encode; differs per epoch, seeded
-            paths = [conv_images] if isinstance(conv_images, str) else conv_images
+        if s.data_augment and rec.get("image"):  # the official JPEG re-encode; seeded, new every epoch
+            paths = [rec["image"]] if isinstance(rec["image"], str) else rec["image"]
             rng = random.Random(f"{self.seed}/augment/{self.epoch}/{i}")
-            images = [jpeg_degrade(load_image(p if s.image_folder is None else os.path.join(s.image_folder, p)), rng)
-                      for p in paths]
-        return build_sample(rec, self.tokenizer, self.template, s.image_folder, self._max_num(si), self.max_length,
-                            self.system_message, min_num=self.min_num, image_size=self.image_size,
-                            use_thumbnail=self.use_thumbnail, images=images)
+            images = [jpeg_degrade(load_image(os.path.join(s.image_folder or "", p)), rng) for p in paths]
+        return build_sample(rec, self.tokenizer, self.template, s.image_folder, self._max_num(si),
+                            self.max_length, self.system_message, min_num=self.min_num,
+                            image_size=self.image_size, use_thumbnail=self.use_thumbnail, images=images)
 
     def _replacement(self, i, failed, attempt):
         """A seeded sample of the same modality, no longer and with no more tiles than sample i when there is
@@ -544,8 +540,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             failed.add(j)  # a seeded replacement of the same modality keeps the batch's shape, reproducibly
             j = self._replacement(i, failed, attempt)
         else:
-            raise RuntimeError(f"sample {self.sample_id(i)}: {self.max_replacements} replacements failed too; "
-                               f"last problems: {skipped[-3:]}")
+            raise RuntimeError(f"sample {self.sample_id(i)}: {self.max_replacements} replacements failed "
+                               f"too; last problems: {skipped[-3:]}")
         sample["meta"] = {"id": self.sample_id(j), "skipped": skipped, "image_failures": image_failures,
                           "truncated": sample.pop("truncated")}
         return sample
@@ -555,6 +551,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.stats["image_failures"] += 1
         limit = max(self.image_failure_grace, self.max_image_failure_rate * self.stats["seen"])
         if self.stats["image_failures"] > limit:
-            raise RuntimeError(f"too many unreadable images: {self.stats['image_failures']} of {self.stats['seen']} "
-                               f"samples seen in this process (limit {self.max_image_failure_rate:.1%}, grace "
-                               f"{self.image_failure_grace}); last: {e}") from e
+            raise RuntimeError(f"too many unreadable images: {self.stats['image_failures']} of "
+                               f"{self.stats['seen']} samples seen in this process (limit "
+                               f"{self.max_image_failure_rate:.1%}, grace {self.image_failure_grace}); "
+                               f"last: {e}") from e
