@@ -25,8 +25,8 @@ import sentencepiece as spm
 SPIECE_UNDERLINE = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _WORD = re.compile(f"{SPIECE_UNDERLINE}*[^{SPIECE_UNDERLINE}]+|{SPIECE_UNDERLINE}+")  # '▁'-led words
-# A second normalizer_spec (field 3) holding add_dummy_prefix (field 3) = 0, appended to a model proto, switches
-# the dummy prefix off as transformers does for legacy=False: protobuf merges repeated message fields.
+# A second normalizer_spec (field 3) holding add_dummy_prefix (field 3) = 0, appended to a model proto,
+# switches the dummy prefix off as transformers does for legacy=False: protobuf merges repeated fields.
 _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 
 # The InternVL tokens the rest of the toolkit asks for by name.
@@ -71,7 +71,8 @@ def read_added_tokens(path):
     """{content: AddedToken} from a checkpoint's tokenizer files, as the slow tokenizer reads them:
     tokenizer_config.json's added_tokens_decoder (with strip flags) wins over added_tokens.json."""
     added = {}
-    for idx, spec in _read_json(os.path.join(path, "tokenizer_config.json")).get("added_tokens_decoder", {}).items():
+    decoder = _read_json(os.path.join(path, "tokenizer_config.json")).get("added_tokens_decoder", {})
+    for idx, spec in decoder.items():
         added[spec["content"]] = AddedToken(spec["content"], int(idx), bool(spec.get("lstrip", False)),
                                             bool(spec.get("rstrip", False)), bool(spec.get("special", True)))
     for content, idx in _read_json(os.path.join(path, "added_tokens.json")).items():
@@ -87,9 +88,9 @@ def _split_pattern(tokens):
     if not tokens:
         return None
     first = "".join(sorted({re.escape(t[0]) for t in tokens}))  # a fast skip over text no token starts in
-    return re.compile(f"(?=[{first}])(?:" + "|".join(
-        f"((?:{re.escape(t)})+)" if not any(o != t and o.startswith(t) for o in tokens) else f"({re.escape(t)})"
-        for t in tokens) + ")")
+    alternatives = [f"({re.escape(t)})" if any(o != t and o.startswith(t) for o in tokens)
+                    else f"((?:{re.escape(t)})+)" for t in tokens]
+    return re.compile(f"(?=[{first}])(?:" + "|".join(alternatives) + ")")
 
 
 class Tokenizer:
@@ -142,10 +143,10 @@ class Tokenizer:
         # count_tokens: when no piece joins a character to a following '▁', the pieces of a text are those of
         # its '▁'-led words taken one at a time, so each distinct word needs encoding only once.
         self._dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith(SPIECE_UNDERLINE)
-        self._separable = not any(re.search(f"[^{SPIECE_UNDERLINE}]{SPIECE_UNDERLINE}", self.sp.id_to_piece(i))
-                                  for i in range(self.sp_vocab_size))
-        raw = spm.SentencePieceProcessor(model_proto=proto + _NO_DUMMY_PREFIX) if self._dummy_prefix else self.sp
-        self._piece_counts = _PieceCounts(raw)
+        joins = re.compile(f"[^{SPIECE_UNDERLINE}]{SPIECE_UNDERLINE}")
+        self._separable = not any(joins.search(self.sp.id_to_piece(i)) for i in range(self.sp_vocab_size))
+        raw = spm.SentencePieceProcessor(model_proto=proto + _NO_DUMMY_PREFIX) if self._dummy_prefix else None
+        self._piece_counts = _PieceCounts(raw or self.sp)
 
     def _read_special_tokens(self, config, special_map):
         """bos/eos/unk/pad and the additional special tokens (tokenizer_config wins over special_tokens_map);
@@ -158,10 +159,9 @@ class Tokenizer:
         self.unk_token, self.pad_token = special("unk_token") or "<unk>", special("pad_token")
         extra = config.get("additional_special_tokens", special_map.get("additional_special_tokens", []))
         self.additional_special_tokens = [_content(t) for t in extra]
-        self.all_special_tokens = []
-        for t in [self.bos_token, self.eos_token, self.unk_token, self.pad_token] + self.additional_special_tokens:
-            if t is not None and t not in self.all_special_tokens:
-                self.all_special_tokens.append(t)
+        named = [self.bos_token, self.eos_token, self.unk_token, self.pad_token]
+        named += self.additional_special_tokens
+        self.all_special_tokens = list(dict.fromkeys(t for t in named if t is not None))
         for t in self.all_special_tokens:
             if t not in self.added:
                 pid = self.sp.piece_to_id(t)
@@ -284,9 +284,10 @@ class Tokenizer:
             if is_added:
                 n += 1
             else:
-                chunk = (SPIECE_UNDERLINE if self._dummy_prefix else "") + chunk.replace(" ", SPIECE_UNDERLINE)
-                n += sum(map(self._piece_counts.__getitem__, _WORD.findall(chunk)))
-        if self.prefix_space and len(parts) > 1 and not parts[0][2]:  # as tokenize(): a lone '▁' before a special
+                words = _WORD.findall((SPIECE_UNDERLINE if self._dummy_prefix else "")
+                                      + chunk.replace(" ", SPIECE_UNDERLINE))
+                n += sum(map(self._piece_counts.__getitem__, words))
+        if self.prefix_space and len(parts) > 1 and not parts[0][2]:  # tokenize() drops a '▁' before specials
             first = self._sp_pieces(parts[0][0])
             nxt = first[1] if len(first) > 1 else (parts[1][0] if parts[1][2] else None)
             n -= first[0] == SPIECE_UNDERLINE and nxt in self.all_special_tokens
@@ -300,9 +301,6 @@ class Tokenizer:
             return [self.bos_id] + ids, [-1] + starts
         return ids, starts
 
-    def __call__(self, text):  # len(tok(x)) in the official label code counts BOS
-        return self.encode(text)
-
     # ---- decoding (transformers' _decode + the class's convert_tokens_to_string)
     def decode(self, ids, skip_special_tokens=True):
         if hasattr(ids, "tolist"):
@@ -313,51 +311,40 @@ class Tokenizer:
         verbatim = {t for t in self.added if t not in self.all_special_tokens}
         verbatim |= {t for t in self.additional_special_tokens if self.added[t].id >= self.sp_vocab_size}
         texts, run = [], []
-        for tok in tokens:
-            if tok in verbatim:
-                if run:
-                    s = self._tokens_to_string(run)
-                    if s:
-                        texts.append(s)
-                    run = []
-                texts.append(tok)
-            else:
+        for tok in tokens + [None]:
+            if tok is not None and tok not in verbatim:
                 run.append(tok)
-        if run:
-            texts.append(self._tokens_to_string(run))
+                continue
+            if run:
+                text = self._tokens_to_string(run)
+                if text or tok is None:
+                    texts.append(text)
+                run = []
+            if tok is not None:
+                texts.append(tok)
         return (" " if self.spaces_between_special_tokens else "").join(texts)
 
     def _tokens_to_string(self, tokens):
+        """sentencepiece decodes the runs between special tokens; the spaces around those follow each class.
+        (InternLM2's _maybe_add_prefix_space always prepends " ", comparing a string to a set of ints, and its
+        convert_tokens_to_string returns out_string[1:]: the two cancel.)"""
+        llama, tokens = self.style == "llama", list(tokens)
+        if self.prefix_space and self.add_prefix_space and tokens[0].startswith(SPIECE_UNDERLINE):
+            tokens[0] = tokens[0][1:]
         out, run, prev_special = "", [], False
-        if self.style == "llama":
-            tokens = list(tokens)
-            if not self.legacy and self.add_prefix_space and tokens[0].startswith(SPIECE_UNDERLINE):
-                tokens[0] = tokens[0][1:]
-            for i, tok in enumerate(tokens):
-                if tok in self.all_special_tokens:
-                    if not prev_special and i != 0 and self.legacy:
-                        out += " "
-                    out += self.sp.decode(run) + tok
-                    prev_special, run = True, []
-                else:
-                    if prev_special and i == 1 and self.add_prefix_space and not tok.startswith(SPIECE_UNDERLINE):
-                        out += " "
-                    run.append(tok)
-                    prev_special = False
-            return out + self.sp.decode(run)
-        for tok in tokens:  # InternLM2Tokenizer.convert_tokens_to_string
+        for i, tok in enumerate(tokens):
             if tok in self.all_special_tokens:
-                if not prev_special:
+                if not prev_special and self.legacy and (i != 0 or not llama):
                     out += " "
                 out += self.sp.decode(run) + tok
                 prev_special, run = True, []
             else:
+                if (llama and prev_special and i == 1 and self.add_prefix_space
+                        and not tok.startswith(SPIECE_UNDERLINE)):
+                    out += " "
                 run.append(tok)
                 prev_special = False
-        out += self.sp.decode(run)
-        # its _maybe_add_prefix_space always prepends " " (it compares a string to a set of ints),
-        # and the method returns out_string[1:]: the two cancel.
-        return out
+        return out + self.sp.decode(run)
 
 
 def load_tokenizer(path):
