@@ -38,8 +38,8 @@ class Template:
 TEMPLATES = {
     "internlm2-chat": Template("internlm2-chat", "<|im_start|>system\n{system_message}", "<|im_start|>user\n",
                                "<|im_start|>assistant\n", "<|im_end|>", strip_messages=True),
-    "phi3-chat": Template("phi3-chat", "<|system|>\n{system_message}", "<|user|>\n", "<|assistant|>\n", "<|end|>",
-                          strip_messages=False, never_supervised=("<|endoftext|>",)),
+    "phi3-chat": Template("phi3-chat", "<|system|>\n{system_message}", "<|user|>\n", "<|assistant|>\n",
+                          "<|end|>", strip_messages=False, never_supervised=("<|endoftext|>",)),
 }
 
 
@@ -65,7 +65,8 @@ def directory_system_message(model_dir, template):
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Conversation":
+        name = isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+        if name == "Conversation":
             kw = {k.arg: k.value for k in node.keywords}
             try:
                 if ast.literal_eval(kw["name"]) == template and "system_message" in kw:
@@ -113,7 +114,8 @@ def net_labels(template, tokenizer, ids, starts, spans):
     """Supervise every token that starts inside an answer + terminator span; all else is IGNORE_INDEX.
 
     The official code counts the tokens of separately tokenized fragments instead; where a word tokenizes
-    differently alone (InternLM2's dummy prefix) that shifts or masks whole samples (tests/official_labels.py)."""
+    differently alone (InternLM2's dummy prefix) that shifts or masks whole samples
+    (tests/official_labels.py)."""
     t = get_template(template)
     never = {tokenizer.convert_tokens_to_ids(x) for x in t.never_supervised}
     labels, k = [IGNORE_INDEX] * len(ids), 0

@@ -254,14 +254,8 @@ class Tokenizer:
         extra = sum(lens) - len(raw)  # the dummy prefix, when the model adds one
         if extra not in (0, 1):
             raise ValueError(f"cannot align sentencepiece pieces with the text {chunk[:40]!r}")
-        char_at = [0] * (len(raw) + 1)  # byte offset -> char offset
-        b = 0
-        for ci, ch in enumerate(chunk):
-            n = len(ch.encode("utf-8"))
-            for k in range(n):
-                char_at[b + k] = ci
-            b += n
-        char_at[len(raw)] = len(chunk)
+        # byte offset -> char offset
+        char_at = [ci for ci, ch in enumerate(chunk) for _ in range(len(ch.encode("utf-8")))] + [len(chunk)]
         offsets, pos = [], -extra
         for n in lens:
             offsets.append(char_at[max(pos, 0)])
