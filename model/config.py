@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 # Official LLM class name -> decoder family. Anything else is refused with a clear error.
 LLM_FAMILIES = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3"}
 FAMILY_ARCHITECTURE = {v: k for k, v in LLM_FAMILIES.items()}
-TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat"}
+TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat"}  # family -> chat template (data/templates.py)
 
 
 @dataclass
@@ -190,18 +190,19 @@ _VIT_6B = VisionConfig(hidden_size=3200, num_layers=45, num_heads=25, intermedia
                        norm_type="rms_norm", qk_normalization=True, qkv_bias=False, initializer_factor=0.1)
 
 # April-2024 Phi-3-mini-128k LongRoPE factors. A loaded checkpoint always uses its own config values.
-_PHI3_LONG = [1.0299999713897705, 1.0499999523162842, 1.0499999523162842, 1.0799999237060547, 1.2299998998641968,
-              1.2299998998641968, 1.2999999523162842, 1.4499999284744263, 1.5999999046325684, 1.6499998569488525,
-              1.8999998569488525, 2.859999895095825, 3.68999981880188, 5.419999599456787, 5.489999771118164,
-              5.489999771118164, 9.09000015258789, 11.579999923706055, 15.65999984741211, 15.769999504089355,
-              15.789999961853027, 18.360000610351562, 21.989999771118164, 23.079999923706055, 30.009998321533203,
-              32.35000228881836, 32.590003967285156, 35.56000518798828, 39.95000457763672, 53.840003967285156,
-              56.20000457763672, 57.95000457763672, 59.29000473022461, 59.77000427246094, 59.920005798339844,
-              61.190006256103516, 61.96000671386719, 62.50000762939453, 63.3700065612793, 63.48000717163086,
-              63.48000717163086, 63.66000747680664, 63.850006103515625, 64.08000946044922, 64.760009765625,
-              64.80001068115234, 64.81001281738281, 64.81001281738281]
-_PHI3_SHORT = ([1.05] * 3 + [1.1] * 2 + [1.15, 1.2, 1.25, 1.3, 1.35, 1.5] + [2.0] * 21 + [2.05] * 3 + [2.1] * 3
-               + [2.15] * 2 + [2.35, 2.55] + [2.6] * 2 + [2.75] + [2.85] * 2 + [2.95])
+_PHI3_LONG = [1.0299999713897705, 1.0499999523162842, 1.0499999523162842, 1.0799999237060547,
+              1.2299998998641968, 1.2299998998641968, 1.2999999523162842, 1.4499999284744263,
+              1.5999999046325684, 1.6499998569488525, 1.8999998569488525, 2.859999895095825, 3.68999981880188,
+              5.419999599456787, 5.489999771118164, 5.489999771118164, 9.09000015258789, 11.579999923706055,
+              15.65999984741211, 15.769999504089355, 15.789999961853027, 18.360000610351562,
+              21.989999771118164, 23.079999923706055, 30.009998321533203, 32.35000228881836,
+              32.590003967285156, 35.56000518798828, 39.95000457763672, 53.840003967285156, 56.20000457763672,
+              57.95000457763672, 59.29000473022461, 59.77000427246094, 59.920005798339844, 61.190006256103516,
+              61.96000671386719, 62.50000762939453, 63.3700065612793, 63.48000717163086, 63.48000717163086,
+              63.66000747680664, 63.850006103515625, 64.08000946044922, 64.760009765625, 64.80001068115234,
+              64.81001281738281, 64.81001281738281]
+_PHI3_SHORT = ([1.05] * 3 + [1.1] * 2 + [1.15, 1.2, 1.25, 1.3, 1.35, 1.5] + [2.0] * 21 + [2.05] * 3
+               + [2.1] * 3 + [2.15] * 2 + [2.35, 2.55] + [2.6] * 2 + [2.75] + [2.85] * 2 + [2.95])
 
 PRESETS: dict[str, InternVLConfig] = {
     "2b": InternVLConfig(
@@ -223,18 +224,18 @@ PRESETS: dict[str, InternVLConfig] = {
                       rope_scaling={"type": "dynamic", "factor": 3.0}, max_position_embeddings=32768)),
     # Same shapes as the test fixtures: fast on a CPU, every code path of the 26B (rms_norm + q/k norm, GQA).
     "tiny": InternVLConfig(
-        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, norm_type="rms_norm",
-                            qk_normalization=True, qkv_bias=False, initializer_factor=0.1),
-        llm=LLMConfig(family="internlm2", vocab_size=521, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=128, rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 2.0}),
+        vision=replace(_VIT_6B, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
+        llm=LLMConfig(family="internlm2", vocab_size=521, hidden_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, intermediate_size=128, rope_theta=1e6,
+                      rope_scaling={"type": "dynamic", "factor": 2.0}),
         max_dynamic_patch=6),
     # The demo base (demo.py): the 2B's family (InternViT-300M style ViT, InternLM2), tiny; its vocab_size is
     # set to the size of the tokenizer it is trained with.
     "demo": InternVLConfig(
         vision=replace(_VIT_300M, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
-        llm=LLMConfig(family="internlm2", vocab_size=0, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=256, rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 2.0},
-                      max_position_embeddings=32768)),
+        llm=LLMConfig(family="internlm2", vocab_size=0, hidden_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, intermediate_size=256, rope_theta=1e6,
+                      rope_scaling={"type": "dynamic", "factor": 2.0})),
 }
 
 

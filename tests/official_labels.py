@@ -1,8 +1,8 @@
 """The official fragment-count label procedure, for the parity tests only.
 
-The official preprocess_internlm / preprocess_phi3 (commit 2410d1d) derive labels from the lengths of separately
-tokenized prompt fragments. Training uses the net rule (data.templates.net_labels); these tests check that the two
-agree wherever the official code is self-consistent, and show where it is not.
+The official preprocess_internlm / preprocess_phi3 (commit 2410d1d) derive labels from the lengths of
+separately tokenized prompt fragments. Training uses the net rule (data.templates.net_labels); the tests check
+that the two agree wherever the official code is self-consistent, and show where it is not.
 """
 from data.dataset import conversation_text, parse_record
 from data.templates import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, get_template
@@ -67,7 +67,7 @@ def official_labels(template, tokenizer, text, ids):
 
 
 def sample_official_labels(record, sample, tokenizer, template, system_message=DEFAULT_SYSTEM_MESSAGE):
-    """(labels, consistent) of the official procedure for a build_sample output of `record` (at most one image)."""
+    """(labels, consistent) of the official procedure for build_sample's output for `record` (<= 1 image)."""
     conv = parse_record(record)
     tiles = [len(sample["pixel_values"])] if conv.images else []
     text, _ = conversation_text(conv, template, tiles, system_message)
