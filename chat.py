@@ -12,7 +12,6 @@ front of the first question when it has none; generation stops only at the templ
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -22,8 +21,9 @@ import torch
 
 from data.dataset import SampleError, parse_record, read_annotation
 from data.images import ImageLoadError, dynamic_preprocess, load_image, to_tensor
-from data.templates import DEFAULT_SYSTEM_MESSAGE, generation_prompt, get_template
-from data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
+from data.templates import (directory_system_message, generation_prompt, get_template,  # noqa: F401 (re-export)
+                            image_tokens, resolve_system_message)
+from data.tokenizer import load_tokenizer
 from model import load_pretrained
 from model.config import InternVLConfig
 from model.weights import DTYPES
@@ -41,36 +41,6 @@ def image_to_pixel_values(image, config: InternVLConfig, max_num: int | None = N
     return to_tensor(tiles, size)
 
 
-def directory_system_message(model_dir: str, template: str) -> str | None:
-    """The system message the directory's own remote code registers for `template` in its conversation.py (the
-    released checkpoints ship the release-era one), or None. Read with ast, never executed."""
-    path = os.path.join(model_dir, "conversation.py")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), path)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Conversation":
-            kw = {k.arg: k.value for k in node.keywords}
-            try:
-                if ast.literal_eval(kw["name"]) == template and "system_message" in kw:
-                    return ast.literal_eval(kw["system_message"])
-            except (KeyError, ValueError):
-                continue
-    return None
-
-
-def resolve_system_message(config: InternVLConfig, override: str | None = None, model_dir: str | None = None) -> str:
-    """As the official chat (SPEC §6.3): --system-message, else config.json's system_message, else the template
-    default of the directory's conversation.py, else the data pipeline's default."""
-    if override is not None:
-        return override
-    if config.system_message is not None:
-        return config.system_message
-    found = directory_system_message(model_dir, config.template) if model_dir else None
-    return found if found is not None else DEFAULT_SYSTEM_MESSAGE
-
-
 def build_prompt(tokenizer, config: InternVLConfig, question: str, history=(), num_patches_list=(),
                  system_message: str | None = None) -> tuple[str, list[int]]:
     """(question as kept in the history, prompt ids with BOS) exactly as the official chat builds them.
@@ -83,7 +53,7 @@ def build_prompt(tokenizer, config: InternVLConfig, question: str, history=(), n
         raise ValueError(f"the prompt has {n_tags} {IMAGE_TAG} tag(s) but {len(num_patches_list)} image(s) were "
                          f"given{' (pass --image)' if not num_patches_list else ''}")
     for n in num_patches_list:
-        query = query.replace(IMAGE_TAG, IMG_START + IMG_CONTEXT * (config.num_image_token * n) + IMG_END, 1)
+        query = query.replace(IMAGE_TAG, image_tokens(n, config.num_image_token), 1)
     return question, tokenizer.encode(query)
 
 

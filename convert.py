@@ -245,8 +245,8 @@ def check_against_base(out_dir: str, base: str, dtype: torch.dtype) -> int:
 
 def training_system_message(meta: dict) -> str:
     """The system message training rendered every sample with: the base config's, else the data default."""
-    from data import DEFAULT_SYSTEM_MESSAGE
-    return meta["system_message"] if meta.get("system_message") is not None else DEFAULT_SYSTEM_MESSAGE
+    from data.templates import resolve_system_message
+    return resolve_system_message(override=meta.get("system_message"))
 
 
 def write_config(out_dir: str, base: str, dtype: torch.dtype, system_message: str) -> None:
@@ -302,7 +302,7 @@ def check_sample(base: str, config) -> dict:
                                  "gradient."}]}
     return build_sample(record, load_tokenizer(base), config.template, max_num=config.max_dynamic_patch,
                         system_message=config.system_message, images=[check_image()],
-                        use_thumbnail=config.use_thumbnail, check_labels=False)
+                        use_thumbnail=config.use_thumbnail)
 
 
 def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, device, nf4: bool = False,

@@ -154,7 +154,7 @@ def fill_defaults(args):
 
 def use_demo(args):
     """No model and no data: rank 0 writes the demo base and data, and the options point at them."""
-    from data.demo import make_demo
+    from demo import make_demo
     args.output_dir = args.output_dir or os.path.join("runs", "demo")
     root = os.path.join(args.output_dir, "demo")
     if int(os.environ.get("RANK", "0")) == 0:
@@ -181,8 +181,8 @@ def read_model_config(args):
         config = _wait_for(lambda: load_config(args.model_path))
     else:
         config = load_config(args.model_path)
-    if args.system_message is not None:
-        config.system_message = args.system_message
+    from data.templates import resolve_system_message
+    config.system_message = resolve_system_message(config, args.system_message)
     found = checkpoint_size(config)
     if args.size not in (None, found):
         raise ValueError(f"--size {args.size} but {args.model_path} has the {found} architecture (LLM "

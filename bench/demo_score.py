@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from chat import chat, image_to_pixel_values  # noqa: E402
-from data.demo import COLOURS, POSITIONS, SHAPES, draw  # noqa: E402
+from demo import COLOURS, POSITIONS, SHAPES, draw  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from model import load_pretrained  # noqa: E402
 

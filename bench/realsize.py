@@ -35,7 +35,7 @@ def write_checkpoint(out: str, size: str, shard_bytes: int = 2 * GIB, seed: int 
 
     import torch
 
-    from data.demo import random_tensor
+    from demo import random_tensor
     from model import build_model, preset
     from model.weights import SafetensorsWriter, to_official_name, to_official_tensor
     config = preset(size)
@@ -75,7 +75,7 @@ def write_tokenizer(out: str, family: str, img_context_id: int) -> None:
     id the model can produce decodes."""
     import shutil
 
-    from data.demo import _piece_message, _varint
+    from demo import _piece_message, _varint
     fixture = os.path.join(ROOT, "tests", "fixtures", family)
     for name in TOKENIZER_FILES:
         shutil.copy(os.path.join(fixture, name), out)

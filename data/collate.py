@@ -1,15 +1,10 @@
-"""Batch samples (official concat_pad_data_collator semantics, SPEC §7.5).
+"""Batch samples with the official concat_pad_data_collator semantics.
 
-Right padding: input_ids with 0 (the official pad id here, not the tokenizer's pad), labels with
--100, position_ids 0..n-1 per sample and 0 on pads. attention_mask comes from the lengths rather
-than `input_ids != 0`, so a genuine id 0 (<unk>) inside a sample is still attended to. Tiles of the
-batch are concatenated in sample order, and so are image_flags.
-
-The keys input_ids, labels, attention_mask, position_ids, pixel_values, image_flags are exactly the
-model's forward arguments; "meta" (pop it before the forward) carries per-batch bookkeeping:
-ids ("source:line" per sample), skipped (problems that made the dataset replace a sample), image_failures
-(how many of those were unreadable images), num_samples, num_tokens, num_supervised, label_mismatches (with
-label_mismatch_ids), truncated.
+input_ids are padded on the right with 0 (the official pad id here, not the tokenizer's), labels with -100.
+attention_mask comes from the lengths rather than `input_ids != 0`, so a genuine id 0 (<unk>) inside a sample
+is still attended to. The keys are the model's forward arguments plus "meta" (pop it before the forward):
+ids ("source:line" per sample), skipped (problems that made the dataset replace a sample), image_failures,
+num_samples, num_tokens, num_supervised (the loss denominator), truncated.
 """
 import torch
 
@@ -49,7 +44,5 @@ def batch_meta(samples, labels):
         "num_tokens": sum(len(s["input_ids"]) for s in samples),
         "num_supervised": int(target_mask(labels).sum()),  # the loss's count
         "image_failures": sum(m.get("image_failures", 0) for m in metas),
-        "label_mismatches": sum(1 for m in metas if m.get("labels_match_official") is False),
-        "label_mismatch_ids": [m.get("id") for m in metas if m.get("labels_match_official") is False],
         "truncated": sum(1 for m in metas if m.get("truncated")),
     }

@@ -1,13 +1,10 @@
-"""LLaVA-format annotations -> training samples (token-exact with the official InternVL 1.5 pipeline).
+"""LLaVA-format annotations -> training samples, token-exact with the official InternVL 1.5 pipeline.
 
-- `build_sample`: one record -> input_ids, labels, pixel_values, image_flags (SPEC §5, §6, §7).
-- `Source`, `read_meta_file`: annotation files (.json array or .jsonl) with an image folder, a repeat
-  ratio and an optional per-source tile cap; the official meta file is accepted too.
-- `SupervisedDataset`: validates every record and checks its image files when it is built (problems
-  reported together, with file:line), keeps an index (byte offsets, lines, lengths; cached on disk)
-  rather than the records, realises the repeat ratios with a seed, and in __getitem__ reads and parses
-  the record and turns a missing/corrupt image or an over-long sample into a counted, logged skip (a
-  seeded replacement of the same modality takes the slot), aborting past a failure threshold.
+`build_sample` turns one record into input_ids, labels, pixel_values and image_flags. `SupervisedDataset`
+checks every record and image file up front (all problems reported together, with file:line), keeps only an
+index of the records (byte offsets, lines, length estimates; cached on disk) and reads a record when it is
+needed. A missing or corrupt image or an over-long sample then becomes a counted, logged skip: a seeded
+replacement of the same modality takes its slot, so batches keep their shape reproducibly.
 """
 import hashlib
 import json
@@ -15,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +22,11 @@ from model.loss import target_mask
 
 from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, images_to_pixel_values, jpeg_degrade,
                      load_image, num_tiles)
-from .templates import DEFAULT_SYSTEM_MESSAGE, get_template, net_labels, official_labels, render
-from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+from .templates import (NUM_IMAGE_TOKENS, get_template, image_tokens, net_labels, render,
+                        resolve_system_message)
 
 log = logging.getLogger("data")
 
-NUM_IMAGE_TOKENS = 256  # per 448px tile after pixel shuffle (downsample 0.5)
 IMAGE_TAG = "<image>"
 ROLES = ("human", "gpt")
 
@@ -44,10 +41,6 @@ class SampleTooLong(SampleError):
 
 class DataError(ValueError):
     """Problems found while building the dataset (all of them, with file:line)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# one record
 
 
 @dataclass
@@ -78,7 +71,8 @@ def parse_record(record):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise SampleError(f"conversations[{k}] must be an object with 'from' and 'value'")
         if turn["from"] not in ROLES:
-            raise SampleError(f"conversations[{k}]: unknown role {turn['from']!r} (expected 'human' or 'gpt')")
+            raise SampleError(f"conversations[{k}]: unknown role {turn['from']!r} "
+                              "(expected 'human' or 'gpt')")
         if not isinstance(turn["value"], str):
             raise SampleError(f"conversations[{k}]: 'value' must be a string")
         if not turn["value"].strip():
@@ -87,8 +81,8 @@ def parse_record(record):
     rest = convs[first:]
     for k, turn in enumerate(rest):
         if turn["from"] != ROLES[k % 2]:
-            raise SampleError(f"conversations[{first + k}]: expected role {ROLES[k % 2]!r}, got {turn['from']!r} "
-                              "(turns must alternate human/gpt)")
+            raise SampleError(f"conversations[{first + k}]: expected role {ROLES[k % 2]!r}, got "
+                              f"{turn['from']!r} (turns must alternate human/gpt)")
     if not any(t["from"] == "gpt" for t in rest):
         raise SampleError("no answer turn ('gpt') after a 'human' turn")
     if len(rest) % 2:
@@ -98,12 +92,9 @@ def parse_record(record):
     if tags > len(images):
         raise SampleError(f"{tags} {IMAGE_TAG} tags but {len(images)} image(s)")
     if len(images) > 1 and tags != len(images):
-        raise SampleError(f"{len(images)} images but {tags} {IMAGE_TAG} tags (multi-image samples need one each)")
+        raise SampleError(f"{len(images)} images but {tags} {IMAGE_TAG} tags "
+                          "(multi-image samples need one each)")
     return Conversation(images, turns)
-
-
-def _image_string(n_tiles):
-    return IMG_START + IMG_CONTEXT * (NUM_IMAGE_TOKENS * n_tiles) + IMG_END
 
 
 def conversation_text(conv, template, tiles_per_image, system_message):
@@ -118,45 +109,27 @@ def conversation_text(conv, template, tiles_per_image, system_message):
     for pair in turns:  # each <image>, in order, becomes the tokens of the next image
         for side in range(2):
             while IMAGE_TAG in pair[side]:
-                pair[side] = pair[side].replace(IMAGE_TAG, _image_string(tiles_per_image[k]), 1)
+                pair[side] = pair[side].replace(IMAGE_TAG, image_tokens(tiles_per_image[k]), 1)
                 k += 1
     return render(t, [tuple(p) for p in turns], system_message)
 
 
-def build_sample(record, tokenizer, template=None, image_folder=None, max_num=12, max_length=None,
-                 system_message=None, *, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True, images=None,
-                 check_labels=True, label_rule="net"):
-    """One LLaVA record -> dict(input_ids, labels, pixel_values, image_flags, num_tiles, truncated,
-    labels_match_official). `images` (PIL) replaces loading from disk. system_message None means
-    DEFAULT_SYSTEM_MESSAGE. Raises SampleError (bad record), SampleTooLong, ImageLoadError.
-
-    Labels: label_rule "net" (default) supervises each answer + terminator. The official
-    fragment-count labels are computed alongside (check_labels) and labels_match_official says whether
-    they agree; where they do not, the official code shifts or wholly masks the labels (e.g. InternLM2
-    answers whose first word tokenizes differently behind the dummy prefix). label_rule "official"
-    returns the official labels instead, mismatches and all."""
-    if label_rule not in ("net", "official"):
-        raise ValueError(f"label_rule must be 'net' or 'official', got {label_rule!r}")
-    template = get_template(template or tokenizer.template)
-    system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max_length=None,
+                 system_message=None, *, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True, images=None):
+    """One LLaVA record -> dict(input_ids, labels, pixel_values, image_flags, truncated). `images` (PIL)
+    replaces loading from disk. Raises SampleError (bad record), SampleTooLong, ImageLoadError."""
     conv = parse_record(record)
     if conv.images:
         if images is None:
-            images = [load_image(p if image_folder is None else os.path.join(image_folder, p)) for p in conv.images]
+            images = [load_image(os.path.join(image_folder or "", p)) for p in conv.images]
         pixel_values, tiles = images_to_pixel_values(images, max_num, min_num, image_size, use_thumbnail)
         image_flags = torch.ones(len(pixel_values), dtype=torch.long)
     else:
         pixel_values, tiles = dummy_pixel_values(image_size), []
         image_flags = torch.zeros(1, dtype=torch.long)
-    text, spans = conversation_text(conv, template, tiles, system_message)
+    text, spans = conversation_text(conv, template, tiles, resolve_system_message(override=system_message))
     ids, starts = tokenizer.encode_with_offsets(text)
     labels = net_labels(template, tokenizer, ids, starts, spans)
-    match = True
-    if check_labels or label_rule == "official":  # the official fragment-count procedure, for comparison
-        official, consistent = official_labels(template, tokenizer, text, ids)
-        match = consistent and official == labels
-        if label_rule == "official":
-            labels = official
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         image_end = max((i + 1 for i, t in enumerate(ids) if t == tokenizer.img_end_id), default=0)
@@ -167,12 +140,7 @@ def build_sample(record, tokenizer, template=None, image_folder=None, max_num=12
     if not target_mask(torch.tensor(labels)).any():
         raise SampleTooLong(f"no supervised token left ({len(ids)} tokens, max_length {max_length})")
     return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
-                pixel_values=pixel_values, image_flags=image_flags, num_tiles=len(pixel_values),
-                truncated=truncated, labels_match_official=match)
-
-
-# ---------------------------------------------------------------------------------------------------
-# sources
+                pixel_values=pixel_values, image_flags=image_flags, truncated=truncated)
 
 
 @dataclass
@@ -212,20 +180,19 @@ def read_meta_file(path):
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: the meta file must map dataset names to settings")
+    known = {"root", "annotation", "repeat_time", "max_dynamic_patch", "data_augment", "length"}
+    base = os.path.dirname(os.path.abspath(path))
     sources = []
     for name, ds in meta.items():
         if not isinstance(ds, dict) or "annotation" not in ds:
             raise DataError(f"{path}: dataset {name!r} needs an 'annotation' path")
-        known = {"root", "annotation", "repeat_time", "max_dynamic_patch", "data_augment", "length"}
         unknown = set(ds) - known
         if unknown:
-            raise DataError(f"{path}: dataset {name!r} has unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        base = os.path.dirname(os.path.abspath(path))
-        ann = ds["annotation"] if os.path.isabs(ds["annotation"]) else os.path.join(base, ds["annotation"])
+            raise DataError(f"{path}: dataset {name!r} has unknown keys {sorted(unknown)} "
+                            f"(known: {sorted(known)})")
         root = ds.get("root") or None
-        if root is not None and not os.path.isabs(root):
-            root = os.path.join(base, root)
-        sources.append(Source(ann, root, float(ds.get("repeat_time", 1)), ds.get("max_dynamic_patch"),
+        sources.append(Source(os.path.join(base, ds["annotation"]), root and os.path.join(base, root),
+                              float(ds.get("repeat_time", 1)), ds.get("max_dynamic_patch"),
                               bool(ds.get("data_augment", False)), name))
     return sources
 
@@ -233,20 +200,29 @@ def read_meta_file(path):
 def read_annotation(path):
     """Yield (line, byte offset, byte length, record or SampleError) for every record of a .jsonl file or a
     .json array; line = where the record starts. A .json array that cannot be read on is a DataError."""
-    if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            offset = 0
-            for n, raw in enumerate(f, 1):
-                if raw.strip():
-                    try:
-                        rec = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        rec = SampleError(f"malformed JSON line: {e.msg} (column {e.colno})")
-                    except UnicodeDecodeError as e:
-                        rec = SampleError(f"not UTF-8: {e.reason}")
-                    yield n, offset, len(raw), rec
-                offset += len(raw)
+    if not path.endswith(".jsonl"):
+        yield from _read_json_array(path)
         return
+    with open(path, "rb") as f:
+        offset = 0
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                try:
+                    rec = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    rec = SampleError(f"malformed JSON line: {e.msg} (column {e.colno})")
+                except UnicodeDecodeError as e:
+                    rec = SampleError(f"not UTF-8: {e.reason}")
+                yield n, offset, len(raw), rec
+            offset += len(raw)
+
+
+_WS = re.compile(r"[ \t\r\n]*")  # JSON whitespace
+_NEXT = re.compile(r"[ \t\r\n]*([,\]])[ \t\r\n]*")
+
+
+def _read_json_array(path):
+    """json.load, one element at a time (raw_decode), so that each record keeps its line and byte range."""
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -255,47 +231,32 @@ def read_annotation(path):
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8: {e.reason}") from None
     del data
-    decoder = json.JSONDecoder()
-    pos, line, counted, byte, at = 0, 1, 0, 0, 0
-    ascii_only = text.isascii()
+    size = len if text.isascii() else (lambda s: len(s.encode("utf-8")))
+    line, byte, at = 1, 0, 0
 
-    def skip(p):
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
+    def seek(p):  # (line, byte offset) of char position p; positions only move forward
+        nonlocal line, byte, at
+        line, byte, at = line + text.count("\n", at, p), byte + size(text[at:p]), p
+        return line, byte
 
-    def line_at(p):
-        nonlocal line, counted
-        line += text.count("\n", counted, p)
-        counted = p
-        return line
-
-    def byte_at(p):  # char position -> byte offset, moving forward only
-        nonlocal byte, at
-        byte += (p - at) if ascii_only else len(text[at:p].encode("utf-8"))
-        at = p
-        return byte
-
-    pos = skip(pos)
+    pos = _WS.match(text).end()
     if not text.startswith("[", pos):
-        raise DataError(f"{path}:{line_at(pos)}: a .json annotation must be an array of records (or use .jsonl)")
-    pos = skip(pos + 1)
-    if text.startswith("]", pos):
-        return
-    while True:
+        raise DataError(f"{path}:{seek(pos)[0]}: a .json annotation must be an array of records "
+                        "(or use .jsonl)")
+    pos = _WS.match(text, pos + 1).end()
+    decoder, done = json.JSONDecoder(), text.startswith("]", pos)
+    while not done:
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:  # the rest of the array cannot be read: not skippable
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        start = byte_at(pos)
-        yield line_at(pos), start, byte_at(end) - start, obj
-        pos = skip(end)
-        if text.startswith(",", pos):
-            pos = skip(pos + 1)
-        elif text.startswith("]", pos):
-            return
-        else:
-            raise DataError(f"{path}:{line_at(pos)}: malformed JSON: expected ',' or ']' after a record")
+        first, start = seek(pos)
+        yield first, start, seek(end)[1] - start, obj
+        sep = _NEXT.match(text, end)
+        if sep is None:
+            line = seek(_WS.match(text, end).end())[0]
+            raise DataError(f"{path}:{line}: malformed JSON: expected ',' or ']' after a record")
+        pos, done = sep.end(), sep.group(1) == "]"
 
 
 def repeat_indices(n, ratio, rng):
@@ -305,9 +266,10 @@ def repeat_indices(n, ratio, rng):
     return list(range(n)) * whole + sorted(rng.sample(range(n), extra))
 
 
+# TODO(lead): hash with model.weights.sampled_sha1 once r13-export lands.
 def file_fingerprint(path, chunks=64, chunk=4096):
-    """Cheap content fingerprint: size, mtime and a hash of `chunks` evenly spread `chunk`-byte pieces (the
-    whole file when it is small). The index cache is keyed by it; resume compares size and hash."""
+    """Size, mtime and a hash of `chunks` evenly spread `chunk`-byte pieces (the whole file when it is small):
+    cheap on a multi-GB annotation. The index cache is keyed by it; resume compares size and hash."""
     st = os.stat(path)
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -321,8 +283,8 @@ def file_fingerprint(path, chunks=64, chunk=4096):
 
 
 def default_cache_dir():
-    return os.environ.get("INTERNVL_DATA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "internvl",
-                                                                 "index")
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache", "internvl", "index")
+    return os.environ.get("INTERNVL_DATA_CACHE") or home_cache
 
 
 def _exists(path, listings):
@@ -337,9 +299,6 @@ def _exists(path, listings):
     return name in names
 
 
-# ---------------------------------------------------------------------------------------------------
-# the dataset
-
 INDEX_VERSION = 1
 _COLUMNS = {"offset": np.int64, "nbytes": np.int64, "line": np.int64, "length": np.int32, "tiles": np.int32,
             "is_image": np.bool_}
@@ -348,47 +307,52 @@ _SHOWN = 50  # problems listed in the error; the rest are counted
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """Samples from several sources. After construction:
-      len(ds)                 samples per epoch after repeat ratios
-      ds.lengths[i]           tokens of sample i (numpy): exact for the text, + 256 per estimated tile, capped
-                              at max_length; never below the built sample's length
-      ds.is_image[i]          modality for the sampler (True = has images)
-      ds.tiles[i]             image tiles (0 for text-only): exact with `image_wh`, else the cap (+ thumbnail)
-      ds.source_counts        {name: {"records", "bad", "missing_images", "valid", "sampled"}}
-      ds[i]                   build_sample output + "meta" {"id", "skipped", "image_failures",
-                              "labels_match_official", "truncated"}
+      len(ds)            samples per epoch after repeat ratios
+      ds.lengths[i]      tokens of sample i (numpy): exact for the text, + 256 per estimated tile, capped at
+                         max_length; never below the built sample's length
+      ds.is_image[i]     modality for the sampler (True = has images)
+      ds.tiles[i]        image tiles (0 for text-only): exact with `image_wh`, else the cap (+ thumbnail)
+      ds.source_counts   {name: {"records", "bad", "missing_images", "valid", "sampled"}}
+      ds[i]              build_sample output + "meta" {"id", "skipped", "image_failures", "truncated"}
 
-    The index (byte offset, line, length, tiles and modality of every valid record, and every problem found) is
-    built in one pass over each file, or read from `cache_dir` where a build with the same file content, image
-    folder, tokenizer, template, system message and tile/length settings left it. `index` (ds.source_index of
-    another process) skips both. Records stay in the file: ds[i] reads and parses its bytes.
+    The index is built in one pass over each file, or read from `cache_dir` where a build with the same file
+    content, image folder, tokenizer, template, system message and tile/length settings left it. `index`
+    (ds.source_index of another process) skips both.
     """
 
-    def __init__(self, sources, tokenizer, template=None, system_message=None, max_num=12, max_length=None,
+    def __init__(self, sources, tokenizer, template, system_message=None, max_num=12, max_length=None,
                  min_num=1, use_thumbnail=True, image_size=IMAGE_SIZE, seed=0, skip_bad_samples=False,
-                 max_image_failure_rate=0.01, image_failure_grace=10, max_replacements=10, check_labels=True,
-                 cache_dir=None, index=None):
+                 max_image_failure_rate=0.01, image_failure_grace=10, max_replacements=10, cache_dir=None,
+                 index=None):
         self.sources = list(sources)
         self.tokenizer = tokenizer
-        self.template = get_template(template or tokenizer.template)
-        self.system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+        self.template = get_template(template)
+        self.system_message = resolve_system_message(override=system_message)
         self.max_num, self.max_length, self.min_num = max_num, max_length, min_num
         self.use_thumbnail, self.image_size, self.seed = use_thumbnail, image_size, seed
         self.max_image_failure_rate, self.image_failure_grace = max_image_failure_rate, image_failure_grace
-        self.max_replacements, self.check_labels = max_replacements, check_labels
+        self.max_replacements = max_replacements
         self.epoch, self._tiles_memo = 0, {}
-
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise DataError(f"source names must be unique, got {names}")
         self.source_index = index or [self._load_index(si, cache_dir) for si in range(len(self.sources))]
-        self.source_counts = {s.name: {"records": x["records"], "bad": x["bad"], "missing_images": x["missing_images"],
-                                       "valid": len(x["line"])} for s, x in zip(self.sources, self.source_index)}
+        self.source_counts = {s.name: {"records": x["records"], "bad": x["bad"],
+                                       "missing_images": x["missing_images"], "valid": len(x["line"])}
+                              for s, x in zip(self.sources, self.source_index)}
         self._report_problems(skip_bad_samples)
+        self._repeat()
+        self.stats = {"seen": 0, "image_failures": 0, "too_long": 0}
+        # Per-sample problems are logged here; train.py turns this off and reports them from the batch meta
+        # in the main process with a per-run cap (DataLoader workers restart every epoch).
+        self.log_problems = True
 
+    def _repeat(self):
+        """The epoch's samples: each source's valid records under its repeat ratio, seeded by source name."""
         picks = []
         for si, s in enumerate(self.sources):
             p = np.array(repeat_indices(len(self.source_index[si]["line"]), s.repeat,
-                                        random.Random(f"{seed}/{s.name}")), dtype=np.int64)
+                                        random.Random(f"{self.seed}/{s.name}")), dtype=np.int64)
             picks.append(np.stack([np.full(len(p), si), p], 1))
             self.source_counts[s.name]["sampled"] = len(p)
         self.index = np.concatenate(picks)  # rows (source, valid record)
@@ -398,24 +362,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 for c in ("length", "is_image", "tiles")}
         self.lengths, self.is_image, self.tiles = cols["length"], cols["is_image"], cols["tiles"]
         self._by_modality = {True: np.flatnonzero(self.is_image), False: np.flatnonzero(~self.is_image)}
-        self.stats = {"seen": 0, "image_failures": 0, "too_long": 0, "label_mismatches": 0}
-        # Per-sample problems are logged here; train.py turns this off and reports them from the batch meta in the
-        # main process with a per-run cap (DataLoader workers restart every epoch, so a cap here is per worker).
-        self.log_problems = True
 
     def _max_num(self, si):
         return self.sources[si].max_num or self.max_num
 
     def _cache_key(self, si):
-        s, tok = self.sources[si], self.tokenizer
-        h = hashlib.sha1()
-        for name in ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
-            path = os.path.join(tok.path, name)
+        s, h = self.sources[si], hashlib.sha1()
+        for name in ("tokenizer.model", "tokenizer_config.json", "added_tokens.json",
+                     "special_tokens_map.json"):
+            path = os.path.join(self.tokenizer.path, name)
             if os.path.exists(path):
                 with open(path, "rb") as f:
                     h.update(f.read())
-        key = [INDEX_VERSION, file_fingerprint(s.annotation), s.image_folder and os.path.abspath(s.image_folder),
-               h.hexdigest(), self.template.name, self.system_message, self._max_num(si), self.min_num,
+        key = [INDEX_VERSION, file_fingerprint(s.annotation),
+               s.image_folder and os.path.abspath(s.image_folder), h.hexdigest(), self.template.name,
+               self.system_message, self._max_num(si), self.min_num,
                self.image_size, self.use_thumbnail, self.max_length]
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()
 
@@ -433,10 +394,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
         x = self._scan(si)
         if path:  # written whole, then renamed: a reader never sees half a file
             info = {k: x[k] for k in ("records", "bad", "missing_images", "problems")}
+            info = np.frombuffer(json.dumps(info).encode(), np.uint8)
             tmp = f"{path}.{os.getpid()}.tmp.npz"
             try:
                 os.makedirs(cache_dir, exist_ok=True)
-                np.savez(tmp, info=np.frombuffer(json.dumps(info).encode(), np.uint8), **{c: x[c] for c in _COLUMNS})
+                np.savez(tmp, info=info, **{c: x[c] for c in _COLUMNS})
                 os.replace(tmp, path)
             except OSError as e:  # a read-only or full cache folder costs the next start time, nothing else
                 log.warning("could not cache the index of %s in %s: %s", s.annotation, cache_dir, e)
@@ -452,10 +414,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 if isinstance(rec, Exception):
                     raise rec
                 conv = parse_record(rec)
-                lost = [p for p in conv.images if not _exists(os.path.join(s.image_folder or "", p), listings)]
+                lost = [os.path.join(s.image_folder or "", p) for p in conv.images]
+                lost = [p for p in lost if not _exists(p, listings)]
                 if lost:
                     missing += 1
-                    raise SampleError(f"image file not found: {os.path.join(s.image_folder or '', lost[0])}"
+                    raise SampleError(f"image file not found: {lost[0]}"
                                       + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""))
             except SampleError as e:
                 bad += 1
@@ -480,28 +443,31 @@ class SupervisedDataset(torch.utils.data.Dataset):
         shown = "\n  ".join(problems[:_SHOWN])
         more = f"\n  ... and {bad - _SHOWN} more" if bad > _SHOWN else ""
         if not skip_bad_samples:
-            raise DataError(f"{bad} bad sample(s) (use --skip-bad-samples to skip them){summary}:\n  {shown}{more}")
+            raise DataError(f"{bad} bad sample(s) (use --skip-bad-samples to skip them){summary}:\n  "
+                            f"{shown}{more}")
         log.warning("skipping %d bad samples%s:\n  %s%s", bad, summary, shown, more)
-        log.warning("skipped %d bad samples: %s", bad, {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
+        log.warning("skipped %d bad samples: %s", bad,
+                    {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
 
     def _estimate(self, si, conv, rec):
-        """(tokens, tiles): the exact token count of the text + 256 per tile (+ <img></img>), capped at
-        max_length; tiles exact when `image_wh` is given, else the cap (+ thumbnail) per image, an upper bound.
-        So the estimate is never below the built sample's length."""
+        """(tokens, tiles): the exact token count of the text + 256 per tile, capped at max_length. Tiles are
+        exact when the record gives `image_wh`, else the cap (+ thumbnail) per image: an upper bound, so the
+        estimate is never below the built sample's length (packing budgets rely on it)."""
         tiles = 0
         if conv.images:
-            cap = self._max_num(si) if len(conv.images) == 1 else max(1, self._max_num(si) // len(conv.images))
+            n_images = len(conv.images)
+            cap = self._max_num(si) if n_images == 1 else max(1, self._max_num(si) // n_images)
             wh = rec.get("image_wh")
             if isinstance(wh, list) and wh and isinstance(wh[0], (int, float)):
                 wh = [wh]  # XTuner writes [W, H] for one image
-            if (isinstance(wh, list) and len(wh) == len(conv.images)
-                    and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
-                            for p in wh)):
-                for w, h in wh:  # num_tiles per distinct (size, cap), memoised: it builds the grid list each call
-                    key = (w, h, cap)
-                    if key not in self._tiles_memo:
-                        self._tiles_memo[key] = num_tiles(w, h, self.min_num, cap, self.image_size, self.use_thumbnail)
-                    tiles += self._tiles_memo[key]
+            if isinstance(wh, list) and len(wh) == len(conv.images) and all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
+                    for p in wh):
+                for w, h in wh:  # memoised: num_tiles builds the grid list on every call
+                    if (w, h, cap) not in self._tiles_memo:
+                        self._tiles_memo[w, h, cap] = num_tiles(w, h, self.min_num, cap, self.image_size,
+                                                                self.use_thumbnail)
+                    tiles += self._tiles_memo[w, h, cap]
             else:
                 tiles = len(conv.images) * (cap + (1 if self.use_thumbnail and cap > 1 else 0))
         text, _ = conversation_text(conv, self.template, [0] * len(conv.images), self.system_message)
@@ -509,7 +475,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return (n if self.max_length is None else min(n, self.max_length)), tiles
 
     def set_epoch(self, epoch):
-        """The epoch seeds the JPEG augmentation (data_augment); call it before the epoch's DataLoader forks."""
+        """The epoch seeds the JPEG augmentation (data_augment): call it before the DataLoader forks."""
         self.epoch = epoch
 
     def __len__(self):
@@ -529,23 +495,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
         try:
             return json.loads(raw)
         except ValueError:
-            raise DataError(f"{s.annotation}:{x['line'][k]}: the record no longer reads as JSON: the file changed "
-                            f"after its index was built") from None
+            raise DataError(f"{s.annotation}:{x['line'][k]}: the record no longer reads as JSON: the file "
+                            f"changed after its index was built") from None
 
     def build(self, i):
         """build_sample for dataset index i (may raise ImageLoadError / SampleTooLong)."""
         si = self.index[i][0]
         s, rec = self.sources[si], self.record(i)
         images = None
-        conv_images = rec.get("image")
-        if s.data_augment and conv_images:  # official train-time JPEG re-encode; differs per epoch, seeded
-            paths = [conv_images] if isinstance(conv_images, str) else conv_images
+        if s.data_augment and rec.get("image"):  # the official JPEG re-encode; seeded, new every epoch
+            paths = [rec["image"]] if isinstance(rec["image"], str) else rec["image"]
             rng = random.Random(f"{self.seed}/augment/{self.epoch}/{i}")
-            images = [jpeg_degrade(load_image(p if s.image_folder is None else os.path.join(s.image_folder, p)), rng)
-                      for p in paths]
-        return build_sample(rec, self.tokenizer, self.template, s.image_folder, self._max_num(si), self.max_length,
-                            self.system_message, min_num=self.min_num, image_size=self.image_size,
-                            use_thumbnail=self.use_thumbnail, images=images, check_labels=self.check_labels)
+            images = [jpeg_degrade(load_image(os.path.join(s.image_folder or "", p)), rng) for p in paths]
+        return build_sample(rec, self.tokenizer, self.template, s.image_folder, self._max_num(si),
+                            self.max_length, self.system_message, min_num=self.min_num,
+                            image_size=self.image_size, use_thumbnail=self.use_thumbnail, images=images)
 
     def _replacement(self, i, failed, attempt):
         """A seeded sample of the same modality, no longer and with no more tiles than sample i when there is
@@ -564,35 +528,30 @@ class SupervisedDataset(torch.utils.data.Dataset):
             try:
                 sample = self.build(j)
                 break
-            except ImageLoadError as e:
-                self.stats["image_failures"] += 1
-                image_failures += 1
+            except (ImageLoadError, SampleTooLong) as e:
                 skipped.append(f"{self.sample_id(j)}: {e}")
                 if self.log_problems:
                     log.warning("skipping sample %s: %s", self.sample_id(j), e)
-                limit = max(self.image_failure_grace, self.max_image_failure_rate * self.stats["seen"])
-                if self.stats["image_failures"] > limit:
-                    raise RuntimeError(
-                        f"too many unreadable images: {self.stats['image_failures']} of {self.stats['seen']} "
-                        f"samples seen in this process (limit {self.max_image_failure_rate:.1%}, grace "
-                        f"{self.image_failure_grace}); last: {e}") from e
-            except SampleTooLong as e:
-                self.stats["too_long"] += 1
-                skipped.append(f"{self.sample_id(j)}: {e}")
-                if self.log_problems:
-                    log.warning("skipping sample %s: %s", self.sample_id(j), e)
+                if isinstance(e, ImageLoadError):
+                    image_failures += 1
+                    self._count_image_failure(e)
+                else:
+                    self.stats["too_long"] += 1
             failed.add(j)  # a seeded replacement of the same modality keeps the batch's shape, reproducibly
             j = self._replacement(i, failed, attempt)
         else:
-            raise RuntimeError(f"sample {self.sample_id(i)}: {self.max_replacements} replacements failed too; "
-                               f"last problems: {skipped[-3:]}")
-        if not sample["labels_match_official"]:
-            self.stats["label_mismatches"] += 1
-            if self.log_problems and self.stats["label_mismatches"] <= 10:  # then only counted (batch meta, stats)
-                log.warning("sample %s: net-rule labels differ from the official fragment-count labels "
-                            "(the official code would mask or shift them); keeping the net rule", self.sample_id(j))
+            raise RuntimeError(f"sample {self.sample_id(i)}: {self.max_replacements} replacements failed "
+                               f"too; last problems: {skipped[-3:]}")
         sample["meta"] = {"id": self.sample_id(j), "skipped": skipped, "image_failures": image_failures,
-                          "labels_match_official": sample.pop("labels_match_official"),
                           "truncated": sample.pop("truncated")}
-        sample.pop("num_tiles")
         return sample
+
+    def _count_image_failure(self, e):
+        """A few unreadable images are skipped; past the grace count and the rate the data set is broken."""
+        self.stats["image_failures"] += 1
+        limit = max(self.image_failure_grace, self.max_image_failure_rate * self.stats["seen"])
+        if self.stats["image_failures"] > limit:
+            raise RuntimeError(f"too many unreadable images: {self.stats['image_failures']} of "
+                               f"{self.stats['seen']} samples seen in this process (limit "
+                               f"{self.max_image_failure_rate:.1%}, grace {self.image_failure_grace}); "
+                               f"last: {e}") from e

@@ -1,4 +1,4 @@
-"""Images -> tiles -> normalised pixel values, identical to the official pipeline (SPEC §5).
+"""Images -> tiles -> normalised pixel values, identical to the official pipeline.
 
 dynamic_preprocess is the official function (same candidate order, same tie-break, PIL bicubic,
 row-major crops, thumbnail last). The tensor conversion reproduces torchvision's ToTensor + Normalize
@@ -21,7 +21,7 @@ class ImageLoadError(RuntimeError):
 
 def target_ratios(min_num, max_num):
     """Candidate grids (cols, rows), sorted by tile count. Within a count the order is CPython's set
-    iteration order, exactly as the official code builds it (SPEC §5.2)."""
+    iteration order, exactly as the official code builds it: it decides ties between equally close grids."""
     ratios = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
                  if min_num <= i * j <= max_num)
     return sorted(ratios, key=lambda x: x[0] * x[1])
@@ -40,7 +40,8 @@ def find_closest_aspect_ratio(aspect_ratio, ratios, width, height, image_size):
 
 
 def choose_grid(width, height, min_num=1, max_num=12, image_size=IMAGE_SIZE):
-    return find_closest_aspect_ratio(width / height, target_ratios(min_num, max_num), width, height, image_size)
+    ratios = target_ratios(min_num, max_num)
+    return find_closest_aspect_ratio(width / height, ratios, width, height, image_size)
 
 
 def num_tiles(width, height, min_num=1, max_num=12, image_size=IMAGE_SIZE, use_thumbnail=True):
@@ -82,9 +83,9 @@ def _planes(image):
 
 
 def _normalise(planes, out):
-    """uint8 [3, S, S] -> out, float32 [3, S, S]. Bit-identical to torchvision's ToTensor + Normalize: the same
-    float32 operations in the same order, x / 255, then (x - mean) / std. One channel at a time, so that the
-    four passes run in cache."""
+    """uint8 [3, S, S] -> out, float32 [3, S, S]. Bit-identical to torchvision's ToTensor + Normalize: the
+    same float32 operations in the same order, x / 255, then (x - mean) / std. One channel at a time, so
+    that the four passes run in cache."""
     for c in range(3):
         out[c].copy_(planes[c]).div_(255).sub_(_MEAN[c]).div_(_STD[c])
 
@@ -144,7 +145,7 @@ def grids_to_tensor(grids, image_size=IMAGE_SIZE):
 
 def images_to_pixel_values(images, max_num=12, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True):
     """Tiles of one sample's images, in image order. Several images share the budget the official way:
-    each gets max(1, max_num // n_images) (SPEC §5.3). Returns (pixel_values, tiles_per_image)."""
+    each gets max(1, max_num // n_images). Returns (pixel_values, tiles_per_image)."""
     cap = max_num if len(images) == 1 else max(1, max_num // len(images))
     grids = [resize_to_grid(image, min_num, cap, image_size, use_thumbnail) for image in images]
     counts = [cols * rows + (thumb is not None) for _, cols, rows, thumb in grids]

@@ -1,4 +1,4 @@
-"""Sequence packing (SPEC §7.7): several samples in one row, attention isolated between them.
+"""Sequence packing: several samples in one row, attention isolated between them.
 
 A pack is a list of dataset indices whose token lengths fit a token budget and whose image tiles fit a tile
 budget (the official `max_packed_tokens` / `num_images_expected`). One pack is one micro-batch row:
@@ -6,16 +6,14 @@ budget (the official `max_packed_tokens` / `num_images_expected`). One pack is o
     input_ids        the samples one after another                                   [1, L]
     attention_mask   segment ids 1..k, one per sample (model/llm.py isolates them)   [1, L]
     position_ids     0..n-1 restarting at every sample                               [1, L]
-    labels           each sample's own labels; a sample's first token is never a target of the previous one
-    pixel_values     the real tiles of the pack in sample order; text-only samples add no tile (one dummy tile
+    labels           each sample's own; a sample's first token is never a target of the previous one
+    pixel_values     the pack's real tiles in sample order; text-only samples add no tile (one dummy tile
                      only when the pack has no real tile), so the ViT does no work on padding
 
 The loss is the token mean over the pack's supervised tokens: exactly the loss of the same samples in one
-padded batch (tests/test_packing.py).
-
-Packs are planned from length estimates before an epoch starts, so the number of packed steps is known in
-advance (`PackedBatchSampler.micro_batches(epoch)`, `packed_total_steps`): the LR schedule is exact.
-Use it as `DataLoader(ds, batch_sampler=PackedBatchSampler(...), collate_fn=collate_packed)`.
+padded batch. Packs are planned from length estimates before an epoch starts, so the number of packed steps
+is known in advance and the LR schedule is exact. Use it as
+`DataLoader(ds, batch_sampler=PackedBatchSampler(...), collate_fn=collate_packed)`.
 """
 from __future__ import annotations
 
@@ -32,19 +30,20 @@ from .templates import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 
-def plan_packs(lengths, max_tokens: int, tiles=None, max_tiles: int | None = None, order=None) -> list[list[int]]:
-    """Best-fit decreasing: each sample, longest first, goes into the fullest pack it still fits (tokens and tiles),
-    else opens a new pack. `order` (default: all indices) picks and orders the samples; within a pack, samples keep
-    that order. Returns lists of indices into `lengths`.
-    """
+def plan_packs(lengths, max_tokens: int, tiles=None, max_tiles: int | None = None,
+               order=None) -> list[list[int]]:
+    """Best-fit decreasing: each sample, longest first, goes into the fullest pack it still fits (tokens and
+    tiles), else opens a new pack. `order` (default: all indices) picks and orders the samples; within a pack,
+    samples keep that order. Returns lists of indices into `lengths`."""
     order = range(len(lengths)) if order is None else order
     rank = {i: r for r, i in enumerate(order)}
     for i in rank:
         if not 0 < lengths[i] <= max_tokens:
-            raise ValueError(f"sample {i}: {lengths[i]} tokens do not fit the pack budget of {max_tokens} tokens "
-                             f"(max_packed_tokens must be >= the longest sample, e.g. >= max_length)")
+            raise ValueError(f"sample {i}: {lengths[i]} tokens do not fit the pack budget of {max_tokens} "
+                             f"tokens (max_packed_tokens must be >= the longest sample, e.g. >= max_length)")
         if tiles is not None and max_tiles is not None and tiles[i] > max_tiles:
-            raise ValueError(f"sample {i}: {tiles[i]} image tiles do not fit the pack budget of {max_tiles} tiles")
+            raise ValueError(f"sample {i}: {tiles[i]} image tiles do not fit the pack budget of "
+                             f"{max_tiles} tiles")
     tile_cap = math.inf if tiles is None or max_tiles is None else max_tiles
     packs, free_tiles = [], []
     by_free = []  # sorted (free tokens, pack id): the fullest pack that fits is the first with free >= n
@@ -73,13 +72,13 @@ class PackedBatchSampler(torch.utils.data.Sampler):
     repeating its first packs to a multiple of world_size; rank r takes packs r, r + world_size, ...
     Every sample appears exactly once per epoch across ranks, apart from that padding.
 
-    Lengths are the dataset's estimates (`SupervisedDataset.lengths`); `tiles` the real image tiles per sample
-    (0 for text-only samples), or None for no tile budget. Resuming: `set_epoch(epoch, position)` with the number
-    of micro-batches this rank already consumed in that epoch, or state_dict / load_state_dict.
+    Lengths are the dataset's estimates (`SupervisedDataset.lengths`); `tiles` the image tiles per sample, or
+    None for no tile budget. Resuming: `set_epoch(epoch, position)` with the number of micro-batches this rank
+    already consumed in that epoch, or state_dict / load_state_dict.
     """
 
-    def __init__(self, lengths, max_tokens: int, tiles=None, max_tiles: int | None = None, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, window: int = 4096):
+    def __init__(self, lengths, max_tokens: int, tiles=None, max_tiles: int | None = None,
+                 world_size: int = 1, rank: int = 0, seed: int = 0, window: int = 4096):
         if tiles is not None and len(tiles) != len(lengths):
             raise ValueError(f"{len(lengths)} lengths but {len(tiles)} tile counts")
         if not 0 <= rank < world_size:
@@ -88,7 +87,8 @@ class PackedBatchSampler(torch.utils.data.Sampler):
             raise ValueError("window and max_tokens must be >= 1")
         if not len(lengths):
             raise ValueError("no samples to pack")
-        self.lengths, self.tiles = [int(n) for n in lengths], ([int(t) for t in tiles] if tiles is not None else None)
+        self.lengths = [int(n) for n in lengths]
+        self.tiles = [int(t) for t in tiles] if tiles is not None else None
         self.max_tokens, self.max_tiles = max_tokens, max_tiles
         self.world_size, self.rank, self.seed, self.window = world_size, rank, seed, window
         self.epoch, self.position = 0, 0
@@ -137,8 +137,8 @@ class PackedBatchSampler(torch.utils.data.Sampler):
         mine = self.state_dict()
         for key in ("seed", "world_size", "max_tokens", "max_tiles", "window", "num_samples"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"cannot resume the packed sampler: saved {key}={state.get(key)} but this run has "
-                                 f"{mine[key]} (the packs depend on it)")
+                raise ValueError(f"cannot resume the packed sampler: saved {key}={state.get(key)} but this "
+                                 f"run has {mine[key]} (the packs depend on it)")
         self.set_epoch(state["epoch"], state["position"])
 
 
@@ -168,8 +168,9 @@ def collate_packed(samples, max_tokens: int | None = None) -> dict:
     input_ids = torch.cat([s["input_ids"] for s in samples])[None]
     labels = torch.cat([s["labels"] for s in samples])[None].clone()
     starts = [sum(lengths[:k]) for k in range(len(samples))]
-    labels[0, starts] = IGNORE_INDEX  # the last token of a sample never predicts the next sample's first token
-    attention_mask = torch.cat([torch.full((n,), k + 1, dtype=torch.long) for k, n in enumerate(lengths)])[None]
+    labels[0, starts] = IGNORE_INDEX  # a sample's last token never predicts the next sample's first token
+    segments = [torch.full((n,), k + 1, dtype=torch.long) for k, n in enumerate(lengths)]
+    attention_mask = torch.cat(segments)[None]
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
     flags = torch.cat([s["image_flags"].reshape(-1) for s in samples])
     pixels = torch.cat([s["pixel_values"] for s in samples])

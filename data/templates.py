@@ -1,16 +1,17 @@
-"""Chat templates `internlm2-chat` and `phi3-chat` (official MPT style, SPEC §6) and labels.
+"""Chat templates `internlm2-chat` and `phi3-chat` (the official MPT style), the system message, and labels.
 
 A prompt is system block + sep, then per turn role + message + sep, no newline between turns:
   <|im_start|>system\\n{SYS}<|im_end|><|im_start|>user\\n{Q}<|im_end|><|im_start|>assistant\\n{A}<|im_end|>
   <|system|>\\n{SYS}<|end|><|user|>\\n{Q}<|end|><|assistant|>\\n{A}<|end|>
-
-Labels follow the net rule (SPEC §7.3): each answer and its closing terminator are supervised, all else
-is -100 (Phi-3: <|endoftext|> always -100). `official_labels` re-derives them the way the official
-preprocess_internlm / preprocess_phi3 do (fragment token counts) so the two can be compared.
 """
+import ast
+import os
 from dataclasses import dataclass
 
+from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+
 IGNORE_INDEX = -100
+NUM_IMAGE_TOKENS = 256  # per 448px tile after pixel shuffle (downsample 0.5)
 
 # Official default since InternVL 2.0 (commit 0dc48a2, 2024-07-19, through 2410d1d) for both templates;
 # the fixtures' reference.json `system_message`. `config.json`'s system_message wins over it.
@@ -37,8 +38,8 @@ class Template:
 TEMPLATES = {
     "internlm2-chat": Template("internlm2-chat", "<|im_start|>system\n{system_message}", "<|im_start|>user\n",
                                "<|im_start|>assistant\n", "<|im_end|>", strip_messages=True),
-    "phi3-chat": Template("phi3-chat", "<|system|>\n{system_message}", "<|user|>\n", "<|assistant|>\n", "<|end|>",
-                          strip_messages=False, never_supervised=("<|endoftext|>",)),
+    "phi3-chat": Template("phi3-chat", "<|system|>\n{system_message}", "<|user|>\n", "<|assistant|>\n",
+                          "<|end|>", strip_messages=False, never_supervised=("<|endoftext|>",)),
 }
 
 
@@ -48,6 +49,42 @@ def get_template(template):
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
     return TEMPLATES[template]
+
+
+def image_tokens(n_tiles, per_tile=NUM_IMAGE_TOKENS):
+    """What one <image> becomes in the prompt: the ViT's features replace the <IMG_CONTEXT> tokens."""
+    return IMG_START + IMG_CONTEXT * (per_tile * n_tiles) + IMG_END
+
+
+def directory_system_message(model_dir, template):
+    """The system message a directory's own conversation.py registers for `template` (the released
+    checkpoints ship the release-era one), or None. Read with ast, never executed."""
+    path = os.path.join(model_dir, "conversation.py")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        name = isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+        if name == "Conversation":
+            kw = {k.arg: k.value for k in node.keywords}
+            try:
+                if ast.literal_eval(kw["name"]) == template and "system_message" in kw:
+                    return ast.literal_eval(kw["system_message"])
+            except (KeyError, ValueError):
+                continue
+    return None
+
+
+def resolve_system_message(config=None, override=None, model_dir=None):
+    """As the official chat: `override`, else config.json's system_message, else the template default of the
+    directory's conversation.py, else DEFAULT_SYSTEM_MESSAGE."""
+    if override is not None:
+        return override
+    if config is not None and config.system_message is not None:
+        return config.system_message
+    found = directory_system_message(model_dir, config.template) if model_dir and config is not None else None
+    return found if found is not None else DEFAULT_SYSTEM_MESSAGE
 
 
 def render(template, turns, system_message=DEFAULT_SYSTEM_MESSAGE):
@@ -74,7 +111,11 @@ def generation_prompt(template, question, history=(), system_message=DEFAULT_SYS
 
 
 def net_labels(template, tokenizer, ids, starts, spans):
-    """Supervise every token that starts inside an answer+terminator span (SPEC §7.3 net rule)."""
+    """Supervise every token that starts inside an answer + terminator span; all else is IGNORE_INDEX.
+
+    The official code counts the tokens of separately tokenized fragments instead; where a word tokenizes
+    differently alone (InternLM2's dummy prefix) that shifts or masks whole samples
+    (tests/official_labels.py)."""
     t = get_template(template)
     never = {tokenizer.convert_tokens_to_ids(x) for x in t.never_supervised}
     labels, k = [IGNORE_INDEX] * len(ids), 0
@@ -84,62 +125,3 @@ def net_labels(template, tokenizer, ids, starts, spans):
         if k < len(spans) and spans[k][0] <= s < spans[k][1] and tid not in never:
             labels[i] = tid
     return labels
-
-
-def official_labels(template, tokenizer, text, ids):
-    """Labels as the official preprocess_internlm / preprocess_phi3 compute them from the lengths of
-    separately tokenized fragments (commit 2410d1d). Returns (labels, consistent): consistent is
-    False where the official code prints 'tokenization mismatch' and masks the whole sample."""
-    t = get_template(template)
-    labels = list(ids)
-    total = sum(1 for i in ids if i != tokenizer.pad_id)
-    cur = 1
-    labels[0] = IGNORE_INDEX
-
-    def tlen(s):
-        return len(tokenizer.encode(s))
-
-    def mask(a, b):
-        for i in range(max(a, 0), min(b, len(labels))):
-            labels[i] = IGNORE_INDEX
-
-    if t.name == "internlm2-chat":
-        parts = text.split(t.assistant)
-        length = tlen(parts[0] + t.assistant) - 1
-        mask(cur, cur + length)
-        cur += length
-        for part in parts[1:-1]:
-            pieces = part.split(t.user)
-            if len(pieces) != 2:  # the official code would raise on the unpacking
-                return [IGNORE_INDEX] * len(ids), False
-            cur += tlen(pieces[0]) - 1
-            length = tlen(t.user + pieces[1] + t.assistant) - 1
-            mask(cur, cur + length)
-            cur += length
-        cur += tlen(parts[-1]) - 1
-        mask(cur, len(labels))
-    elif t.name == "phi3-chat":
-        for x in t.never_supervised:
-            xid = tokenizer.convert_tokens_to_ids(x)
-            labels = [IGNORE_INDEX if i == xid else l for i, l in zip(ids, labels)]
-        sep = t.sep + t.assistant
-        turns = text.split(t.sep)
-        re_turns = [t.sep.join(turns[:3])]
-        for i in range(3, len(turns), 2):
-            re_turns.append(t.sep.join(turns[i:i + 2]))
-        for i, turn in enumerate(re_turns):
-            if turn == "":
-                break
-            turn_len = tlen(turn) - (0 if i == 0 else 1)
-            parts = turn.split(sep)
-            if len(parts) != 2:
-                break
-            instr_len = tlen(parts[0] + sep) - (1 if i == 0 else 2)
-            mask(cur, cur + instr_len)
-            cur += turn_len
-        mask(cur, len(labels))
-    else:
-        raise ValueError(f"no official label procedure for template {t.name!r}")
-    if cur != total:
-        return [IGNORE_INDEX] * len(ids), False
-    return labels, True

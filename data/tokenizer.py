@@ -9,7 +9,7 @@ Two behaviours are reproduced, chosen by `tokenizer_class` in tokenizer_config.j
   encoded behind '<unk>' and the '<unk>' pieces are dropped, and the leading '▁' is removed only
   when the next token is in `all_special_tokens` (bos/eos/unk/pad/additional_special_tokens).
   Phi-3's chat tokens are added but not "special" in that sense, so a prompt that starts with
-  `<|system|>` keeps a lone '▁' after BOS (SPEC §2).
+  `<|system|>` keeps a lone '▁' after BOS.
 
 Shared by both (transformers' PreTrainedTokenizer.tokenize): the text is first split on every added
 token (leftmost, longest match), an added token with rstrip/lstrip eats the whitespace on that side,
@@ -25,6 +25,12 @@ import sentencepiece as spm
 SPIECE_UNDERLINE = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _WORD = re.compile(f"{SPIECE_UNDERLINE}*[^{SPIECE_UNDERLINE}]+|{SPIECE_UNDERLINE}+")  # '▁'-led words
+# A second normalizer_spec (field 3) holding add_dummy_prefix (field 3) = 0, appended to a model proto,
+# switches the dummy prefix off as transformers does for legacy=False: protobuf merges repeated fields.
+_NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
+
+# The InternVL tokens the rest of the toolkit asks for by name.
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 
 class _PieceCounts(dict):
@@ -39,9 +45,6 @@ class _PieceCounts(dict):
             self.clear()
         n = self[word] = len(self.sp.encode(word.replace(SPIECE_UNDERLINE, " ")))
         return n
-
-# The InternVL tokens and the chat terminators the rest of the toolkit asks for by name.
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 
 @dataclass(frozen=True)
@@ -64,95 +67,61 @@ def _content(tok):
     return tok["content"] if isinstance(tok, dict) else tok
 
 
+def read_added_tokens(path):
+    """{content: AddedToken} from a checkpoint's tokenizer files, as the slow tokenizer reads them:
+    tokenizer_config.json's added_tokens_decoder (with strip flags) wins over added_tokens.json."""
+    added = {}
+    decoder = _read_json(os.path.join(path, "tokenizer_config.json")).get("added_tokens_decoder", {})
+    for idx, spec in decoder.items():
+        added[spec["content"]] = AddedToken(spec["content"], int(idx), bool(spec.get("lstrip", False)),
+                                            bool(spec.get("rstrip", False)), bool(spec.get("special", True)))
+    for content, idx in _read_json(os.path.join(path, "added_tokens.json")).items():
+        if content not in added:
+            added[content] = AddedToken(content, int(idx))
+    return added
+
+
+def _split_pattern(tokens):
+    """One regex that finds the added tokens the way transformers' Trie does: leftmost match, longest first
+    among matches at the same position. A run of one token (256 <IMG_CONTEXT> per tile) is matched at once,
+    unless the token is a prefix of another one (then the run could hide a longer match)."""
+    if not tokens:
+        return None
+    first = "".join(sorted({re.escape(t[0]) for t in tokens}))  # a fast skip over text no token starts in
+    alternatives = [f"({re.escape(t)})" if any(o != t and o.startswith(t) for o in tokens)
+                    else f"((?:{re.escape(t)})+)" for t in tokens]
+    return re.compile(f"(?=[{first}])(?:" + "|".join(alternatives) + ")")
+
+
 class Tokenizer:
-    """Load with `load_tokenizer(dir)`. Ids the toolkit needs: bos_id, eos_id, pad_id, unk_id,
-    img_start_id, img_end_id, img_context_id, terminator_id (end of an assistant turn) and
-    `template` (the chat template this tokenizer belongs to)."""
+    """Load with `load_tokenizer(dir)`. Ids the toolkit needs: bos_id, eos_id, pad_id, unk_id, img_start_id,
+    img_end_id, img_context_id."""
 
     def __init__(self, path):
         self.path = path
-        config = _read_json(os.path.join(path, "tokenizer_config.json"))
-        special_map = _read_json(os.path.join(path, "special_tokens_map.json"))
-        added_json = _read_json(os.path.join(path, "added_tokens.json"))
         model_file = os.path.join(path, "tokenizer.model")
         if not os.path.exists(model_file):
             raise FileNotFoundError(f"{model_file}: no sentencepiece model (tokenizer.model) in {path}")
-
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
         cls = config.get("tokenizer_class", "")
         if cls.startswith("InternLM2Tokenizer"):
-            self.style = "internlm2"
-            self.legacy = True
+            self.style, self.legacy = "internlm2", True
         elif cls.startswith("LlamaTokenizer"):
-            self.style = "llama"
-            self.legacy = bool(config.get("legacy", True))
+            self.style, self.legacy = "llama", bool(config.get("legacy", True))
         else:
             raise ValueError(f"{path}/tokenizer_config.json: tokenizer_class {cls!r} is not supported "
                              "(expected InternLM2Tokenizer or LlamaTokenizer)")
+        self.prefix_space = self.style == "llama" and not self.legacy  # Phi-3's way, see the module docstring
         self.add_bos = bool(config.get("add_bos_token", True))
         self.add_prefix_space = bool(config.get("add_prefix_space", True))
         self.spaces_between_special_tokens = bool(config.get("spaces_between_special_tokens", True))
-
-        with open(model_file, "rb") as f:
-            proto = f.read()
-        if self.style == "llama" and not self.legacy:
-            # transformers sets normalizer_spec.add_dummy_prefix = False for legacy=False. Appending a
-            # second normalizer_spec (field 3) holding add_dummy_prefix (field 3) = 0 does the same:
-            # protobuf merges repeated occurrences of a message field.
-            proto = proto + b"\x1a\x02\x18\x00"
-        self.sp = spm.SentencePieceProcessor(model_proto=proto)
-        self.sp_vocab_size = self.sp.get_piece_size()
-        # count_tokens: when no piece joins a character to a following '▁', the pieces of a text are those of
-        # its '▁'-led words taken one at a time, so each distinct word needs encoding only once.
-        self._dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith(SPIECE_UNDERLINE)
-        self._separable = not any(re.search(f"[^{SPIECE_UNDERLINE}]{SPIECE_UNDERLINE}", self.sp.id_to_piece(i))
-                                  for i in range(self.sp_vocab_size))
-        raw = spm.SentencePieceProcessor(model_proto=proto + b"\x1a\x02\x18\x00") if self._dummy_prefix else self.sp
-        self._piece_counts = _PieceCounts(raw)
-
-        # Added tokens: tokenizer_config's added_tokens_decoder (with strip flags) wins, then
-        # added_tokens.json, then special tokens that are only named in the maps.
-        self.added = {}
-        for idx, spec in config.get("added_tokens_decoder", {}).items():
-            self.added[spec["content"]] = AddedToken(spec["content"], int(idx), bool(spec.get("lstrip", False)),
-                                                     bool(spec.get("rstrip", False)), bool(spec.get("special", True)))
-        for content, idx in added_json.items():
-            if content not in self.added:
-                self.added[content] = AddedToken(content, int(idx))
-
-        def special(name):
-            tok = config.get(name, special_map.get(name))
-            return None if tok is None else _content(tok)
-
-        self.bos_token, self.eos_token = special("bos_token"), special("eos_token")
-        self.unk_token, self.pad_token = special("unk_token") or "<unk>", special("pad_token")
-        extra = config.get("additional_special_tokens", special_map.get("additional_special_tokens", []))
-        self.additional_special_tokens = [_content(t) for t in extra]
-        self.all_special_tokens = []
-        for t in [self.bos_token, self.eos_token, self.unk_token, self.pad_token] + self.additional_special_tokens:
-            if t is not None and t not in self.all_special_tokens:
-                self.all_special_tokens.append(t)
-        for t in self.all_special_tokens:  # a special token that is an sp piece (e.g. <s>) but not listed as added
-            if t not in self.added:
-                pid = self.sp.piece_to_id(t)
-                if self.sp.id_to_piece(pid) != t:
-                    raise ValueError(f"{path}: special token {t!r} is neither an added token nor a sentencepiece piece")
-                self.added[t] = AddedToken(t, pid)
-        self.all_special_ids = {self.convert_tokens_to_ids(t) for t in self.all_special_tokens}
-
+        self._load_sentencepiece(model_file)
+        self.added = read_added_tokens(path)
+        self._read_special_tokens(config, _read_json(os.path.join(path, "special_tokens_map.json")))
         self.id_to_added = {tok.id: tok for tok in self.added.values()}
-        # Leftmost match, longest first among matches at the same position (transformers' Trie).
-        # A run of one token (256 <IMG_CONTEXT> per tile) is matched at once, unless the token is a prefix
-        # of another one (then the run could hide a longer match).
-        by_len = sorted(self.added, key=len, reverse=True)
-        self._split_tokens = by_len
-        first = "".join(sorted({re.escape(t[0]) for t in by_len}))  # a fast skip over text no token starts in
-        self._split_re = re.compile(f"(?=[{first}])(?:" + "|".join(
-            f"((?:{re.escape(t)})+)" if not any(o != t and o.startswith(t) for o in by_len) else f"({re.escape(t)})"
-            for t in by_len) + ")") if by_len else None
+        self._split_tokens = sorted(self.added, key=len, reverse=True)
+        self._split_re = _split_pattern(self._split_tokens)
         self.vocab_size = max([self.sp_vocab_size] + [t.id + 1 for t in self.added.values()])
-        if self.style == "llama" and not self.legacy:
-            self._unk_len = len(self.sp.encode(self.unk_token, out_type=str))
-
         self.bos_id = self.convert_tokens_to_ids(self.bos_token)
         self.eos_id = self.convert_tokens_to_ids(self.eos_token)
         self.unk_id = self.convert_tokens_to_ids(self.unk_token)
@@ -163,13 +132,46 @@ class Tokenizer:
         self.img_start_id = self.added[IMG_START].id
         self.img_end_id = self.added[IMG_END].id
         self.img_context_id = self.added[IMG_CONTEXT].id
-        if "<|im_end|>" in self.added:
-            self.template, self.terminator = "internlm2-chat", "<|im_end|>"
-        elif "<|end|>" in self.added:
-            self.template, self.terminator = "phi3-chat", "<|end|>"
-        else:
-            self.template, self.terminator = None, None
-        self.terminator_id = self.added[self.terminator].id if self.terminator else None
+
+    def _load_sentencepiece(self, model_file):
+        with open(model_file, "rb") as f:
+            proto = f.read()
+        if self.prefix_space:
+            proto += _NO_DUMMY_PREFIX
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.sp_vocab_size = self.sp.get_piece_size()
+        # count_tokens: when no piece joins a character to a following '▁', the pieces of a text are those of
+        # its '▁'-led words taken one at a time, so each distinct word needs encoding only once.
+        self._dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith(SPIECE_UNDERLINE)
+        joins = re.compile(f"[^{SPIECE_UNDERLINE}]{SPIECE_UNDERLINE}")
+        self._separable = not any(joins.search(self.sp.id_to_piece(i)) for i in range(self.sp_vocab_size))
+        raw = spm.SentencePieceProcessor(model_proto=proto + _NO_DUMMY_PREFIX) if self._dummy_prefix else None
+        self._piece_counts = _PieceCounts(raw or self.sp)
+
+    def _read_special_tokens(self, config, special_map):
+        """bos/eos/unk/pad and the additional special tokens (tokenizer_config wins over special_tokens_map);
+        a special token that is a sentencepiece piece (e.g. <s>) but not listed as added is added here."""
+        def special(name):
+            tok = config.get(name, special_map.get(name))
+            return None if tok is None else _content(tok)
+
+        self.bos_token, self.eos_token = special("bos_token"), special("eos_token")
+        self.unk_token, self.pad_token = special("unk_token") or "<unk>", special("pad_token")
+        extra = config.get("additional_special_tokens", special_map.get("additional_special_tokens", []))
+        self.additional_special_tokens = [_content(t) for t in extra]
+        named = [self.bos_token, self.eos_token, self.unk_token, self.pad_token]
+        named += self.additional_special_tokens
+        self.all_special_tokens = list(dict.fromkeys(t for t in named if t is not None))
+        for t in self.all_special_tokens:
+            if t not in self.added:
+                pid = self.sp.piece_to_id(t)
+                if self.sp.id_to_piece(pid) != t:
+                    raise ValueError(f"{self.path}: special token {t!r} is neither an added token nor a "
+                                     "sentencepiece piece")
+                self.added[t] = AddedToken(t, pid)
+        self.all_special_ids = {self.convert_tokens_to_ids(t) for t in self.all_special_tokens}
+        if self.prefix_space:
+            self._unk_len = len(self.sp.encode(self.unk_token, out_type=str))
 
     # ---- ids <-> tokens
     def convert_tokens_to_ids(self, token):
@@ -210,19 +212,21 @@ class Tokenizer:
                 parts[i - 1][0] = parts[i - 1][0].rstrip()
         return [(c, s, a) for c, s, a in parts if c]
 
+    def _with_prefix_space(self, text):
+        text = text.replace(SPIECE_UNDERLINE, " ")  # a '▁' in the text is a space to the Llama tokenizer
+        return SPIECE_UNDERLINE + text if self.add_prefix_space else text
+
     def _sp_pieces(self, chunk):
         """Pieces of one text chunk, as the slow tokenizer's _tokenize gives them."""
-        if self.style == "llama" and not self.legacy and chunk.startswith((SPIECE_UNDERLINE, " ")):
+        if self.prefix_space and chunk.startswith((SPIECE_UNDERLINE, " ")):
             return self.sp.encode(self.unk_token + chunk, out_type=str)[self._unk_len:]
         return self.sp.encode(chunk, out_type=str)
 
     def tokenize(self, text, with_offsets=False):
         """Token strings (and, with_offsets, the char offset in `text` where each starts)."""
         shift = 0
-        if self.style == "llama" and not self.legacy and text:
-            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ") if self.add_prefix_space else \
-                text.replace(SPIECE_UNDERLINE, " ")
-            shift = 1 if self.add_prefix_space else 0
+        if self.prefix_space and text:
+            text, shift = self._with_prefix_space(text), int(self.add_prefix_space)
         tokens, starts = [], []
         for chunk, start, is_added in self._split(text):
             if is_added:
@@ -233,7 +237,7 @@ class Tokenizer:
             tokens.extend(pieces)
             if with_offsets:
                 starts.extend(start + o for o in self._piece_offsets(pieces, chunk))
-        if (self.style == "llama" and not self.legacy and len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE
+        if (self.prefix_space and len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE
                 and tokens[1] in self.all_special_tokens):
             tokens, starts = tokens[1:], starts[1:]
         if with_offsets:
@@ -250,14 +254,8 @@ class Tokenizer:
         extra = sum(lens) - len(raw)  # the dummy prefix, when the model adds one
         if extra not in (0, 1):
             raise ValueError(f"cannot align sentencepiece pieces with the text {chunk[:40]!r}")
-        char_at = [0] * (len(raw) + 1)  # byte offset -> char offset
-        b = 0
-        for ci, ch in enumerate(chunk):
-            n = len(ch.encode("utf-8"))
-            for k in range(n):
-                char_at[b + k] = ci
-            b += n
-        char_at[len(raw)] = len(chunk)
+        # byte offset -> char offset
+        char_at = [ci for ci, ch in enumerate(chunk) for _ in range(len(ch.encode("utf-8")))] + [len(chunk)]
         offsets, pos = [], -extra
         for n in lens:
             offsets.append(char_at[max(pos, 0)])
@@ -272,19 +270,18 @@ class Tokenizer:
         """len(self.encode(text, add_bos)), exactly, at a fraction of the cost (dataset length estimates)."""
         if not self._separable:
             return len(self.encode(text, add_bos))
-        llama = self.style == "llama" and not self.legacy
-        if llama and text:
-            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ") if self.add_prefix_space else \
-                text.replace(SPIECE_UNDERLINE, " ")
+        if self.prefix_space and text:
+            text = self._with_prefix_space(text)
         parts = self._split(text)
         n = 1 if add_bos and self.add_bos else 0
         for chunk, _, is_added in parts:
             if is_added:
                 n += 1
             else:
-                chunk = (SPIECE_UNDERLINE if self._dummy_prefix else "") + chunk.replace(" ", SPIECE_UNDERLINE)
-                n += sum(map(self._piece_counts.__getitem__, _WORD.findall(chunk)))
-        if llama and len(parts) > 1 and not parts[0][2]:  # tokenize() drops a lone leading '▁' before a special
+                words = _WORD.findall((SPIECE_UNDERLINE if self._dummy_prefix else "")
+                                      + chunk.replace(" ", SPIECE_UNDERLINE))
+                n += sum(map(self._piece_counts.__getitem__, words))
+        if self.prefix_space and len(parts) > 1 and not parts[0][2]:  # tokenize() drops a '▁' before specials
             first = self._sp_pieces(parts[0][0])
             nxt = first[1] if len(first) > 1 else (parts[1][0] if parts[1][2] else None)
             n -= first[0] == SPIECE_UNDERLINE and nxt in self.all_special_tokens
@@ -298,9 +295,6 @@ class Tokenizer:
             return [self.bos_id] + ids, [-1] + starts
         return ids, starts
 
-    def __call__(self, text):  # len(tok(x)) in the official label code counts BOS
-        return self.encode(text)
-
     # ---- decoding (transformers' _decode + the class's convert_tokens_to_string)
     def decode(self, ids, skip_special_tokens=True):
         if hasattr(ids, "tolist"):
@@ -311,54 +305,43 @@ class Tokenizer:
         verbatim = {t for t in self.added if t not in self.all_special_tokens}
         verbatim |= {t for t in self.additional_special_tokens if self.added[t].id >= self.sp_vocab_size}
         texts, run = [], []
-        for tok in tokens:
-            if tok in verbatim:
-                if run:
-                    s = self._tokens_to_string(run)
-                    if s:
-                        texts.append(s)
-                    run = []
-                texts.append(tok)
-            else:
+        for tok in tokens + [None]:
+            if tok is not None and tok not in verbatim:
                 run.append(tok)
-        if run:
-            texts.append(self._tokens_to_string(run))
+                continue
+            if run:
+                text = self._tokens_to_string(run)
+                if text or tok is None:
+                    texts.append(text)
+                run = []
+            if tok is not None:
+                texts.append(tok)
         return (" " if self.spaces_between_special_tokens else "").join(texts)
 
     def _tokens_to_string(self, tokens):
+        """sentencepiece decodes the runs between special tokens; the spaces around those follow each class.
+        (InternLM2's _maybe_add_prefix_space always prepends " ", comparing a string to a set of ints, and its
+        convert_tokens_to_string returns out_string[1:]: the two cancel.)"""
+        llama, tokens = self.style == "llama", list(tokens)
+        if self.prefix_space and self.add_prefix_space and tokens[0].startswith(SPIECE_UNDERLINE):
+            tokens[0] = tokens[0][1:]
         out, run, prev_special = "", [], False
-        if self.style == "llama":
-            tokens = list(tokens)
-            if not self.legacy and self.add_prefix_space and tokens[0].startswith(SPIECE_UNDERLINE):
-                tokens[0] = tokens[0][1:]
-            for i, tok in enumerate(tokens):
-                if tok in self.all_special_tokens:
-                    if not prev_special and i != 0 and self.legacy:
-                        out += " "
-                    out += self.sp.decode(run) + tok
-                    prev_special, run = True, []
-                else:
-                    if prev_special and i == 1 and self.add_prefix_space and not tok.startswith(SPIECE_UNDERLINE):
-                        out += " "
-                    run.append(tok)
-                    prev_special = False
-            return out + self.sp.decode(run)
-        for tok in tokens:  # InternLM2Tokenizer.convert_tokens_to_string
+        for i, tok in enumerate(tokens):
             if tok in self.all_special_tokens:
-                if not prev_special:
+                if not prev_special and self.legacy and (i != 0 or not llama):
                     out += " "
                 out += self.sp.decode(run) + tok
                 prev_special, run = True, []
             else:
+                if (llama and prev_special and i == 1 and self.add_prefix_space
+                        and not tok.startswith(SPIECE_UNDERLINE)):
+                    out += " "
                 run.append(tok)
                 prev_special = False
-        out += self.sp.decode(run)
-        # its _maybe_add_prefix_space always prepends " " (it compares a string to a set of ints),
-        # and the method returns out_string[1:]: the two cancel.
-        return out
+        return out + self.sp.decode(run)
 
 
 def load_tokenizer(path):
-    """Tokenizer from a checkpoint directory (tokenizer.model, tokenizer_config.json,
-    added_tokens.json, special_tokens_map.json)."""
+    """Tokenizer from a checkpoint directory (tokenizer.model, tokenizer_config.json, added_tokens.json,
+    special_tokens_map.json)."""
     return Tokenizer(path)

@@ -14,25 +14,6 @@ from .weights import assign_tensor, check_checkpoint, iter_checkpoint, trim_heap
 __all__ = ["InternVL", "InternVLConfig", "LLMConfig", "VisionConfig", "ModelOutput", "PRESETS", "preset",
            "build_model", "load_config", "load_pretrained"]
 
-IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-
-
-def _added_token_id(path: str, token: str) -> int | None:
-    """The id of an added token from the tokenizer files of a checkpoint directory (no tokenizer needed)."""
-    added = os.path.join(path, "added_tokens.json")
-    if os.path.exists(added):
-        with open(added) as f:
-            ids = json.load(f)
-        if token in ids:
-            return int(ids[token])
-    tok_cfg = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(tok_cfg):
-        with open(tok_cfg) as f:
-            for i, entry in json.load(f).get("added_tokens_decoder", {}).items():
-                if entry.get("content") == token:
-                    return int(i)
-    return None
-
 
 def load_config(path: str) -> InternVLConfig:
     """config.json of an official directory, plus the <IMG_CONTEXT> id from its tokenizer files."""
@@ -41,9 +22,11 @@ def load_config(path: str) -> InternVLConfig:
         raise FileNotFoundError(f"{path}: no config.json (expected an official InternVL 1.5 directory)")
     with open(cfg_file) as f:
         config = InternVLConfig.from_official(json.load(f), source=cfg_file)
-    config.img_context_token_id = _added_token_id(path, IMG_CONTEXT_TOKEN)
-    if config.img_context_token_id is None:
-        raise ValueError(f"{path}: no {IMG_CONTEXT_TOKEN} token in added_tokens.json or tokenizer_config.json")
+    from data.tokenizer import IMG_CONTEXT, read_added_tokens  # the tokenizer's own reading of the files
+    token = read_added_tokens(path).get(IMG_CONTEXT)
+    if token is None:
+        raise ValueError(f"{path}: no {IMG_CONTEXT} token in added_tokens.json or tokenizer_config.json")
+    config.img_context_token_id = token.id
     return config
 
 

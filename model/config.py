@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 # Official LLM class name -> decoder family. Anything else is refused with a clear error.
 LLM_FAMILIES = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3"}
 FAMILY_ARCHITECTURE = {v: k for k, v in LLM_FAMILIES.items()}
-TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat"}
+TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat"}  # family -> chat template (data/templates.py)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class LLMConfig:
 class InternVLConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    template: str = "internlm2-chat"
+    template: str | None = None  # None: the family's (TEMPLATES)
     ps_version: str = "v2"  # the official class default is v1: always read it from config.json
     downsample_ratio: float = 0.5
     select_layer: int = -1
@@ -84,6 +84,10 @@ class InternVLConfig:
     img_context_token_id: int | None = None  # resolved from the tokenizer files when loading a directory
     # The config.json this came from, kept so that an export changes only what it must.
     official: dict | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.template is None:
+            self.template = TEMPLATES[self.llm.family]
 
     @property
     def num_image_token(self) -> int:
@@ -136,7 +140,7 @@ class InternVLConfig:
         if family == "phi3" and rope_scaling is not None and llm.original_max_position_embeddings is None:
             raise ValueError(f"{source}: Phi-3 su rope scaling needs llm_config.original_max_position_embeddings")
         return cls(
-            vision=vision, llm=llm, template=d.get("template") or TEMPLATES[family],
+            vision=vision, llm=llm, template=d.get("template") or None,
             ps_version=d.get("ps_version", "v1"), downsample_ratio=d.get("downsample_ratio", 0.5),
             select_layer=d.get("select_layer", -1), force_image_size=d.get("force_image_size") or vision.image_size,
             dynamic_image_size=d.get("dynamic_image_size", True), use_thumbnail=d.get("use_thumbnail", True),
@@ -178,52 +182,60 @@ class InternVLConfig:
         return d
 
 
-# --- size presets: the released architectures (SPEC §1) and a tiny one for tests and the demo ---
+# --- size presets: the released architectures, and tiny ones for tests and the demo ---
 
 _VIT_300M = VisionConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
                          norm_type="layer_norm", qk_normalization=False, qkv_bias=True, initializer_factor=1.0)
 _VIT_6B = VisionConfig(hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800,
                        norm_type="rms_norm", qk_normalization=True, qkv_bias=False, initializer_factor=0.1)
 
-# April-2024 Phi-3-mini-128k LongRoPE factors (SPEC §1.4). A loaded checkpoint always uses its own config values.
-_PHI3_LONG = [1.0299999713897705, 1.0499999523162842, 1.0499999523162842, 1.0799999237060547, 1.2299998998641968,
-              1.2299998998641968, 1.2999999523162842, 1.4499999284744263, 1.5999999046325684, 1.6499998569488525,
-              1.8999998569488525, 2.859999895095825, 3.68999981880188, 5.419999599456787, 5.489999771118164,
-              5.489999771118164, 9.09000015258789, 11.579999923706055, 15.65999984741211, 15.769999504089355,
-              15.789999961853027, 18.360000610351562, 21.989999771118164, 23.079999923706055, 30.009998321533203,
-              32.35000228881836, 32.590003967285156, 35.56000518798828, 39.95000457763672, 53.840003967285156,
-              56.20000457763672, 57.95000457763672, 59.29000473022461, 59.77000427246094, 59.920005798339844,
-              61.190006256103516, 61.96000671386719, 62.50000762939453, 63.3700065612793, 63.48000717163086,
-              63.48000717163086, 63.66000747680664, 63.850006103515625, 64.08000946044922, 64.760009765625,
-              64.80001068115234, 64.81001281738281, 64.81001281738281]
-_PHI3_SHORT = ([1.05] * 3 + [1.1] * 2 + [1.15, 1.2, 1.25, 1.3, 1.35, 1.5] + [2.0] * 21 + [2.05] * 3 + [2.1] * 3
-               + [2.15] * 2 + [2.35, 2.55] + [2.6] * 2 + [2.75] + [2.85] * 2 + [2.95])
+# April-2024 Phi-3-mini-128k LongRoPE factors. A loaded checkpoint always uses its own config values.
+_PHI3_LONG = [1.0299999713897705, 1.0499999523162842, 1.0499999523162842, 1.0799999237060547,
+              1.2299998998641968, 1.2299998998641968, 1.2999999523162842, 1.4499999284744263,
+              1.5999999046325684, 1.6499998569488525, 1.8999998569488525, 2.859999895095825, 3.68999981880188,
+              5.419999599456787, 5.489999771118164, 5.489999771118164, 9.09000015258789, 11.579999923706055,
+              15.65999984741211, 15.769999504089355, 15.789999961853027, 18.360000610351562,
+              21.989999771118164, 23.079999923706055, 30.009998321533203, 32.35000228881836,
+              32.590003967285156, 35.56000518798828, 39.95000457763672, 53.840003967285156, 56.20000457763672,
+              57.95000457763672, 59.29000473022461, 59.77000427246094, 59.920005798339844, 61.190006256103516,
+              61.96000671386719, 62.50000762939453, 63.3700065612793, 63.48000717163086, 63.48000717163086,
+              63.66000747680664, 63.850006103515625, 64.08000946044922, 64.760009765625, 64.80001068115234,
+              64.81001281738281, 64.81001281738281]
+_PHI3_SHORT = ([1.05] * 3 + [1.1] * 2 + [1.15, 1.2, 1.25, 1.3, 1.35, 1.5] + [2.0] * 21 + [2.05] * 3
+               + [2.1] * 3 + [2.15] * 2 + [2.35, 2.55] + [2.6] * 2 + [2.75] + [2.85] * 2 + [2.95])
 
 PRESETS: dict[str, InternVLConfig] = {
     "2b": InternVLConfig(
-        vision=_VIT_300M, template="internlm2-chat", img_context_token_id=92546,
+        vision=_VIT_300M, img_context_token_id=92546,
         llm=LLMConfig(family="internlm2", vocab_size=92553, hidden_size=2048, num_layers=24, num_heads=16,
                       num_kv_heads=8, intermediate_size=8192, rope_theta=1e6,
                       rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=32768)),
     "4b": InternVLConfig(
-        vision=_VIT_300M, template="phi3-chat", img_context_token_id=32013,
+        vision=_VIT_300M, img_context_token_id=32013,
         llm=LLMConfig(family="phi3", vocab_size=32020, hidden_size=3072, num_layers=32, num_heads=32,
                       num_kv_heads=32, intermediate_size=8192, rope_theta=1e4,
                       rope_scaling={"type": "su", "short_factor": _PHI3_SHORT, "long_factor": _PHI3_LONG},
                       max_position_embeddings=131072, original_max_position_embeddings=4096,
                       eos_token_id=32000, pad_token_id=32000)),
     "26b": InternVLConfig(
-        vision=_VIT_6B, template="internlm2-chat", img_context_token_id=92546,
+        vision=_VIT_6B, img_context_token_id=92546,
         llm=LLMConfig(family="internlm2", vocab_size=92553, hidden_size=6144, num_layers=48, num_heads=48,
                       num_kv_heads=8, intermediate_size=16384, rope_theta=1e6,
                       rope_scaling={"type": "dynamic", "factor": 3.0}, max_position_embeddings=32768)),
     # Same shapes as the test fixtures: fast on a CPU, every code path of the 26B (rms_norm + q/k norm, GQA).
     "tiny": InternVLConfig(
-        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, norm_type="rms_norm",
-                            qk_normalization=True, qkv_bias=False, initializer_factor=0.1),
-        llm=LLMConfig(family="internlm2", vocab_size=521, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=128, rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 2.0}),
-        template="internlm2-chat", max_dynamic_patch=6),
+        vision=replace(_VIT_6B, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
+        llm=LLMConfig(family="internlm2", vocab_size=521, hidden_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, intermediate_size=128, rope_theta=1e6,
+                      rope_scaling={"type": "dynamic", "factor": 2.0}),
+        max_dynamic_patch=6),
+    # The demo base (demo.py): the 2B's family (InternViT-300M style ViT, InternLM2), tiny; its vocab_size is
+    # set to the size of the tokenizer it is trained with.
+    "demo": InternVLConfig(
+        vision=replace(_VIT_300M, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
+        llm=LLMConfig(family="internlm2", vocab_size=0, hidden_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, intermediate_size=256, rope_theta=1e6,
+                      rope_scaling={"type": "dynamic", "factor": 2.0})),
 }
 
 

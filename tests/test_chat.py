@@ -197,7 +197,7 @@ def test_batched_answers_equal_one_by_one_on_the_demo(tmp_path):
     """The demo base (random weights: long, varied answers) on 12 held-out records: batches of 5 == one by one,
     through the bench script, which reports the same."""
     from bench import chat as bench_chat
-    from data.demo import make_demo
+    from demo import make_demo
     base, _, folder = make_demo(str(tmp_path / "demo"), n_images=8, text_only=4)
     lines = open(os.path.join(folder, "eval.jsonl")).readlines()
     test = tmp_path / "test.jsonl"

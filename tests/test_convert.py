@@ -44,7 +44,7 @@ def workdir(tmp_path_factory):
 def demo_src(workdir):
     """One demo base + data, copied into every run; the base also carries remote-code files and LoRA flags set,
     so the export must copy the former unchanged and reset the latter."""
-    from data.demo import make_demo
+    from demo import make_demo
     base, _, _ = make_demo(str(workdir / "demo_src" / "demo"))
     for name in REMOTE_CODE:
         Path(base, name).write_text(f"# stand-in for the official {name}\n")

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from data import build_sample, collate, load_tokenizer
+from model.config import TEMPLATES
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -13,10 +14,10 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 def test_collate_pads_right_and_concatenates_tiles():
     a = dict(input_ids=torch.tensor([1, 5, 6, 7]), labels=torch.tensor([-100, -100, 6, 7]),
              pixel_values=torch.full((2, 3, 448, 448), 0.5), image_flags=torch.tensor([1, 1]),
-             meta={"id": "s:1", "skipped": ["s:9: gone"], "labels_match_official": True})
+             meta={"id": "s:1", "skipped": ["s:9: gone"]})
     b = dict(input_ids=torch.tensor([1, 0, 9]), labels=torch.tensor([-100, 0, 9]),
              pixel_values=torch.full((1, 3, 448, 448), -1.0), image_flags=torch.tensor([0]),
-             meta={"id": "s:2", "skipped": [], "labels_match_official": False})
+             meta={"id": "s:2", "skipped": [], "truncated": True})
     out = collate([a, b])
     assert out["input_ids"].tolist() == [[1, 5, 6, 7], [1, 0, 9, 0]]
     assert out["labels"].tolist() == [[-100, -100, 6, 7], [-100, 0, 9, -100]]
@@ -26,15 +27,15 @@ def test_collate_pads_right_and_concatenates_tiles():
     assert out["pixel_values"][:, 0, 0, 0].tolist() == [0.5, 0.5, -1.0]
     assert out["image_flags"].tolist() == [1, 1, 0]
     assert out["meta"] == {"ids": ["s:1", "s:2"], "skipped": ["s:9: gone"], "num_samples": 2, "num_tokens": 7,
-                           "num_supervised": 4, "image_failures": 0, "label_mismatches": 1,
-                           "label_mismatch_ids": ["s:2"], "truncated": 0}
+                           "num_supervised": 4, "image_failures": 0, "truncated": 1}
 
 
 def test_collate_of_fixture_sample_matches_official_batch():
     for case in ("internlm2", "phi3"):
         t = load_file(os.path.join(FIX, case, "reference.safetensors"))
         record = json.load(open(os.path.join(FIX, case, "conversation.json")))
-        sample = build_sample(record, load_tokenizer(os.path.join(FIX, case)), None, os.path.join(FIX, case), max_num=6)
+        sample = build_sample(record, load_tokenizer(os.path.join(FIX, case)), TEMPLATES[case], os.path.join(FIX, case),
+                              max_num=6)
         out = collate([sample])
         for key in ("input_ids", "labels", "attention_mask", "position_ids", "image_flags"):
             assert torch.equal(out[key], t[key]), (case, key)

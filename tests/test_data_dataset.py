@@ -12,6 +12,7 @@ from data.dataset import read_annotation, repeat_indices
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TOK = load_tokenizer(os.path.join(FIX, "phi3"))
+TEMPLATE = "phi3-chat"
 
 
 def conv(q="Describe the picture.", a="A gradient."):
@@ -52,7 +53,7 @@ def test_dataset_repeat_ratios_and_source_counts(tmp_path, image_dir):
     a = write_jsonl(tmp_path / "a.jsonl", [{"image": "0.jpg", "conversations": conv(a=f"A{i}")} for i in range(10)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"conversations": conv(a=f"B{i}")} for i in range(10)])
     c = write_jsonl(tmp_path / "c.jsonl", [{"conversations": conv(a=f"C{i}")} for i in range(10)])
-    ds = SupervisedDataset([Source(a, str(image_dir), 0.5), Source(b, None, 1), Source(c, None, 2.5)], TOK, seed=3)
+    ds = SupervisedDataset([Source(a, str(image_dir), 0.5), Source(b, None, 1), Source(c, None, 2.5)], TOK, TEMPLATE, seed=3)
     assert {k: v["sampled"] for k, v in ds.source_counts.items()} == {"a": 5, "b": 10, "c": 25}
     assert len(ds) == 40 and sum(ds.is_image) == 5
     picked_c = sorted(k for si, k in ds.index if si == 2)
@@ -70,7 +71,7 @@ def test_json_array_and_meta_file(tmp_path, image_dir):
     assert [(s.name, s.repeat, s.max_num, s.data_augment) for s in sources] == [
         ("first", 2.0, 2, False), ("second", 0.5, None, True)]
     assert sources[0].image_folder == str(image_dir)
-    ds = SupervisedDataset(sources, TOK)
+    ds = SupervisedDataset(sources, TOK, TEMPLATE)
     assert len(ds) == 5
     sample = ds[0]  # source "first" keeps at most 2 tiles (+ thumbnail) for its 300x900 image
     assert sample["pixel_values"].shape[0] == 3 and sample["meta"]["id"] == "first:2"
@@ -102,7 +103,7 @@ def test_bad_inputs_reported_together_with_file_line(tmp_path):
     good = {"conversations": conv()}
     path = write_jsonl(tmp_path / "bad.jsonl", [good] + [b for b, _ in BAD] + [good])
     with pytest.raises(DataError) as err:
-        SupervisedDataset([Source(path)], TOK)
+        SupervisedDataset([Source(path)], TOK, TEMPLATE)
     msg = str(err.value)
     assert msg.startswith("5 bad sample(s) (use --skip-bad-samples to skip them)")
     for line, (_, reason) in enumerate(BAD, start=2):
@@ -111,7 +112,7 @@ def test_bad_inputs_reported_together_with_file_line(tmp_path):
 
 def test_skip_bad_samples_counts_them(tmp_path, caplog):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": conv()}] + [b for b, _ in BAD])
-    ds = SupervisedDataset([Source(path)], TOK, skip_bad_samples=True)
+    ds = SupervisedDataset([Source(path)], TOK, TEMPLATE, skip_bad_samples=True)
     assert ds.source_counts["bad"] == {"records": 6, "bad": 5, "missing_images": 0, "valid": 1, "sampled": 1}
     assert "skipped 5 bad samples" in caplog.text and "bad.jsonl:3: missing 'conversations'" in caplog.text
 
@@ -119,7 +120,19 @@ def test_skip_bad_samples_counts_them(tmp_path, caplog):
 def test_malformed_json_array_is_fatal(tmp_path):
     (tmp_path / "a.json").write_text('[\n {"conversations": []},\n {"conversations": [}\n]')
     with pytest.raises(DataError, match=r"a.json:3: malformed JSON"):
-        SupervisedDataset([Source(str(tmp_path / "a.json"))], TOK, skip_bad_samples=True)
+        SupervisedDataset([Source(str(tmp_path / "a.json"))], TOK, TEMPLATE, skip_bad_samples=True)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('\n\n{"conversations": []}', r"a.json:3: a .json annotation must be an array of records"),
+    ('[\n {"conversations": []}\n\n {"conversations": []}]', r"a.json:4: malformed JSON: expected ',' or ']'"),
+    (b'[\n{"conversations": "\xff"}]', "a.json:2: not UTF-8"),
+])
+def test_json_array_errors_name_the_line(tmp_path, content, message):
+    path = tmp_path / "a.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=message):
+        SupervisedDataset([Source(str(path))], TOK, TEMPLATE, skip_bad_samples=True)
 
 
 def test_unreadable_images_are_replaced_then_abort(tmp_path, image_dir, caplog):
@@ -127,17 +140,17 @@ def test_unreadable_images_are_replaced_then_abort(tmp_path, image_dir, caplog):
     recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "broken.jpg", "conversations": conv()},
             {"image": "1.jpg", "conversations": conv()}, {"conversations": conv()}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
-    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, image_failure_grace=5)
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, image_failure_grace=5)
     s = ds[1]  # another image sample takes the slot
     assert s["meta"]["id"] in ("a:1", "a:3") and s["image_flags"].tolist() == [1] * len(s["image_flags"])
     assert s["meta"]["skipped"][0].startswith("a:2: ") and "broken.jpg: cannot load image" in s["meta"]["skipped"][0]
-    assert ds.stats == {"seen": 2, "image_failures": 1, "too_long": 0, "label_mismatches": 0}
+    assert ds.stats == {"seen": 2, "image_failures": 1, "too_long": 0}
     assert s["meta"]["image_failures"] == 1 and "skipping sample a:2" in caplog.text
     caplog.clear()
     ds.log_problems = False  # train.py: reported by the main process from the batch meta instead
     assert ds[1]["meta"]["image_failures"] == 1 and "skipping" not in caplog.text
     assert ds[1]["meta"]["id"] == s["meta"]["id"]  # the replacement is seeded
-    strict = SupervisedDataset([Source(path, str(image_dir))], TOK, image_failure_grace=0, max_image_failure_rate=0.01)
+    strict = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, image_failure_grace=0, max_image_failure_rate=0.01)
     strict[0]
     with pytest.raises(RuntimeError, match=r"too many unreadable images: 1 of 2 samples seen .*broken.jpg"):
         strict[1]
@@ -146,7 +159,7 @@ def test_unreadable_images_are_replaced_then_abort(tmp_path, image_dir, caplog):
 def test_over_length_samples_are_counted_skips(tmp_path, image_dir):
     recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "2.jpg", "conversations": conv()}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
-    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, max_length=400, max_num=6)  # 0.jpg: 7 tiles
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_length=400, max_num=6)  # 0.jpg: 7 tiles
     s = ds[0]
     assert s["meta"]["id"] == "a:2" and "image tokens end at position" in s["meta"]["skipped"][0]
     assert ds.stats["too_long"] >= 1
@@ -162,14 +175,14 @@ def test_length_estimates_are_exact_or_upper_bounds(tmp_path, image_dir):
             {"image": ["0.jpg", "1.jpg"], "image_wh": [[640, 480], [300, 900]],
              "conversations": conv(q="<image> and <image>")}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
-    for tok in (TOK, load_tokenizer(os.path.join(FIX, "internlm2"))):
-        ds = SupervisedDataset([Source(path, str(image_dir))], tok, max_num=6)
+    for tok, template in ((TOK, TEMPLATE), (load_tokenizer(os.path.join(FIX, "internlm2")), "internlm2-chat")):
+        ds = SupervisedDataset([Source(path, str(image_dir))], tok, template, max_num=6)
         real = [len(ds[i]["input_ids"]) for i in range(len(ds))]
         real_tiles = [int(ds[i]["image_flags"].sum()) for i in range(len(ds))]
         assert ds.tiles.tolist() == [7, 7, 7, 0, 5] and real_tiles == [7, 4, 7, 0, 5]  # 300x900: 1x3 + thumbnail
         assert ds.lengths.tolist() == [n + 256 * (t - r) for n, t, r in zip(real, ds.tiles, real_tiles)]
         assert ds.is_image.tolist() == [True, True, True, False, True]
-    capped = SupervisedDataset([Source(path, str(image_dir))], TOK, max_num=6, max_length=1000)
+    capped = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_num=6, max_length=1000)
     assert capped.lengths.max() == 1000
 
 
@@ -177,7 +190,7 @@ def test_dataloader_with_workers(tmp_path, image_dir):
     recs = [{"image": f"{k % 3}.jpg", "conversations": conv(a=f"Answer {k}.")} for k in range(6)]
     recs += [{"conversations": conv(a=f"Text {k}.")} for k in range(4)]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
-    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, max_num=2)
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_num=2)
     sampler = LengthGroupedSampler(ds.lengths, ds.is_image, batch_size=2)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=2)
     ids = []
@@ -205,11 +218,11 @@ def _big(tmp_path, n, bad_every=0):
 def test_every_bad_line_is_reported_in_one_error(tmp_path, image_dir):
     path = _big(tmp_path, 3700, bad_every=100)  # 37 bad lines
     with pytest.raises(DataError) as err:
-        SupervisedDataset([Source(path, str(image_dir))], TOK)
+        SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE)
     msg = str(err.value)
     assert msg.startswith("37 bad sample(s)") and "more" not in msg
     assert [int(l.split(":")[1]) for l in msg.splitlines()[1:]] == list(range(1, 3602, 100))
-    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, skip_bad_samples=True)
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, skip_bad_samples=True)
     assert ds.source_counts["big"] == {"records": 3700, "bad": 37, "missing_images": 0, "valid": 3663,
                                        "sampled": 3663}
 
@@ -219,15 +232,15 @@ def test_missing_image_files_are_found_at_build_with_counts(tmp_path, image_dir)
             {"image": ["1.jpg", "sub/x.jpg"], "conversations": conv(q="<image><image>")}, {"conversations": conv()}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
     with pytest.raises(DataError) as err:
-        SupervisedDataset([Source(path, str(image_dir))], TOK)
+        SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE)
     msg = str(err.value)
     assert msg.startswith(f"2 bad sample(s) (use --skip-bad-samples to skip them); missing image files: "
                           f"{{'a': '2 of 4 records under {image_dir}'}}:")
     assert f"a.jsonl:2: image file not found: {image_dir}/gone.jpg" in msg
     assert f"a.jsonl:3: image file not found: {image_dir}/sub/x.jpg" in msg
     with pytest.raises(DataError, match=r"missing image files: \{'a': '3 of 4 records under"):  # folder not given
-        SupervisedDataset([Source(path)], TOK)
-    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, skip_bad_samples=True)
+        SupervisedDataset([Source(path)], TOK, TEMPLATE)
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, skip_bad_samples=True)
     assert ds.source_counts["a"] == {"records": 4, "bad": 2, "missing_images": 2, "valid": 2, "sampled": 2}
 
 
@@ -237,27 +250,28 @@ def test_index_cache_is_reused_and_rebuilt_when_anything_changes(tmp_path, image
     scans = []
     scan = SupervisedDataset._scan
     monkeypatch.setattr(SupervisedDataset, "_scan", lambda self, si: scans.append(si) or scan(self, si))
-    cold = SupervisedDataset([Source(path, str(image_dir))], TOK, cache_dir=cache)
-    warm = SupervisedDataset([Source(path, str(image_dir))], TOK, cache_dir=cache)
+    cold = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache)
+    warm = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache)
     assert len(scans) == 1 and len(os.listdir(cache)) == 1
     for c in ("lengths", "tiles", "is_image", "index"):
         assert getattr(warm, c).tolist() == getattr(cold, c).tolist()
     assert warm[5]["input_ids"].tolist() == cold[5]["input_ids"].tolist()
-    SupervisedDataset([Source(path, str(image_dir))], TOK, cache_dir=cache, max_num=4)  # another tile cap
-    SupervisedDataset([Source(path, str(image_dir))], TOK, cache_dir=cache, system_message="Hi.")
-    SupervisedDataset([Source(path, str(image_dir))], load_tokenizer(os.path.join(FIX, "internlm2")), cache_dir=cache)
+    SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache, max_num=4)  # another tile cap
+    SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache, system_message="Hi.")
+    SupervisedDataset([Source(path, str(image_dir))], load_tokenizer(os.path.join(FIX, "internlm2")), "internlm2-chat",
+                      cache_dir=cache)
     assert len(scans) == 4
     with open(path, "a") as f:  # the same path, new content: rebuilt, never reused
         f.write(json.dumps({"conversations": conv(a="One more.")}) + "\n")
-    changed = SupervisedDataset([Source(path, str(image_dir))], TOK, cache_dir=cache)
+    changed = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache)
     assert len(scans) == 5 and len(changed) == 201
-    other_rank = SupervisedDataset([Source(path, str(image_dir))], TOK, index=changed.source_index)
+    other_rank = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, index=changed.source_index)
     assert len(scans) == 5 and other_rank.lengths.tolist() == changed.lengths.tolist()
 
 
 def test_records_are_read_from_the_file_not_held(tmp_path, image_dir):
     path = _big(tmp_path, 400)
-    ds = SupervisedDataset([Source(path, str(image_dir))], TOK)
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE)
     assert not hasattr(ds, "records")
     held = sum(a.nbytes for a in (ds.index, ds.lengths, ds.tiles, ds.is_image))
     held += sum(x[c].nbytes for x in ds.source_index for c in ("offset", "nbytes", "line", "length", "tiles"))
@@ -272,7 +286,7 @@ def test_jpeg_augmentation_varies_with_the_epoch_reproducibly(tmp_path, image_di
     src = Source(path, str(image_dir), data_augment=True)
 
     def pixels(epoch):
-        ds = SupervisedDataset([src], TOK, max_num=1, seed=5)
+        ds = SupervisedDataset([src], TOK, TEMPLATE, max_num=1, seed=5)
         ds.set_epoch(epoch)
         return ds[0]["pixel_values"]
 
@@ -288,7 +302,7 @@ def test_packs_from_estimates_stay_within_budget_when_images_are_smaller(tmp_pat
     recs = [{"image": f"{k % 3}.jpg", "conversations": conv(a="word " * (1 + k % 7))} for k in range(18)]
     recs += [{"conversations": conv(a="text " * k)} for k in range(1, 7)]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
-    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, max_num=6)
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_num=6)
     sampler = PackedBatchSampler(ds.lengths, 2048, tiles=ds.tiles, max_tiles=15, seed=1, window=8)
     seen = []
     for pack in sampler:
@@ -303,6 +317,6 @@ def test_packs_from_estimates_stay_within_budget_when_images_are_smaller(tmp_pat
 def test_json_array_with_non_ascii_text_is_read_back_by_byte_offset(tmp_path):
     records = [{"conversations": conv(q=f"问题 {k} é?", a=f"回答 {k} — ünïcode.")} for k in range(5)]
     (tmp_path / "u.json").write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
-    ds = SupervisedDataset([Source(str(tmp_path / "u.json"))], TOK)
+    ds = SupervisedDataset([Source(str(tmp_path / "u.json"))], TOK, TEMPLATE)
     assert [ds.record(i) for i in range(5)] == records
     assert [ds.sample_id(i) for i in range(5)] == [f"u:{2 + 12 * k}" for k in range(5)]

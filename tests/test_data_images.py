@@ -11,17 +11,17 @@ from data.images import (IMAGENET_MEAN, IMAGENET_STD, choose_grid, dummy_pixel_v
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
-# SPEC §5.2: candidate order for max_num 12 (CPython set iteration order within equal products)
-SPEC_ORDER_12 = [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1),
+# the official candidate order for max_num 12 (CPython set iteration order within equal products)
+OFFICIAL_ORDER_12 = [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1),
                  (3, 2), (2, 3), (7, 1), (1, 7), (4, 2), (2, 4), (1, 8), (8, 1), (1, 9), (3, 3), (9, 1), (2, 5),
                  (5, 2), (10, 1), (1, 10), (11, 1), (1, 11), (12, 1), (3, 4), (4, 3), (1, 12), (6, 2), (2, 6)]
 
 
 def test_candidate_order_matches_spec():
-    assert target_ratios(1, 12) == SPEC_ORDER_12
+    assert target_ratios(1, 12) == OFFICIAL_ORDER_12
 
 
-# SPEC §5.2 test vectors, cap 12, thumbnail on; 896x448 and 1920x1080 exercise the area tie-break
+# official tiling test vectors, cap 12, thumbnail on; 896x448 and 1920x1080 exercise the area tie-break
 @pytest.mark.parametrize("wh,grid,tiles", [
     ((448, 448), (1, 1), 1), ((500, 500), (1, 1), 1), ((640, 640), (2, 2), 5), ((1024, 1024), (3, 3), 10),
     ((800, 600), (4, 3), 13), ((600, 400), (3, 2), 7), ((896, 448), (2, 1), 3), ((1920, 1080), (4, 2), 9),

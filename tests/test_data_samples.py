@@ -9,11 +9,14 @@ from safetensors.torch import load_file
 
 from data import DEFAULT_SYSTEM_MESSAGE, SampleError, SampleTooLong, build_sample, load_tokenizer
 from data.images import dummy_pixel_values
-from data.templates import RELEASE_SYSTEM_MESSAGES, official_labels, render
+from data.templates import RELEASE_SYSTEM_MESSAGES, render
+from model.config import TEMPLATES
+from tests.official_labels import matches_official, official_labels
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 CASES = ["internlm2", "phi3"]
 TOK = {c: load_tokenizer(os.path.join(FIX, c)) for c in CASES}
+TERM = {"internlm2": "<|im_end|>", "phi3": "<|end|>"}
 
 
 def human(v):
@@ -43,7 +46,7 @@ def test_fixture_sample_is_official(case):
     assert torch.equal(s["pixel_values"][:, :, ::7, ::7], t["pixel_values_sub"])
     assert torch.allclose(s["pixel_values"].double().sum((1, 2, 3)), t["pixel_values_tile_sum"], rtol=0, atol=1e-9)
     assert torch.equal(s["image_flags"], t["image_flags"])
-    assert s["labels_match_official"] and not s["truncated"]
+    assert matches_official(record, s, tok, ref["template"]) and not s["truncated"]
 
 
 MULTI_TURN = [human("<image>\nDescribe the picture."), gpt("A gradient."),
@@ -54,15 +57,16 @@ MULTI_TURN = [human("<image>\nDescribe the picture."), gpt("A gradient."),
 @pytest.mark.parametrize("case", CASES)
 def test_multi_turn_chinese_special_characters(case):
     tok = TOK[case]
-    s = build_sample({"image": "image.png", "conversations": MULTI_TURN}, tok, None, os.path.join(FIX, case), max_num=6)
-    term = tok.terminator
+    rec = {"image": "image.png", "conversations": MULTI_TURN}
+    s = build_sample(rec, tok, TEMPLATES[case], os.path.join(FIX, case), max_num=6)
+    term = TERM[case]
     assert supervised_text(tok, s).replace(" ", "") == (
         f"A gradient.{term}ok 中文回答！\n第二行 <tag> & 100%{term}A smooth gradient.{term}").replace(" ", "")
     # the official fragment-count procedure gives the same labels for these answers
-    assert s["labels_match_official"]
+    assert matches_official(rec, s, tok, TEMPLATES[case])
     # exactly the answers + terminators are supervised: three terminators, no role tokens
     lab = s["labels"][s["labels"] != -100].tolist()
-    assert lab.count(tok.terminator_id) == 3 and tok.img_context_id not in lab
+    assert lab.count(tok.convert_tokens_to_ids(term)) == 3 and tok.img_context_id not in lab
     assert int((s["input_ids"] == tok.img_context_id).sum()) == 256 * 7
 
 
@@ -70,7 +74,7 @@ def test_multi_turn_chinese_special_characters(case):
 def test_prompt_layout_is_official_mpt(case):
     tok = TOK[case]
     rec = {"conversations": [human("Q1"), gpt("A1"), human("Q2"), gpt("A2")]}
-    s = build_sample(rec, tok, system_message="SYS")
+    s = build_sample(rec, tok, TEMPLATES[case], system_message="SYS")
     if case == "internlm2":
         text = ("<|im_start|>system\nSYS<|im_end|><|im_start|>user\nQ1<|im_end|><|im_start|>assistant\nA1<|im_end|>"
                 "<|im_start|>user\nQ2<|im_end|><|im_start|>assistant\nA2<|im_end|>")
@@ -82,45 +86,44 @@ def test_prompt_layout_is_official_mpt(case):
 
 def test_phi3_lone_underline_and_label_start():
     tok = TOK["phi3"]
-    s = build_sample({"conversations": [human("Q"), gpt("A1"), human("Q2"), gpt("A2")]}, tok)
+    rec = {"conversations": [human("Q"), gpt("A1"), human("Q2"), gpt("A2")]}
+    s = build_sample(rec, tok, "phi3-chat")
     assert s["input_ids"][:3].tolist() == [1, 443, tok.convert_tokens_to_ids("<|system|>")]
     assert s["labels"][:3].tolist() == [-100, -100, -100]
-    assert s["labels_match_official"]
+    assert matches_official(rec, s, tok, "phi3-chat")
 
 
 def test_internlm2_strips_values_phi3_does_not():
     rec = {"conversations": [human("  Q  "), gpt(" A gradient.  ")]}
-    a = build_sample(rec, TOK["internlm2"])
-    b = build_sample({"conversations": [human("Q"), gpt("A gradient.")]}, TOK["internlm2"])
+    a = build_sample(rec, TOK["internlm2"], "internlm2-chat")
+    b = build_sample({"conversations": [human("Q"), gpt("A gradient.")]}, TOK["internlm2"], "internlm2-chat")
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
     tok = TOK["phi3"]
-    c = build_sample(rec, tok)  # trailing spaces stay (leading ones are eaten by <|user|>/<|assistant|> rstrip)
+    c = build_sample(rec, tok, "phi3-chat")  # trailing spaces stay (leading ones are eaten by <|user|>/<|assistant|> rstrip)
     assert supervised_text(tok, c) == "A gradient.  <|end|>"
 
 
-def test_internlm2_official_mismatch_is_counted_not_masked():
+def test_internlm2_official_mismatch_keeps_the_net_labels():
     # behind the dummy prefix 'Hello' tokenizes as '▁', 'H', 'e', 'll', 'o' but inside the prompt (after '\n')
     # as 'H', 'e', 'll', 'o': the official fragment count is off by one and it masks the whole sample
     tok = TOK["internlm2"]
     rec = {"conversations": [human("Hi"), gpt("Hello there")]}
-    s = build_sample(rec, tok)
-    assert not s["labels_match_official"]
+    s = build_sample(rec, tok, "internlm2-chat")
+    assert not matches_official(rec, s, tok, "internlm2-chat")
     assert supervised_text(tok, s).strip() == "Hello there<|im_end|>"
     text = render("internlm2-chat", [("Hi", "Hello there")], DEFAULT_SYSTEM_MESSAGE)[0]
     official, consistent = official_labels("internlm2-chat", tok, text, s["input_ids"].tolist())
-    assert not consistent and all(x == -100 for x in official)
-    with pytest.raises(SampleTooLong, match="no supervised token"):
-        build_sample(rec, tok, label_rule="official")  # the official labels leave nothing to learn
+    assert not consistent and all(x == -100 for x in official)  # the official labels leave nothing to learn
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_text_only_sample(case):
     tok = TOK[case]
-    s = build_sample({"conversations": [human("Hello"), gpt("A gradient.")]}, tok)
+    s = build_sample({"conversations": [human("Hello"), gpt("A gradient.")]}, tok, TEMPLATES[case])
     assert s["image_flags"].tolist() == [0]
     assert torch.equal(s["pixel_values"], dummy_pixel_values())
     assert not any(i in s["input_ids"].tolist() for i in (tok.img_start_id, tok.img_end_id, tok.img_context_id))
-    assert supervised_text(tok, s).strip() == f"A gradient.{tok.terminator}"
+    assert supervised_text(tok, s).strip() == f"A gradient.{TERM[case]}"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -130,8 +133,8 @@ def test_image_tag_prepended_to_first_human_turn(case):
     with_tag = {"image": "x.png", "conversations": [human("<image>\nDescribe the picture."), gpt("A gradient.")]}
     without = {"image": "x.png", "conversations": [gpt("(leading gpt turn is dropped)"),
                                                    human("Describe the picture."), gpt("A gradient.")]}
-    a = build_sample(with_tag, tok, images=[img], max_num=6)
-    b = build_sample(without, tok, images=[img], max_num=6)
+    a = build_sample(with_tag, tok, TEMPLATES[case], images=[img], max_num=6)
+    b = build_sample(without, tok, TEMPLATES[case], images=[img], max_num=6)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
@@ -141,7 +144,7 @@ def test_multi_image_sample(case):
     imgs = [Image.new("RGB", (896, 448), (200, 10, 10)), Image.new("RGB", (300, 300), (0, 0, 255))]
     rec = {"image": ["a.png", "b.png"],
            "conversations": [human("First <image>\nsecond <image>\nsame?"), gpt("No.")]}
-    s = build_sample(rec, tok, images=imgs, max_num=6)  # cap 3 each: (2,1)+thumb = 3 tiles, (1,1) = 1 tile
+    s = build_sample(rec, tok, TEMPLATES[case], images=imgs, max_num=6)  # cap 3 each: (2,1)+thumb = 3 tiles, (1,1) = 1 tile
     assert s["pixel_values"].shape[0] == 4 and s["image_flags"].tolist() == [1, 1, 1, 1]
     ids = s["input_ids"].tolist()
     starts = [k for k, i in enumerate(ids) if i == tok.img_start_id]
@@ -154,9 +157,9 @@ def test_multi_image_sample(case):
 def test_system_message_override_and_release_default(case):
     tok = TOK[case]
     rec = {"conversations": [human("Q"), gpt("A gradient.")]}
-    default = build_sample(rec, tok)
-    release = build_sample(rec, tok, system_message=RELEASE_SYSTEM_MESSAGES[case + "-chat"])
-    empty = build_sample(rec, tok, system_message="")
+    default = build_sample(rec, tok, TEMPLATES[case])
+    release = build_sample(rec, tok, TEMPLATES[case], system_message=RELEASE_SYSTEM_MESSAGES[case + "-chat"])
+    empty = build_sample(rec, tok, TEMPLATES[case], system_message="")
     assert len({len(default["input_ids"]), len(release["input_ids"]), len(empty["input_ids"])}) == 3
     sys_text = tok.decode(release["input_ids"].tolist(), skip_special_tokens=False)
     assert RELEASE_SYSTEM_MESSAGES[case + "-chat"].replace(" ", "") in sys_text.replace(" ", "")
@@ -167,16 +170,16 @@ def test_max_length_never_cuts_an_image_span(case):
     tok = TOK[case]
     img = Image.new("RGB", (896, 448), (1, 2, 3))  # 3 tiles = 768 image tokens
     rec = {"image": "x.png", "conversations": [human("Describe."), gpt("A gradient. " * 40)]}
-    full = build_sample(rec, tok, images=[img], max_num=6)
+    full = build_sample(rec, tok, TEMPLATES[case], images=[img], max_num=6)
     n, img_end = len(full["input_ids"]), full["input_ids"].tolist().index(tok.img_end_id) + 1
-    cut = build_sample(rec, tok, images=[img], max_num=6, max_length=n - 10)  # the text tail may go
+    cut = build_sample(rec, tok, TEMPLATES[case], images=[img], max_num=6, max_length=n - 10)  # the text tail may go
     assert cut["truncated"] and torch.equal(cut["input_ids"], full["input_ids"][:n - 10])
     assert torch.equal(cut["labels"], full["labels"][:n - 10]) and (cut["labels"] != -100).any()
     with pytest.raises(SampleTooLong, match=r"image tokens end at position \d+ > max_length"):
-        build_sample(rec, tok, images=[img], max_num=6, max_length=img_end - 1)
+        build_sample(rec, tok, TEMPLATES[case], images=[img], max_num=6, max_length=img_end - 1)
     with pytest.raises(SampleTooLong, match="no supervised token left"):
-        build_sample(rec, tok, images=[img], max_num=6, max_length=img_end + 1)
-    same = build_sample(rec, tok, images=[img], max_num=6, max_length=n)
+        build_sample(rec, tok, TEMPLATES[case], images=[img], max_num=6, max_length=img_end + 1)
+    same = build_sample(rec, tok, TEMPLATES[case], images=[img], max_num=6, max_length=n)
     assert not same["truncated"] and torch.equal(same["input_ids"], full["input_ids"])
 
 
@@ -194,4 +197,4 @@ def test_max_length_never_cuts_an_image_span(case):
 ])
 def test_bad_records(record, message):
     with pytest.raises(SampleError, match=message):
-        build_sample(record, TOK["phi3"])
+        build_sample(record, TOK["phi3"], "phi3-chat")

@@ -6,7 +6,9 @@ import pytest
 import sentencepiece as spm
 from safetensors.torch import load_file
 
-from data import load_tokenizer
+from data import get_template, load_tokenizer
+from model import load_config
+from model.config import TEMPLATES
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 CASES = ["internlm2", "phi3"]
@@ -40,9 +42,9 @@ def test_ids_the_toolkit_needs(case):
     assert tok.img_start_id == ref["img_start_token_id"]
     assert tok.img_end_id == ref["img_end_token_id"]
     assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == ref["img_context_token_id"]
-    assert tok.terminator_id == ref["chat"]["eos_token_id"]
+    assert TEMPLATES[case] == ref["template"]  # the family's template; the tokenizer decides nothing
+    assert tok.convert_tokens_to_ids(get_template(TEMPLATES[case]).sep) == ref["chat"]["eos_token_id"]
     assert tok.bos_id == 1
-    assert tok.template == ref["template"]
     if case == "internlm2":
         assert (tok.eos_id, tok.pad_id, tok.convert_tokens_to_ids("<|im_start|>")) == (2, 2, 511)
     else:
@@ -117,3 +119,24 @@ def test_bad_tokenizer_directories(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="tokenizer_class 'GPT2Tokenizer' is not supported"):
         load_tokenizer(str(tmp_path))
+
+
+def test_config_and_tokenizer_read_the_same_img_context_id(tmp_path):
+    """load_config takes <IMG_CONTEXT> from the tokenizer files the way the tokenizer does:
+    tokenizer_config.json's added_tokens_decoder wins over added_tokens.json; no such token is an error."""
+    for name in ["config.json", "tokenizer.model", "added_tokens.json", "special_tokens_map.json",
+                 "tokenizer_config.json"]:
+        shutil.copy(os.path.join(FIX, "phi3", name), tmp_path / name)
+    added = json.load(open(tmp_path / "added_tokens.json"))
+    added["<IMG_CONTEXT>"] = 519  # disagrees with added_tokens_decoder (513)
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+    tok = load_tokenizer(str(tmp_path))
+    assert load_config(str(tmp_path)).img_context_token_id == tok.img_context_id == 513
+    cfg = json.load(open(tmp_path / "tokenizer_config.json"))
+    cfg["added_tokens_decoder"] = {k: v for k, v in cfg["added_tokens_decoder"].items()
+                                   if v["content"] != "<IMG_CONTEXT>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    del added["<IMG_CONTEXT>"]
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+    with pytest.raises(ValueError, match="no <IMG_CONTEXT> token in added_tokens.json or tokenizer_config"):
+        load_config(str(tmp_path))

@@ -1,4 +1,4 @@
-"""data/demo.py: the demo base is a valid official-format directory, its tokenizer has the InternLM2 layout, and
+"""demo.py: the demo base is a valid official-format directory, its tokenizer has the InternLM2 layout, and
 its data are learnable samples that the official label procedure agrees with."""
 import hashlib
 import json
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from data import Source, SupervisedDataset, load_tokenizer
-from data.demo import CHAT_PIECES, INTERNVL_TOKENS, SYSTEM_MESSAGE, make_demo
+from demo import CHAT_PIECES, INTERNVL_TOKENS, SYSTEM_MESSAGE, make_demo
 from model import load_pretrained
+from tests.official_labels import matches_official
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,9 @@ def test_base_loads_strictly_and_data_match_the_official_labels(demo):
                            max_num=1, max_length=512)
     assert len(ds) == 32 and sum(ds.is_image) == 24
     samples = [ds[i] for i in range(len(ds))]
-    assert all(s["meta"]["labels_match_official"] for s in samples)  # fragment counts = whole-text tokens
+    assert not any(s["meta"]["skipped"] for s in samples)
+    assert all(matches_official(ds.record(i), s, tok, model.config.template, model.config.system_message)
+               for i, s in enumerate(samples))  # fragment counts = whole-text tokens
     assert {int(s["pixel_values"].shape[0]) for s in samples} == {1}  # one tile per sample
     image = next(s for s in samples if s["image_flags"].sum() == 1)
     answer = tok.decode([t for t in image["labels"].tolist() if t != -100])

@@ -35,7 +35,7 @@ def base_and_data(tmp_path_factory):
         base = str(root / "base_2b")
         write_checkpoint(base, "2b")
     else:
-        from data.demo import make_demo
+        from demo import make_demo
         base, _, _ = make_demo(str(root / "demo"), n_images=16, text_only=0)
     return base, write_data(str(root / "data"), n=64)
 

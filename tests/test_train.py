@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """A small demo base model and data set (128 samples, 96 with an image)."""
-    from data.demo import make_demo
+    from demo import make_demo
     base, annotation, folder = make_demo(str(tmp_path_factory.mktemp("demo") / "demo"), n_images=96, text_only=32)
     return base, f"{annotation},{folder}"
 

@@ -1,14 +1,14 @@
 """The embedded demo: a tiny random base model in the official format and a synthetic, learnable data set.
 
 `make_demo(root)` writes, once, under `root`:
-  base/   an official-format InternVL 1.5 directory (InternLM2 LLM + InternViT-300M-style ViT, both tiny, random
-          weights): config.json, generation_config.json, model.safetensors (bf16, official names), and a slow
-          InternLM2-layout tokenizer (tokenizer.model, tokenizer_config.json, special_tokens_map.json,
-          added_tokens.json) that data.load_tokenizer reads exactly like a released checkpoint.
-  data/   images/*.png (a coloured shape at a position on a light background) and train.jsonl in LLaVA format:
-          captions and questions about colour, shape and position, a few multi-turn, plus text-only samples.
-          eval.jsonl + images/eval_*.png: a held-out set from the same generator with other draws (48 image and
-          16 text-only records), train.py's default --eval-data for the demo.
+  base/   an official-format InternVL 1.5 directory (the "demo" size preset: InternLM2 LLM + InternViT-300M
+          style ViT, both tiny, random weights): config.json, generation_config.json, model.safetensors (bf16,
+          official names), and a slow InternLM2-layout tokenizer (tokenizer.model, tokenizer_config.json,
+          special_tokens_map.json, added_tokens.json) that data.load_tokenizer reads like a released one.
+  data/   images/*.png (a coloured shape at a position on a light background) and train.jsonl in LLaVA
+          format: captions and questions about colour, shape and position, a few multi-turn, plus text-only
+          samples. eval.jsonl + images/eval_*.png: a held-out set from the same generator with other draws
+          (48 image and 16 text-only records), train.py's default --eval-data for the demo.
 The answers are a function of the image, so the loss can fall well below the format-only level.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ import struct
 import sentencepiece as spm
 import torch
 from PIL import Image, ImageDraw
-from model.config import InternVLConfig, LLMConfig, VisionConfig
+
+from model.config import InternVLConfig, preset
 from model.weights import save_safetensors, to_official_state_dict
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 200, 20),
@@ -36,13 +37,14 @@ WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "b
 HEAD_STD = 0.1
 SYSTEM_MESSAGE = "You are a helpful assistant that describes simple pictures."
 
-# InternLM2 layout (SPEC §2, tests/fixtures/README.md): the chat tokens are the last pieces of the sentencepiece
+# InternLM2 layout (tests/fixtures/README.md): the chat tokens are the last pieces of the sentencepiece
 # vocabulary under placeholder names, renamed by tokenizer_config.json's added_tokens_decoder ...
 CHAT_PIECES = [("[UNUSED_TOKEN_141]", "<|plugin|>"), ("[UNUSED_TOKEN_142]", "<|interpreter|>"),
                ("[UNUSED_TOKEN_143]", "<|action_end|>"), ("[UNUSED_TOKEN_144]", "<|action_start|>"),
                ("[UNUSED_TOKEN_145]", "<|im_end|>"), ("[UNUSED_TOKEN_146]", "<|im_start|>")]
 # ... and the 9 InternVL tokens are added at the end of the vocabulary, in this order.
-INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
+                   "</box>"]
 
 TEXT_ONLY = [  # (question, answer): learnable without an image
     ("What colour do you get by mixing red and blue?", "Purple."),
@@ -57,17 +59,9 @@ TEXT_ONLY = [  # (question, answer): learnable without an image
 
 
 def demo_config(vocab_size: int) -> InternVLConfig:
-    """2B-like family (InternLM2 + InternViT-300M style: LayerNorm, qkv bias), tiny sizes, one tile per image."""
-    return InternVLConfig(
-        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, image_size=448,
-                            patch_size=14, norm_type="layer_norm", qk_normalization=False, qkv_bias=True,
-                            initializer_factor=1.0),
-        llm=LLMConfig(family="internlm2", vocab_size=vocab_size, hidden_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, intermediate_size=256, rope_theta=1e6,
-                      rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=32768),
-        template="internlm2-chat", ps_version="v2", downsample_ratio=0.5, select_layer=-1, force_image_size=448,
-        dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
-        system_message=SYSTEM_MESSAGE)
+    config = preset("demo", system_message=SYSTEM_MESSAGE)
+    config.llm.vocab_size = vocab_size
+    return config
 
 
 # --- data ---
@@ -112,10 +106,12 @@ def make_data(data_dir: str, n_images: int, text_only: int, seed: int, name: str
         colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
         image = f"images/{'' if name == 'train' else name + '_'}{i:05d}.png"
         draw(colour, shape, position, rng).save(os.path.join(data_dir, image))
-        records.append({"id": f"img{i}", "image": image, "conversations": conversation(colour, shape, position, rng)})
+        records.append({"id": f"img{i}", "image": image,
+                        "conversations": conversation(colour, shape, position, rng)})
     for i in range(text_only):
         q, a = rng.choice(TEXT_ONLY)
-        records.append({"id": f"txt{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+        records.append({"id": f"txt{i}",
+                        "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
     rng.shuffle(records)
     path = os.path.join(data_dir, f"{name}.jsonl")
     with open(path, "w") as f:
@@ -142,8 +138,8 @@ def _varint(n: int) -> bytes:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1000) -> bytes:
-    """SentencePiece BPE with byte fallback, identity normalisation, dummy prefix (as the released models), then
-    the 6 chat placeholders appended as USER_DEFINED pieces at the end, where InternLM2 has them.
+    """SentencePiece BPE with byte fallback, identity normalisation, dummy prefix (as the released models),
+    then the 6 chat placeholders appended as USER_DEFINED pieces at the end, where InternLM2 has them.
 
     Appending works because a repeated protobuf field may be continued anywhere in the message.
     """
@@ -179,8 +175,9 @@ def write_tokenizer(out: str, model_bytes: bytes) -> int:
                   "<|plugin|>"]
     tokenizer_config = {
         "added_tokens_decoder": decoder, "additional_special_tokens": chat_names + INTERNVL_TOKENS,
-        "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "</s>", "model_max_length": 4096,
-        "pad_token": "</s>", "tokenizer_class": "InternLM2Tokenizer", "unk_token": "<unk>"}
+        "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "</s>",
+        "model_max_length": 4096, "pad_token": "</s>", "tokenizer_class": "InternLM2Tokenizer",
+        "unk_token": "<unk>"}
     special = {"additional_special_tokens": chat_names + [_token(t) for t in INTERNVL_TOKENS],
                "bos_token": _token("<s>"), "eos_token": _token("</s>"), "pad_token": _token("</s>"),
                "unk_token": _token("<unk>")}
@@ -242,10 +239,11 @@ def make_demo(root: str, n_images: int = 480, text_only: int = 96, seed: int = 0
     make_data(os.path.join(tmp, "data"), 48, 16, seed + 1, "eval")  # held-out: same generator, other draws
     # The fixed parts of every prompt are repeated so that BPE learns them as few pieces.
     with open(os.path.join(tmp, "data", "train.jsonl")) as f:
-        messages = [t["value"].replace("<image>\n", "") for line in f for t in json.loads(line)["conversations"]]
+        messages = [t["value"].replace("<image>\n", "")
+                    for line in f for t in json.loads(line)["conversations"]]
     texts = [SYSTEM_MESSAGE, "system", "user", "assistant"] * 20 + messages
-    # Each message also follows a role header's newline in the prompt, where it gets no dummy-prefix space: the
-    # official label code counts tokens of fragments tokenized alone, so both forms must tokenize alike.
+    # Each message also follows a role header's newline in the prompt, where it gets no dummy-prefix space:
+    # the official label code counts tokens of fragments tokenized alone, so both forms must tokenize alike.
     texts += [f"user\n{t}" for t in texts] + [f"{q} {a}" for q, a in TEXT_ONLY] + [
         f"A {c} {s} {w}." for c in COLOURS for s in SHAPES for w in WHERE.values()]
     vocab = write_tokenizer(os.path.join(tmp, "base"), train_tokenizer(texts))

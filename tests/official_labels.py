@@ -1,0 +1,80 @@
+"""The official fragment-count label procedure, for the parity tests only.
+
+The official preprocess_internlm / preprocess_phi3 (commit 2410d1d) derive labels from the lengths of
+separately tokenized prompt fragments. Training uses the net rule (data.templates.net_labels); the tests check
+that the two agree wherever the official code is self-consistent, and show where it is not.
+"""
+from data.dataset import conversation_text, parse_record
+from data.templates import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, get_template
+
+
+def official_labels(template, tokenizer, text, ids):
+    """(labels, consistent) as the official code computes them; consistent is False where it prints
+    'tokenization mismatch' and masks the whole sample."""
+    t = get_template(template)
+    labels = list(ids)
+    total = sum(1 for i in ids if i != tokenizer.pad_id)
+    cur = 1
+    labels[0] = IGNORE_INDEX
+
+    def tlen(s):
+        return len(tokenizer.encode(s))
+
+    def mask(a, b):
+        for i in range(max(a, 0), min(b, len(labels))):
+            labels[i] = IGNORE_INDEX
+
+    if t.name == "internlm2-chat":
+        parts = text.split(t.assistant)
+        length = tlen(parts[0] + t.assistant) - 1
+        mask(cur, cur + length)
+        cur += length
+        for part in parts[1:-1]:
+            pieces = part.split(t.user)
+            if len(pieces) != 2:  # the official code would raise on the unpacking
+                return [IGNORE_INDEX] * len(ids), False
+            cur += tlen(pieces[0]) - 1
+            length = tlen(t.user + pieces[1] + t.assistant) - 1
+            mask(cur, cur + length)
+            cur += length
+        cur += tlen(parts[-1]) - 1
+        mask(cur, len(labels))
+    elif t.name == "phi3-chat":
+        for x in t.never_supervised:
+            xid = tokenizer.convert_tokens_to_ids(x)
+            labels = [IGNORE_INDEX if i == xid else l for i, l in zip(ids, labels)]
+        sep = t.sep + t.assistant
+        turns = text.split(t.sep)
+        re_turns = [t.sep.join(turns[:3])]
+        for i in range(3, len(turns), 2):
+            re_turns.append(t.sep.join(turns[i:i + 2]))
+        for i, turn in enumerate(re_turns):
+            if turn == "":
+                break
+            turn_len = tlen(turn) - (0 if i == 0 else 1)
+            parts = turn.split(sep)
+            if len(parts) != 2:
+                break
+            instr_len = tlen(parts[0] + sep) - (1 if i == 0 else 2)
+            mask(cur, cur + instr_len)
+            cur += turn_len
+        mask(cur, len(labels))
+    else:
+        raise ValueError(f"no official label procedure for template {t.name!r}")
+    if cur != total:
+        return [IGNORE_INDEX] * len(ids), False
+    return labels, True
+
+
+def sample_official_labels(record, sample, tokenizer, template, system_message=DEFAULT_SYSTEM_MESSAGE):
+    """(labels, consistent) of the official procedure for build_sample's output for `record` (<= 1 image)."""
+    conv = parse_record(record)
+    tiles = [len(sample["pixel_values"])] if conv.images else []
+    text, _ = conversation_text(conv, template, tiles, system_message)
+    return official_labels(template, tokenizer, text, sample["input_ids"].tolist())
+
+
+def matches_official(record, sample, tokenizer, template, system_message=DEFAULT_SYSTEM_MESSAGE):
+    """Whether the sample's net-rule labels are exactly the official ones."""
+    official, consistent = sample_official_labels(record, sample, tokenizer, template, system_message)
+    return consistent and official == sample["labels"].tolist()
