@@ -22,7 +22,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import PeakMemory, environment, gib, time_median, write_json  # noqa: E402
-from model.loss import OutputHead, chunked_cross_entropy, plain_cross_entropy  # noqa: E402
+from model.loss import IGNORE_INDEX, OutputHead, chunked_cross_entropy  # noqa: E402
+
+
+def plain_cross_entropy(logits, labels):
+    """The official reduction: full logits, then the mean CE over the supervised tokens."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def parse_args(argv=None):

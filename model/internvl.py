@@ -1,4 +1,4 @@
-"""InternVL 1.5: ViT -> pixel shuffle -> mlp1 projector -> features spliced into the LLM's token embeddings."""
+"""InternVL 1.5: ViT -> pixel shuffle -> mlp1 projector -> features spliced into the LLM's embeddings."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -20,7 +20,7 @@ class ModelOutput(NamedTuple):  # a tuple: DeepSpeed's ZeRO-3 hooks find the ten
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float, version: str) -> torch.Tensor:
-    """[T, H, W, C] -> [T, H*r, W*r, C/r^2] in the official order (SPEC §3.5); v1 leaves the grid transposed."""
+    """[T, H, W, C] -> [T, H*r, W*r, C/r^2] in the official order; v1 leaves the grid transposed."""
     t, h, w, c = x.shape
     x = x.reshape(t, h, int(w * ratio), int(c / ratio))
     x = x.permute(0, 2, 1, 3)
@@ -67,20 +67,22 @@ class InternVL(nn.Module):
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_flags=None) -> torch.Tensor:
         """Token embeddings with every <IMG_CONTEXT> position replaced, in order, by the image features.
 
-        Dummy tiles (image_flags 0, text-only samples) exist only to keep the vision and projector parameters in
-        the graph on every rank (ZeRO-3, gradient reduction): when the batch has a real tile they are skipped, else
-        one of them goes through the ViT and its features are added with weight 0 (zero gradients).
+        Dummy tiles (image_flags 0, text-only samples) exist only to keep the vision and projector
+        parameters in the graph on every rank (ZeRO-3, gradient reduction): when the batch has a real tile
+        they are skipped, else one of them goes through the ViT and its features are added with weight 0
+        (zero gradients).
         """
-        embeds = self.llm.embed(input_ids).clone()  # never write into the raw embedding output (LoRA/autograd)
+        embeds = self.llm.embed(input_ids).clone()  # never write into the raw embedding output (autograd)
         ctx = self.config.img_context_token_id
         is_image = input_ids == ctx if ctx is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         if pixel_values is None:
             if bool(is_image.any()):
-                raise ValueError(f"input_ids hold {int(is_image.sum())} <IMG_CONTEXT> tokens but no pixel_values")
+                n = int(is_image.sum())
+                raise ValueError(f"input_ids hold {n} <IMG_CONTEXT> tokens but no pixel_values")
             return embeds
         if ctx is None:
-            raise ValueError("config.img_context_token_id is unknown: load the model from a directory with its "
-                             "tokenizer files, or set it")
+            raise ValueError("config.img_context_token_id is unknown: load the model from a directory with "
+                             "its tokenizer files, or set it")
         if image_flags is None:
             image_flags = torch.ones(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
         flags = image_flags.reshape(-1).bool()
@@ -105,11 +107,11 @@ class InternVL(nn.Module):
     @staticmethod
     def _count_error(per_sample: list[int], tiles: int, per_tile: int) -> str:
         bad = [b for b, n in enumerate(per_sample) if n % per_tile]
-        where = f"sample {bad[0]} has {per_sample[bad[0]]} <IMG_CONTEXT> tokens, not a multiple of {per_tile}; " \
-            if bad else ""
+        where = (f"sample {bad[0]} has {per_sample[bad[0]]} <IMG_CONTEXT> tokens, not a multiple of "
+                 f"{per_tile}; " if bad else "")
         return (f"image token count mismatch: {where}the batch has {sum(per_sample)} <IMG_CONTEXT> tokens "
-                f"(per sample: {per_sample}) but {tiles} image tiles x {per_tile} = {tiles * per_tile} features. "
-                f"Features are never truncated: fix the sample (was it cut by max_length?)")
+                f"(per sample: {per_sample}) but {tiles} image tiles x {per_tile} = {tiles * per_tile} "
+                f"features. Features are never truncated: fix the sample (was it cut by max_length?)")
 
     def forward(self, input_ids, pixel_values=None, image_flags=None, attention_mask=None, position_ids=None,
                 labels=None) -> ModelOutput:
@@ -132,8 +134,8 @@ class InternVL(nn.Module):
 
         Stops when every row has produced `eos_token_id` (an int or a list; pass the template terminator, e.g.
         the tokenizer's <|im_end|> / <|end|> id, to stop as the official chat does). Finished rows are padded
-        with the eos id. Left padding is supported through `attention_mask`. `streamer(ids)` is called with each
-        new step's ids [B] as soon as they are picked (chat.py prints tokens as they come).
+        with the eos id. Left padding is supported through `attention_mask`. `streamer(ids)` is called with
+        each new step's ids [B] as soon as they are picked (chat.py prints tokens as they come).
         """
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
                            device=input_ids.device)

@@ -1,4 +1,4 @@
-"""One Llama-family decoder for InternLM2 and Phi-3 (SPEC §3.7).
+"""One Llama-family decoder for InternLM2 and Phi-3.
 
 The two differ in parameter layout (handled by model/weights.py), in the FFN's gate/up being fused (Phi-3) or
 separate (InternLM2), and in RoPE scaling: InternLM2's dynamic NTK and Phi-3's 'su' LongRoPE.
@@ -84,7 +84,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
+        qkv_size = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, qkv_size, bias=False)
         self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
@@ -106,8 +107,8 @@ class Attention(nn.Module):
         if isinstance(mask, Varlen):  # elsewhere the same per run: the cost follows the runs, not the row
             rows = [[] for _ in range(b)]
             for r, s, e in mask.runs:
-                rows[r].append(F.scaled_dot_product_attention(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e],
-                                                              v[r:r + 1, :, s:e], is_causal=True, enable_gqa=gqa))
+                qr, kr, vr = (z[r:r + 1, :, s:e] for z in (q, k, v))
+                rows[r].append(F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, enable_gqa=gqa))
             out = torch.cat([torch.cat(pieces, dim=2) for pieces in rows])
             return self.out(out.transpose(1, 2).reshape(b, n, q_size))
         if mask is None:  # causal, nothing padded; a single new token attends to the whole cache
@@ -166,14 +167,14 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, kv_len: i
     queries = seg[:, None, kv_len - q_len:, None]  # queries are the last q_len positions
     causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=seg.device).tril(kv_len - q_len)
     mask = causal[None, None] & (keys != 0) & (keys == queries)
-    # A query with no visible key (a padding position) would give NaN; let it see everything, its output is unused.
+    # A padding query sees no key and would give NaN: let it see all keys (its output is never used).
     return mask | ~mask.any(-1, keepdim=True)
 
 
 @dataclass
 class Varlen:
-    """A batch cut into runs of equal segment id for variable-length flash attention: the [B, n] tokens are one
-    flat sequence and run i is tokens cu_seqlens[i]:cu_seqlens[i+1]. Padding runs attend among themselves
+    """A batch cut into runs of equal segment id for variable-length flash attention: the [B, n] tokens are
+    one flat sequence and run i is tokens cu_seqlens[i]:cu_seqlens[i+1]. Padding runs attend among themselves
     (their outputs are unused). Segments must be contiguous within a row, as packing and padding make them."""
     cu_seqlens: torch.Tensor  # int32 [runs + 1], starting at 0
     max_len: int
@@ -208,9 +209,9 @@ class Decoder(nn.Module):
         self.head = OutputHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
         # Longest attended length seen so far. The official dynamic-NTK module recomputes its base only when a
-        # call is longer than any before and keeps it afterwards (stateful); only beyond max_position_embeddings.
+        # call is longer than any before and keeps it afterwards; only beyond max_position_embeddings.
         self.rope_len = 0
-        # Padded/packed training batches attend per run (varlen flash attention on CUDA, SDPA per run elsewhere);
+        # Padded/packed training batches attend per run (varlen flash attention on CUDA, else SDPA per run);
         # False: SDPA with the block-diagonal mask over whole rows.
         self.use_varlen = True
 

@@ -29,7 +29,7 @@ def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor):
 
 
 def _ce_sum_and_grads(hidden, weight, targets, chunk_size, need_h, need_w):
-    """sum over rows of CE(hidden @ weight^T, targets) and, if asked, its gradients, one chunk of rows at a time."""
+    """Summed CE(hidden @ weight^T, targets) and, if asked, its gradients, one chunk of rows at a time."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -59,7 +59,8 @@ def _ce_sum_and_grads(hidden, weight, targets, chunk_size, need_h, need_w):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
-        total, grad_h, grad_w = _ce_sum_and_grads(hidden, weight, targets, chunk_size, *ctx.needs_input_grad[:2])
+        need_h, need_w = ctx.needs_input_grad[:2]
+        total, grad_h, grad_w = _ce_sum_and_grads(hidden, weight, targets, chunk_size, need_h, need_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         ctx.backward_done = False
@@ -68,18 +69,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         if ctx.backward_done:  # grad_w is scaled in place below
-            raise RuntimeError("the fused output-head loss supports one backward pass (no retain_graph reuse)")
+            raise RuntimeError("the fused output-head loss supports one backward pass (no retain_graph)")
         ctx.backward_done = True
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w.mul_(grad_total).to(ctx.weight_dtype) if grad_w is not None else None  # in place: used once
+        gw = grad_w.mul_(grad_total).to(ctx.weight_dtype) if grad_w is not None else None  # in place: once
         return gh, gw, None, None
 
 
 class OutputHead(nn.Linear):
     """The LLM's output projection. `head(h)` gives logits; `head(h, targets)` the summed cross-entropy."""
 
-    chunk_size = 512  # rows per chunk: at 4096 x 92553 the fwd+bwd peak is 0.24x the plain one (bench/loss.py)
+    chunk_size = 512  # rows per chunk: at 4096 x 92553 the peak is 0.24x the plain one (bench/loss.py)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
@@ -92,17 +93,11 @@ class OutputHead(nn.Linear):
 def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead):
     """(mean loss over supervised tokens, number of supervised tokens).
 
-    With no supervised token the loss is an explicit 0 that keeps the graph connected (a 0/0 mean would be NaN);
-    the caller sees n = 0 and counts it.
+    With no supervised token the loss is an explicit 0 that keeps the graph connected (a 0/0 mean would be
+    NaN); the caller sees n = 0 and counts it.
     """
     h, t = supervised_positions(hidden, labels)
     n = t.numel()
     if n == 0:
         return hidden.sum() * 0.0, 0
     return head(h, t) / n, n
-
-
-def plain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The official reduction on full logits: mean over supervised tokens (the reference for tests and benches)."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX)

@@ -1,4 +1,4 @@
-"""RMSNorm as both official models compute it (SPEC §3.4)."""
+"""RMSNorm as both official models compute it."""
 import torch
 from torch import nn
 

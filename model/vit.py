@@ -1,4 +1,4 @@
-"""InternViT, both released variants (SPEC §3.1-3.4).
+"""InternViT, both released variants.
 
 300M: LayerNorm, qkv bias, no q/k norm. 6B: RMSNorm, q/k RMSNorm over all heads jointly, no qkv bias.
 Parameter names below the layer level are the official ones, so ViT LoRA targets read the same.

@@ -10,12 +10,18 @@ from safetensors.torch import load_file, save_file
 
 from model import build_model, load_pretrained, preset
 from model.internvl import pixel_shuffle
-from model.loss import OutputHead, chunked_cross_entropy, plain_cross_entropy
+from model.loss import IGNORE_INDEX, OutputHead, chunked_cross_entropy
 from model.weights import _wqkv_to_internal, to_internal_name, to_official_name, to_official_state_dict
 from tests.fixture_inputs import FIXTURES, fixture_pixels
 
 ATOL = 1e-4
 torch.set_num_threads(2)
+
+
+def plain_cross_entropy(logits, labels):
+    """The official reduction on full logits: the mean CE over the supervised tokens (the reference)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 @pytest.fixture(scope="module", params=["internlm2", "phi3"])
