@@ -81,8 +81,14 @@ class OutputHead(nn.Linear):
     """The LLM's output projection. `head(h)` gives logits; `head(h, targets)` the summed cross-entropy."""
 
     chunk_size = 512  # rows per chunk: at 4096 x 92553 the peak is 0.24x the plain one (bench/loss.py)
+    # Logits in this dtype, the weight cast VOCAB_SLICE rows at a time (convert.py's float32 check of a bf16
+    # model: a whole float32 copy of the head would be 0.7 GiB at 2B, 2.3 GB at 26B).
+    compute_dtype: torch.dtype | None = None
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None and self.compute_dtype is not None:
+            hidden, dtype = hidden.to(self.compute_dtype), self.compute_dtype
+            return torch.cat([F.linear(hidden, w.to(dtype)) for w in self.weight.split(VOCAB_SLICE)], dim=-1)
         if targets is None:
             return super().forward(hidden)
         if torch.is_grad_enabled() and (hidden.requires_grad or self.weight.requires_grad):
