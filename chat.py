@@ -21,8 +21,8 @@ import torch
 
 from data.dataset import SampleError, parse_record, read_annotation
 from data.images import ImageLoadError, dynamic_preprocess, load_image, to_tensor
-from data.templates import (directory_system_message, generation_prompt, get_template,  # noqa: F401 (re-export)
-                            image_tokens, resolve_system_message)
+from data.templates import (directory_system_message, generation_prompt, get_template,  # noqa: F401
+                            image_tokens, resolve_system_message)  # directory_system_message: re-exported
 from data.tokenizer import load_tokenizer
 from model import load_pretrained
 from model.config import InternVLConfig
@@ -47,11 +47,12 @@ def build_prompt(tokenizer, config: InternVLConfig, question: str, history=(), n
     `system_message` None: config.json's, else the template default (see resolve_system_message)."""
     if not history and num_patches_list and IMAGE_TAG not in question:
         question = IMAGE_TAG + "\n" + question
-    query = generation_prompt(config.template, question, list(history), resolve_system_message(config, system_message))
+    system_message = resolve_system_message(config, system_message)
+    query = generation_prompt(config.template, question, list(history), system_message)
     n_tags = query.count(IMAGE_TAG)
     if n_tags != len(num_patches_list):
-        raise ValueError(f"the prompt has {n_tags} {IMAGE_TAG} tag(s) but {len(num_patches_list)} image(s) were "
-                         f"given{' (pass --image)' if not num_patches_list else ''}")
+        raise ValueError(f"the prompt has {n_tags} {IMAGE_TAG} tag(s) but {len(num_patches_list)} image(s) "
+                         f"were given{' (pass --image)' if not num_patches_list else ''}")
     for n in num_patches_list:
         query = query.replace(IMAGE_TAG, image_tokens(n, config.num_image_token), 1)
     return question, tokenizer.encode(query)

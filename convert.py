@@ -333,8 +333,9 @@ def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, 
 def _blocks(module, limit: int) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter]]]:
     """(module, the parameters it casts) covering every parameter but the embedding's and the head's (see
     computing_in) once: each outermost module of at most `limit` parameters (a decoder or ViT layer, the
-    projector) casts all of its own; a bigger parent casts its direct parameters and those of its leaf children
-    (the ViT's patch embedding, whose dtype its forward reads; the final norm), and every leaf casts itself."""
+    projector) casts all of its own; a bigger parent casts its direct parameters and those of its leaf
+    children (the ViT's patch embedding, whose dtype its forward reads; the final norm); every leaf casts
+    itself."""
     if isinstance(module, (nn.Embedding, OutputHead)):
         return []
     n = sum(p.numel() for p in module.parameters())
@@ -352,7 +353,8 @@ def _blocks(module, limit: int) -> list[tuple[torch.nn.Module, list[torch.nn.Par
 
 @contextlib.contextmanager
 def computing_in(model, dtype: torch.dtype):
-    """Run `model` in `dtype` while its weights stay in their storage dtype: each block (a decoder or ViT layer,
+    """Run `model` in `dtype` while its weights stay in their storage dtype: each block (a decoder or ViT
+    layer,
     an embedding, the head) runs on `dtype` copies of its floating parameters and inputs, and gets its own
     tensors back on exit, so a bf16 model is checked in float32 with one block's float32 copy at a time. The
     numbers equal those of the same weights held in `dtype`. (Casting back instead of keeping the originals
@@ -486,7 +488,8 @@ def log_check(result: dict, default_tol: bool, compute_dtype, device, log=print)
     how = (f" = max({FLOOR:g}, {K_TOL:g} x unit roundoff x largest |logit| {result['logit_scale']:.3g})"
            if default_tol else "")
     log(f"self-check: {result['tokens']} tokens, {result['tiles']} tiles, {dtype_name(compute_dtype)} on "
-        f"{device}: at the {result['positions']} answer positions, largest |logit difference| export vs trained "
+        f"{device}: at the {result['positions']} answer positions, largest |logit difference| export vs "
+        f"trained "
         f"model = {result['max_abs_diff']:.3g} "
         f"(tolerance {result['tolerance']:.3g}{how}); training moved the logits by up to "
         f"{result['training_shift']:.3g}; same argmax at {100 * result['argmax_agreement']:.2f}% of "

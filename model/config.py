@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 # Official LLM class name -> decoder family. Anything else is refused with a clear error.
 LLM_FAMILIES = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3"}
 FAMILY_ARCHITECTURE = {v: k for k, v in LLM_FAMILIES.items()}
-TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat"}  # family -> chat template (data/templates.py)
+TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat"}  # family -> template (data/templates.py)
 
 
 @dataclass
@@ -50,7 +50,8 @@ class LLMConfig:
     intermediate_size: int = 8192
     rms_norm_eps: float = 1e-5
     rope_theta: float = 1e6
-    # None, {"type": "dynamic", "factor": f} (InternLM2) or {"type": "su", "short_factor": [...], "long_factor": [...]}
+    # None, {"type": "dynamic", "factor": f} (InternLM2) or {"type": "su", "short_factor": [...],
+    # "long_factor": [...]} (Phi-3)
     rope_scaling: dict | None = None
     max_position_embeddings: int = 32768
     original_max_position_embeddings: int | None = None  # Phi-3 su: the short/long switch point
@@ -113,7 +114,8 @@ class InternVLConfig:
             num_heads=vc["num_attention_heads"], intermediate_size=vc["intermediate_size"],
             image_size=vc.get("image_size", 448), patch_size=vc.get("patch_size", 14),
             # absent norm_type means the class default, rms_norm (InternViT-6B)
-            norm_type=vc.get("norm_type", "rms_norm"), qk_normalization=bool(vc.get("qk_normalization", False)),
+            norm_type=vc.get("norm_type", "rms_norm"), qk_normalization=bool(vc.get("qk_normalization",
+            False)),
             qkv_bias=bool(vc.get("qkv_bias", False)), eps=vc.get("layer_norm_eps", 1e-6),
             drop_path_rate=vc.get("drop_path_rate", 0.0),
             initializer_factor=vc.get("initializer_factor", 1.0))
@@ -125,7 +127,8 @@ class InternVLConfig:
             kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
             allowed = {"internlm2": ("dynamic", "linear"), "phi3": ("su", "longrope")}[family]
             if kind not in allowed:
-                raise ValueError(f"{source}: llm_config.rope_scaling type {kind!r} is not supported for {arch} "
+                raise ValueError(f"{source}: llm_config.rope_scaling type {kind!r} is not supported for "
+                                 f"{arch} "
                                  f"(supported: {allowed})")
         llm = LLMConfig(
             family=family, vocab_size=lc["vocab_size"], hidden_size=lc["hidden_size"],
@@ -138,24 +141,27 @@ class InternVLConfig:
             bos_token_id=lc.get("bos_token_id", 1), eos_token_id=lc.get("eos_token_id", 2),
             pad_token_id=lc.get("pad_token_id", 2))
         if family == "phi3" and rope_scaling is not None and llm.original_max_position_embeddings is None:
-            raise ValueError(f"{source}: Phi-3 su rope scaling needs llm_config.original_max_position_embeddings")
+            raise ValueError(f"{source}: Phi-3 su rope scaling needs "
+                             f"llm_config.original_max_position_embeddings")
         return cls(
             vision=vision, llm=llm, template=d.get("template") or None,
             ps_version=d.get("ps_version", "v1"), downsample_ratio=d.get("downsample_ratio", 0.5),
-            select_layer=d.get("select_layer", -1), force_image_size=d.get("force_image_size") or vision.image_size,
+            select_layer=d.get("select_layer", -1),
+            force_image_size=d.get("force_image_size") or vision.image_size,
             dynamic_image_size=d.get("dynamic_image_size", True), use_thumbnail=d.get("use_thumbnail", True),
             min_dynamic_patch=d.get("min_dynamic_patch", 1), max_dynamic_patch=d.get("max_dynamic_patch", 12),
             system_message=d.get("system_message"), official=copy.deepcopy(d))
 
     def to_official(self) -> dict:
-        """config.json dict: the source config with our values written over it (or a fresh one for presets)."""
+        """config.json dict: the source config with our values written over it (a fresh one for presets)."""
         d = copy.deepcopy(self.official) if self.official else {
             "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",  # no auto_map: no code
             "llm_config": {}, "vision_config": {}, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
             "use_backbone_lora": 0, "use_llm_lora": 0, "pad2square": False}
         v, l = self.vision, self.llm
         d["vision_config"].update({
-            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": v.hidden_size,
+            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+            "hidden_size": v.hidden_size,
             "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
             "intermediate_size": v.intermediate_size, "image_size": v.image_size, "patch_size": v.patch_size,
             "num_channels": 3, "norm_type": v.norm_type, "qk_normalization": v.qk_normalization,
@@ -163,7 +169,8 @@ class InternVLConfig:
             "initializer_factor": v.initializer_factor, "hidden_act": "gelu", "use_flash_attn": True})
         d["llm_config"].update({
             "architectures": [l.architecture], "model_type": l.family, "vocab_size": l.vocab_size,
-            "hidden_size": l.hidden_size, "num_hidden_layers": l.num_layers, "num_attention_heads": l.num_heads,
+            "hidden_size": l.hidden_size, "num_hidden_layers": l.num_layers,
+            "num_attention_heads": l.num_heads,
             "num_key_value_heads": l.num_kv_heads, "intermediate_size": l.intermediate_size,
             "rms_norm_eps": l.rms_norm_eps, "rope_theta": l.rope_theta, "rope_scaling": l.rope_scaling,
             "max_position_embeddings": l.max_position_embeddings, "hidden_act": "silu",
@@ -172,7 +179,8 @@ class InternVLConfig:
         if l.original_max_position_embeddings is not None:
             d["llm_config"]["original_max_position_embeddings"] = l.original_max_position_embeddings
         d.update({
-            "template": self.template, "ps_version": self.ps_version, "downsample_ratio": self.downsample_ratio,
+            "template": self.template, "ps_version": self.ps_version,
+            "downsample_ratio": self.downsample_ratio,
             "select_layer": self.select_layer, "force_image_size": self.force_image_size,
             "dynamic_image_size": self.dynamic_image_size, "use_thumbnail": self.use_thumbnail,
             "min_dynamic_patch": self.min_dynamic_patch, "max_dynamic_patch": self.max_dynamic_patch,
@@ -185,7 +193,8 @@ class InternVLConfig:
 # --- size presets: the released architectures, and tiny ones for tests and the demo ---
 
 _VIT_300M = VisionConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
-                         norm_type="layer_norm", qk_normalization=False, qkv_bias=True, initializer_factor=1.0)
+                         norm_type="layer_norm", qk_normalization=False, qkv_bias=True,
+                         initializer_factor=1.0)
 _VIT_6B = VisionConfig(hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800,
                        norm_type="rms_norm", qk_normalization=True, qkv_bias=False, initializer_factor=0.1)
 
