@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from model.loss import target_mask
+from model.weights import sampled_sha1
 
 from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, images_to_pixel_values, jpeg_degrade,
                      load_image, num_tiles)
@@ -266,20 +267,11 @@ def repeat_indices(n, ratio, rng):
     return list(range(n)) * whole + sorted(rng.sample(range(n), extra))
 
 
-# TODO(lead): hash with model.weights.sampled_sha1 once r13-export lands.
 def file_fingerprint(path, chunks=64, chunk=4096):
     """Size, mtime and a hash of `chunks` evenly spread `chunk`-byte pieces (the whole file when it is small):
     cheap on a multi-GB annotation. The index cache is keyed by it; resume compares size and hash."""
     st = os.stat(path)
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        if st.st_size <= chunks * chunk:
-            h.update(f.read())
-        else:
-            for k in range(chunks):
-                f.seek(k * (st.st_size - chunk) // (chunks - 1))
-                h.update(f.read(chunk))
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha1": h.hexdigest()}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha1": sampled_sha1(path, chunks, chunk)}
 
 
 def default_cache_dir():
