@@ -21,8 +21,8 @@ import torch
 from model.loss import target_mask
 from model.weights import sampled_sha1
 
-from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, images_to_pixel_values, jpeg_degrade,
-                     load_image, num_tiles)
+from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, header_size, images_to_pixel_values,
+                     jpeg_degrade, load_image, num_tiles)
 from .templates import (NUM_IMAGE_TOKENS, get_template, image_tokens, net_labels, render,
                         resolve_system_message)
 
@@ -291,7 +291,8 @@ def _exists(path, listings):
     return name in names
 
 
-INDEX_VERSION = 1
+# 2: tiles read from the image headers where a record has no image_wh (1 charged the cap)
+INDEX_VERSION = 2
 _COLUMNS = {"offset": np.int64, "nbytes": np.int64, "line": np.int64, "length": np.int32, "tiles": np.int32,
             "is_image": np.bool_}
 _SHOWN = 50  # problems listed in the error; the rest are counted
@@ -300,10 +301,11 @@ _SHOWN = 50  # problems listed in the error; the rest are counted
 class SupervisedDataset(torch.utils.data.Dataset):
     """Samples from several sources. After construction:
       len(ds)            samples per epoch after repeat ratios
-      ds.lengths[i]      tokens of sample i (numpy): exact for the text, + 256 per estimated tile, capped at
-                         max_length; never below the built sample's length
+      ds.lengths[i]      tokens of sample i (numpy): the built sample's length (text counted, + 256 per
+                         tile, capped at max_length), or above it where an image header was unreadable
       ds.is_image[i]     modality for the sampler (True = has images)
-      ds.tiles[i]        image tiles (0 for text-only): exact with `image_wh`, else the cap (+ thumbnail)
+      ds.tiles[i]        image tiles (0 for text-only), from `image_wh` or else each image file's header; the
+                         cap (+ thumbnail) for an image whose header cannot be read (an upper bound)
       ds.source_counts   {name: {"records", "bad", "missing_images", "valid", "sampled"}}
       ds[i]              build_sample output + "meta" {"id", "skipped", "image_failures", "truncated"}
 
@@ -385,7 +387,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return x
         x = self._scan(si)
         if path:  # written whole, then renamed: a reader never sees half a file
-            info = {k: x[k] for k in ("records", "bad", "missing_images", "problems")}
+            info = {k: x[k] for k in ("records", "bad", "missing_images", "unread_headers", "problems")}
             info = np.frombuffer(json.dumps(info).encode(), np.uint8)
             tmp = f"{path}.{os.getpid()}.tmp.npz"
             try:
@@ -400,6 +402,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """One pass over a source: validate each record, check that its images exist, estimate its length."""
         s, cols = self.sources[si], {c: [] for c in _COLUMNS}
         problems, records, bad, missing, listings = [], 0, 0, 0, {}
+        headers, unread = {}, []  # image sizes by path (LLaVA reuses images); records whose header failed
         for line, offset, nbytes, rec in read_annotation(s.annotation):
             records += 1
             try:
@@ -417,11 +420,19 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 if len(problems) < 1000:  # the count is exact; the first ones are named
                     problems.append(f"{s.annotation}:{line}: {e}")
                 continue
-            length, tiles = self._estimate(si, conv, rec)
+            sizes = self._image_sizes(si, conv, rec, headers)
+            if None in sizes:
+                unread.append(line)
+            length, tiles = self._estimate(si, conv, sizes)
             for c, v in zip(_COLUMNS, (offset, nbytes, line, length, tiles, bool(conv.images))):
                 cols[c].append(v)
+        if unread:
+            log.warning("%s: %d record(s) with an image whose header cannot be read (first: line %d): their "
+                        "tiles are estimated at the cap; the images are reported if they fail to load when "
+                        "their samples are built", s.annotation, len(unread), unread[0])
         x = {c: np.array(v, dtype=t) for (c, t), v in zip(_COLUMNS.items(), cols.values())}
-        return x | {"records": records, "bad": bad, "missing_images": missing, "problems": problems}
+        return x | {"records": records, "bad": bad, "missing_images": missing, "unread_headers": len(unread),
+                    "problems": problems}
 
     def _report_problems(self, skip_bad_samples):
         bad = sum(x["bad"] for x in self.source_index)
@@ -441,27 +452,41 @@ class SupervisedDataset(torch.utils.data.Dataset):
         log.warning("skipped %d bad samples: %s", bad,
                     {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
 
-    def _estimate(self, si, conv, rec):
-        """(tokens, tiles): the exact token count of the text + 256 per tile, capped at max_length. Tiles are
-        exact when the record gives `image_wh`, else the cap (+ thumbnail) per image: an upper bound, so the
-        estimate is never below the built sample's length (packing budgets rely on it)."""
+    def _image_sizes(self, si, conv, rec, headers):
+        """(width, height) per image: the record's `image_wh` when it is valid, else read from each file's
+        header (memoised by path in `headers`); None for an image whose header cannot be read."""
+        wh = rec.get("image_wh")
+        if isinstance(wh, list) and wh and isinstance(wh[0], (int, float)):
+            wh = [wh]  # XTuner writes [W, H] for one image
+        if isinstance(wh, list) and len(wh) == len(conv.images) and all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
+                for p in wh):
+            return [tuple(p) for p in wh]
+        sizes = []
+        for p in conv.images:
+            path = os.path.join(self.sources[si].image_folder or "", p)
+            if path not in headers:
+                try:
+                    headers[path] = header_size(path)
+                except ImageLoadError:
+                    headers[path] = None
+            sizes.append(headers[path])
+        return sizes
+
+    def _estimate(self, si, conv, sizes):
+        """(tokens, tiles): the exact token count of the text + 256 per tile, capped at max_length, where
+        `sizes` holds each image's (width, height), or None where its header could not be read."""
         tiles = 0
-        if conv.images:
-            n_images = len(conv.images)
-            cap = self._max_num(si) if n_images == 1 else max(1, self._max_num(si) // n_images)
-            wh = rec.get("image_wh")
-            if isinstance(wh, list) and wh and isinstance(wh[0], (int, float)):
-                wh = [wh]  # XTuner writes [W, H] for one image
-            if isinstance(wh, list) and len(wh) == len(conv.images) and all(
-                    isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
-                    for p in wh):
-                for w, h in wh:  # memoised: num_tiles builds the grid list on every call
-                    if (w, h, cap) not in self._tiles_memo:
-                        self._tiles_memo[w, h, cap] = num_tiles(w, h, self.min_num, cap, self.image_size,
-                                                                self.use_thumbnail)
-                    tiles += self._tiles_memo[w, h, cap]
-            else:
-                tiles = len(conv.images) * (cap + (1 if self.use_thumbnail and cap > 1 else 0))
+        cap = self._max_num(si) if len(sizes) <= 1 else max(1, self._max_num(si) // len(sizes))
+        for wh in sizes:
+            if wh is None:  # header unreadable: the cap (+ thumbnail) is an upper bound, so packs keep their
+                # budgets; the image itself is reported, like any unreadable image, when its sample is built
+                tiles += cap + (1 if self.use_thumbnail and cap > 1 else 0)
+                continue
+            if (*wh, cap) not in self._tiles_memo:  # memoised: num_tiles builds the grid list on every call
+                self._tiles_memo[(*wh, cap)] = num_tiles(*wh, self.min_num, cap, self.image_size,
+                                                         self.use_thumbnail)
+            tiles += self._tiles_memo[(*wh, cap)]
         text, _ = conversation_text(conv, self.template, [0] * len(conv.images), self.system_message)
         n = self.tokenizer.count_tokens(text) + NUM_IMAGE_TOKENS * tiles
         return (n if self.max_length is None else min(n, self.max_length)), tiles

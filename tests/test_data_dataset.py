@@ -9,6 +9,7 @@ from PIL import Image
 
 from data import DataError, LengthGroupedSampler, Source, SupervisedDataset, collate, load_tokenizer, read_meta_file
 from data.dataset import read_annotation, repeat_indices
+from data.images import header_size
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TOK = load_tokenizer(os.path.join(FIX, "phi3"))
@@ -165,25 +166,58 @@ def test_over_length_samples_are_counted_skips(tmp_path, image_dir):
     assert ds.stats["too_long"] >= 1
 
 
-def test_length_estimates_are_exact_or_upper_bounds(tmp_path, image_dir):
-    """Text tokens are counted exactly; tiles are exact with image_wh, else the cap + thumbnail (an upper bound), so
-    the estimate is never below the built sample. A record's own "length" is not trusted."""
+def test_lengths_and_tiles_equal_the_built_samples(tmp_path, image_dir):
+    """Text tokens are counted exactly; tiles come from image_wh, else from each image file's header, so lengths
+    and tiles equal the built sample's (truncated at max_length too). A record's own "length" is not trusted."""
+    Image.new("RGB", (1000, 200), "red").save(image_dir / "wide.jpg")
+    Image.new("RGB", (2000, 1500), "blue").save(image_dir / "big.png")
     recs = [{"image": "0.jpg", "image_wh": [640, 480], "conversations": conv()},
             {"image": "1.jpg", "conversations": conv(q="  Two  spaces,\nnew line.", a=" é 中文 ▁ x")},
             {"image": "0.jpg", "length": 12, "conversations": conv()},
             {"conversations": conv() + conv(q="Second turn:\n\n  list", a="Fine.\n- a\n- b")},
             {"image": ["0.jpg", "1.jpg"], "image_wh": [[640, 480], [300, 900]],
-             "conversations": conv(q="<image> and <image>")}]
+             "conversations": conv(q="<image> and <image>")},
+            {"image": ["big.png", "1.jpg", "wide.jpg"], "conversations": conv(q="<image>, <image>, <image>?")},
+            {"image": "wide.jpg", "image_wh": [1000], "conversations": conv()},  # not a size: the header's
+            {"image": "2.jpg", "conversations": conv(a="word " * 2500)},  # cut at max_length
+            {"image": "big.png", "conversations": conv(a="Big.")}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
     for tok, template in ((TOK, TEMPLATE), (load_tokenizer(os.path.join(FIX, "internlm2")), "internlm2-chat")):
-        ds = SupervisedDataset([Source(path, str(image_dir))], tok, template, max_num=6)
-        real = [len(ds[i]["input_ids"]) for i in range(len(ds))]
-        real_tiles = [int(ds[i]["image_flags"].sum()) for i in range(len(ds))]
-        assert ds.tiles.tolist() == [7, 7, 7, 0, 5] and real_tiles == [7, 4, 7, 0, 5]  # 300x900: 1x3 + thumbnail
-        assert ds.lengths.tolist() == [n + 256 * (t - r) for n, t, r in zip(real, ds.tiles, real_tiles)]
-        assert ds.is_image.tolist() == [True, True, True, False, True]
-    capped = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_num=6, max_length=1000)
-    assert capped.lengths.max() == 1000
+        ds = SupervisedDataset([Source(path, str(image_dir))], tok, template, max_num=6, max_length=2100)
+        built = [ds[i] for i in range(len(ds))]
+        assert [s["meta"]["id"] for s in built] == [f"a:{k}" for k in range(1, 10)]  # none replaced
+        # 300x900: 1x3 + thumbnail (the cap would say 7); 3 images share 6 (cap 2 each): 1 + 3 + 3
+        assert ds.tiles.tolist() == [int(s["image_flags"].sum()) for s in built] == [7, 4, 7, 0, 5, 7, 6, 1, 7]
+        assert ds.lengths.tolist() == [len(s["input_ids"]) for s in built]
+        assert [s["meta"]["truncated"] for s in built] == [False] * 7 + [True, False] and ds.lengths[7] == 2100
+        assert ds.is_image.tolist() == [True, True, True, False, True, True, True, True, True]
+        assert ds.source_index[0]["unread_headers"] == 0
+
+
+def test_unreadable_image_headers_fall_back_to_the_cap(tmp_path, image_dir, monkeypatch, caplog):
+    """An image whose header cannot be read is charged the cap (+ thumbnail), an upper bound, and counted; the
+    build goes on, and the image is reported when its sample is built, like any unreadable image."""
+    from data import dataset
+    data = (image_dir / "0.jpg").read_bytes()
+    (image_dir / "cut.jpg").write_bytes(data[:100])  # the header is cut
+    (image_dir / "text.jpg").write_text("not an image")
+    recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "cut.jpg", "conversations": conv()},
+            {"image": ["1.jpg", "text.jpg"], "conversations": conv(q="<image><image>")},
+            {"image": "0.jpg", "conversations": conv(a="Again.")}]
+    path = write_jsonl(tmp_path / "a.jsonl", recs)
+    reads = []
+    monkeypatch.setattr(dataset, "header_size", lambda p: reads.append(os.path.basename(p)) or header_size(p))
+    ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_num=6, cache_dir=str(tmp_path / "c"))
+    assert sorted(reads) == ["0.jpg", "1.jpg", "cut.jpg", "text.jpg"]  # once per path
+    warm = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_num=6, cache_dir=str(tmp_path / "c"))
+    assert len(reads) == 4 and warm.source_index[0]["unread_headers"] == 2
+    assert ds.tiles.tolist() == [7, 7, 4 + 4, 7]  # 640x480: 3x2 + 1; cut: the cap + 1; 1.jpg exact + the cap 3 + 1
+    assert ds.source_index[0]["unread_headers"] == 2
+    assert "a.jsonl: 2 record(s) with an image whose header cannot be read (first: line 2)" in caplog.text
+    for i in (1, 2):
+        s = ds[i]  # replaced by the other image samples, as before
+        assert s["meta"]["id"] in ("a:1", "a:4") and "cannot load image" in s["meta"]["skipped"][0]
+        assert int(s["image_flags"].sum()) <= ds.tiles[i] and len(s["input_ids"]) <= ds.lengths[i]
 
 
 def test_dataloader_with_workers(tmp_path, image_dir):
@@ -267,6 +301,10 @@ def test_index_cache_is_reused_and_rebuilt_when_anything_changes(tmp_path, image
     assert len(scans) == 5 and len(changed) == 201
     other_rank = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, index=changed.source_index)
     assert len(scans) == 5 and other_rank.lengths.tolist() == changed.lengths.tolist()
+    from data import dataset
+    monkeypatch.setattr(dataset, "INDEX_VERSION", dataset.INDEX_VERSION - 1)  # a cache an older version wrote
+    SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache)
+    assert len(scans) == 6  # another key: an index built another way is never read back
 
 
 def test_records_are_read_from_the_file_not_held(tmp_path, image_dir):
@@ -296,13 +334,16 @@ def test_jpeg_augmentation_varies_with_the_epoch_reproducibly(tmp_path, image_di
 
 
 def test_packs_from_estimates_stay_within_budget_when_images_are_smaller(tmp_path, image_dir):
-    """Estimates are upper bounds (exact text, the tile cap where image_wh is missing): packs planned with them
-    never exceed the token or tile budget once built, and cover every sample once."""
+    """Estimates above the built samples (here: images made smaller after the index was built; or the cap for an
+    unreadable header): packs planned with them never exceed the token or tile budget once built, and cover every
+    sample once."""
     from data.packing import PackedBatchSampler, collate_packed
     recs = [{"image": f"{k % 3}.jpg", "conversations": conv(a="word " * (1 + k % 7))} for k in range(18)]
     recs += [{"conversations": conv(a="text " * k)} for k in range(1, 7)]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
     ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_num=6)
+    for k in range(2):  # 640x480 (7 tiles) and 300x900 (4 tiles) become 1-tile images
+        Image.new("RGB", (448, 448), "green").save(image_dir / f"{k}.jpg")
     sampler = PackedBatchSampler(ds.lengths, 2048, tiles=ds.tiles, max_tiles=15, seed=1, window=8)
     seen = []
     for pack in sampler:

@@ -2,12 +2,12 @@ import os
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from data import ImageLoadError, dynamic_preprocess, load_image
-from data.images import (IMAGENET_MEAN, IMAGENET_STD, choose_grid, dummy_pixel_values, images_to_pixel_values,
-                         num_tiles, target_ratios, to_tensor)
+from data.images import (IMAGENET_MEAN, IMAGENET_STD, choose_grid, dummy_pixel_values, header_size,
+                         images_to_pixel_values, num_tiles, target_ratios, to_tensor)
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -163,3 +163,25 @@ def test_missing_and_corrupt_images(tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ImageLoadError, match="bad.jpg: cannot load image"):
         load_image(str(bad))
+
+
+def test_header_size_is_the_size_load_image_tiles(tmp_path):
+    """The dataset's length index reads image sizes from file headers: they must be the sizes load_image gives
+    the tiling. No EXIF rotation is applied there, as in the official Image.open(p).convert('RGB')."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees for display"
+    cases = {"rot.jpg": (_gradient(640, 480), {"exif": exif}), "p.png": (_gradient(300, 900).convert("P"), {}),
+             "cmyk.jpg": (_gradient(1000, 200).convert("CMYK"), {}), "l.gif": (_gradient(33, 77).convert("L"), {})}
+    for name, (img, kw) in cases.items():
+        img.save(tmp_path / name, **kw)
+        assert header_size(str(tmp_path / name)) == load_image(str(tmp_path / name)).size == img.size, name
+    assert ImageOps.exif_transpose(Image.open(tmp_path / "rot.jpg")).size == (480, 640)  # not what is tiled
+    data = (tmp_path / "rot.jpg").read_bytes()
+    (tmp_path / "half.jpg").write_bytes(data[:len(data) // 2])  # header whole, pixels cut
+    assert header_size(str(tmp_path / "half.jpg")) == (640, 480)
+    with pytest.raises(ImageLoadError, match="half.jpg: cannot load image"):
+        load_image(str(tmp_path / "half.jpg"))
+    (tmp_path / "head.jpg").write_bytes(data[:100])  # header cut
+    for name in ("head.jpg", "nope.jpg"):
+        with pytest.raises(ImageLoadError, match=f"{name}: cannot read the image header"):
+            header_size(str(tmp_path / name))
