@@ -291,6 +291,24 @@ def _exists(path, listings):
     return name in names
 
 
+def _image_sizes(rec, paths, headers):
+    """(width, height) per image: the record's `image_wh` when it is valid, else read from each file's header
+    (memoised by path in `headers`: LLaVA reuses images); None for an image whose header cannot be read."""
+    wh = rec.get("image_wh")
+    if isinstance(wh, list) and wh and isinstance(wh[0], (int, float)):
+        wh = [wh]  # XTuner writes [W, H] for one image
+    if isinstance(wh, list) and len(wh) == len(paths) and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p) for p in wh):
+        return [tuple(p) for p in wh]
+    for path in paths:
+        if path not in headers:
+            try:
+                headers[path] = header_size(path)
+            except ImageLoadError:
+                headers[path] = None
+    return [headers[path] for path in paths]
+
+
 # 2: tiles read from the image headers where a record has no image_wh (1 charged the cap)
 INDEX_VERSION = 2
 _COLUMNS = {"offset": np.int64, "nbytes": np.int64, "line": np.int64, "length": np.int32, "tiles": np.int32,
@@ -402,15 +420,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """One pass over a source: validate each record, check that its images exist, estimate its length."""
         s, cols = self.sources[si], {c: [] for c in _COLUMNS}
         problems, records, bad, missing, listings = [], 0, 0, 0, {}
-        headers, unread = {}, []  # image sizes by path (LLaVA reuses images); records whose header failed
+        headers, unread = {}, []  # image sizes by path; lines of records with an unreadable header
         for line, offset, nbytes, rec in read_annotation(s.annotation):
             records += 1
             try:
                 if isinstance(rec, Exception):
                     raise rec
                 conv = parse_record(rec)
-                lost = [os.path.join(s.image_folder or "", p) for p in conv.images]
-                lost = [p for p in lost if not _exists(p, listings)]
+                paths = [os.path.join(s.image_folder or "", p) for p in conv.images]
+                lost = [p for p in paths if not _exists(p, listings)]
                 if lost:
                     missing += 1
                     raise SampleError(f"image file not found: {lost[0]}"
@@ -420,7 +438,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 if len(problems) < 1000:  # the count is exact; the first ones are named
                     problems.append(f"{s.annotation}:{line}: {e}")
                 continue
-            sizes = self._image_sizes(si, conv, rec, headers)
+            sizes = _image_sizes(rec, paths, headers)
             if None in sizes:
                 unread.append(line)
             length, tiles = self._estimate(si, conv, sizes)
@@ -451,27 +469,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
         log.warning("skipping %d bad samples%s:\n  %s%s", bad, summary, shown, more)
         log.warning("skipped %d bad samples: %s", bad,
                     {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
-
-    def _image_sizes(self, si, conv, rec, headers):
-        """(width, height) per image: the record's `image_wh` when it is valid, else read from each file's
-        header (memoised by path in `headers`); None for an image whose header cannot be read."""
-        wh = rec.get("image_wh")
-        if isinstance(wh, list) and wh and isinstance(wh[0], (int, float)):
-            wh = [wh]  # XTuner writes [W, H] for one image
-        if isinstance(wh, list) and len(wh) == len(conv.images) and all(
-                isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
-                for p in wh):
-            return [tuple(p) for p in wh]
-        sizes = []
-        for p in conv.images:
-            path = os.path.join(self.sources[si].image_folder or "", p)
-            if path not in headers:
-                try:
-                    headers[path] = header_size(path)
-                except ImageLoadError:
-                    headers[path] = None
-            sizes.append(headers[path])
-        return sizes
 
     def _estimate(self, si, conv, sizes):
         """(tokens, tiles): the exact token count of the text + 256 per tile, capped at max_length, where
