@@ -6,11 +6,14 @@ official: Image.open(p).convert('RGB'), the official dynamic_preprocess (resize,
           (torchvision.transforms.functional.to_tensor, PIL uint8 branch, and F.normalize with inplace=False).
 ours:     data.images.load_image, resize_to_grid, grids_to_tensor (= images_to_pixel_values).
 
-Both run in one process, one thread, interleaved (the order alternates per repeat), on the same JPEGs, and
-their pixel values are checked equal bit for bit. Prints JSON: per size the median ms of each stage
-(decode, resize = the PIL tiling, tensor = to-tensor + normalise), the totals and official / ours.
+Both run in one process, one thread, interleaved (the order alternates per repeat; a first round warms up and
+is dropped), on the same JPEGs, and their pixel values are checked equal bit for bit. Prints JSON: per size the
+median ms of each stage (decode, resize = the PIL tiling, tensor = to-tensor + normalise), the median totals,
+speedup = official / ours of those medians and speedup_paired = the median of the per-repeat ratios.
+The clock is the process's CPU time by default (one thread: the cost per core; on a machine shared with other
+jobs it leaves out the time spent waiting for a core); `--clock wall` times wall seconds instead.
 
-    python3 bench/images.py            # 640x480, 1024x768, 2000x1500; 12 tiles + thumbnail; 7 repeats
+    python3 bench/images.py            # 640x480, 1024x768, 2000x1500; 12 tiles + thumbnail; 7 repeats; CPU time
     python3 bench/images.py --repeats 11 --sizes 800x600 4032x3024
 """
 import argparse
@@ -55,33 +58,33 @@ def tv_transform(pic, size=IMAGE_SIZE):
     return x.sub_(mean).div_(std)
 
 
-def official(path, max_num):
-    t0 = time.perf_counter()
+def official(path, max_num, clock):
+    t0 = clock()
     image = Image.open(path).convert("RGB")
-    t1 = time.perf_counter()
+    t1 = clock()
     tiles = dynamic_preprocess(image, max_num=max_num)
-    t2 = time.perf_counter()
+    t2 = clock()
     pv = torch.stack([tv_transform(t) for t in tiles])
-    return pv, (t1 - t0, t2 - t1, time.perf_counter() - t2)
+    return pv, (t1 - t0, t2 - t1, clock() - t2)
 
 
-def ours(path, max_num):
-    t0 = time.perf_counter()
+def ours(path, max_num, clock):
+    t0 = clock()
     image = load_image(path)
-    t1 = time.perf_counter()
+    t1 = clock()
     grid = resize_to_grid(image, max_num=max_num)
-    t2 = time.perf_counter()
+    t2 = clock()
     pv = grids_to_tensor([grid])
-    return pv, (t1 - t0, t2 - t1, time.perf_counter() - t2)
+    return pv, (t1 - t0, t2 - t1, clock() - t2)
 
 
-def side_by_side(path, repeats, max_num):
+def side_by_side(path, repeats, max_num, clock=time.process_time):
     """Median stage times (ms) of both pipelines on one JPEG, interleaved; raises if the pixels differ."""
     times = {"official": [], "ours": []}
     for r in range(repeats + 1):  # round 0 warms up and is dropped; the order alternates
         pv = {}
         for name, fn in [("official", official), ("ours", ours)][::1 if r % 2 else -1]:
-            pv[name], t = fn(path, max_num)
+            pv[name], t = fn(path, max_num, clock)
             if r:
                 times[name].append(t)
         if not torch.equal(pv["official"], pv["ours"]):
@@ -102,18 +105,21 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--max-num", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             w, h = map(int, size.split("x"))
             path = os.path.join(tmp, f"{size}.jpg")
             make_jpeg(path, w, h)
-            row = side_by_side(path, args.repeats, args.max_num)
+            row = side_by_side(path, args.repeats, args.max_num, clock)
             rows.append({"size": size, "repeats": args.repeats, **row})
-    write_json(args.json, {"environment": environment(), "max_num": args.max_num, "results": rows})
+    write_json(args.json, {"environment": environment(), "max_num": args.max_num, "threads": args.threads,
+                           "clock": args.clock, "results": rows})
 
 
 if __name__ == "__main__":

@@ -138,6 +138,26 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
     assert loaded.tobytes() == Image.open(path).convert("RGB").tobytes()
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK"])
+def test_loaded_any_mode_gives_official_pixel_values(tmp_path, mode):
+    # an RGB file skips convert('RGB') (no copy); every mode must still give the official tensor
+    path = tmp_path / ("x.jpg" if mode in ("RGB", "CMYK") else "x.png")
+    _gradient(500, 300).convert(mode).save(path)
+    pv, counts = images_to_pixel_values([load_image(str(path))], max_num=4)
+    official = dynamic_preprocess(Image.open(path).convert("RGB"), max_num=4)
+    assert counts == [len(official)] == [3]  # grid (2, 1) + thumbnail
+    assert torch.equal(pv, _reference(official))
+
+
+def test_lookup_table_is_torchvision_float32_ops():
+    # the table is the values, not a formula: each entry is what ToTensor + Normalize gives that uint8 value
+    from data.images import _LUT
+    raw = torch.arange(256, dtype=torch.uint8).view(1, 256, 1).expand(256, 256, 3).contiguous()
+    img = Image.frombytes("RGB", (256, 256), raw.numpy().tobytes())  # column x holds value x, all channels
+    expected = _reference([img])[0, :, 0]
+    assert _LUT.dtype == torch.float32 and torch.equal(_LUT, expected)
+
+
 def test_dummy_tile_is_official_white_tile():
     pv = dummy_pixel_values()
     assert pv.shape == (1, 3, 448, 448)
