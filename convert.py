@@ -330,37 +330,34 @@ def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, 
     return model.eval()
 
 
-def _blocks(module, limit: int) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter]]]:
+def _blocks(module) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter]]]:
     """(module, the parameters it casts) covering every parameter but the embedding's and the head's (see
-    computing_in) once: each outermost module of at most `limit` parameters (a decoder or ViT layer, the
-    projector) casts all of its own; a bigger parent casts its direct parameters and those of its leaf
-    children (the ViT's patch embedding, whose dtype its forward reads; the final norm); every leaf casts
-    itself."""
-    if isinstance(module, (nn.Embedding, OutputHead)):
+    computing_in) once: every nn.Linear casts its own weights (the big tensors: one float32 copy at a time);
+    any other module casts its direct parameters and those of its leaf children that are not Linear (norms,
+    and the ViT's patch embedding, whose dtype InternViT.embed reads before calling it)."""
+    if isinstance(module, (nn.Embedding, OutputHead)) or next(module.parameters(), None) is None:
         return []
-    n = sum(p.numel() for p in module.parameters())
     children = list(module.children())
-    if n == 0:
-        return []
-    if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # containers are never called
-        return [b for c in children for b in _blocks(c, limit)]
-    if n <= limit or not children:
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # containers are never called
+        return [b for c in children for b in _blocks(c)]
+    if isinstance(module, nn.Linear) or not children:
         return [(module, list(module.parameters()))]
-    leaves = [c for c in children if not list(c.children()) and not isinstance(c, (nn.Embedding, OutputHead))]
+    leaves = [c for c in children if not list(c.children())
+              and not isinstance(c, (nn.Linear, nn.Embedding, OutputHead))]
     own = list(module.parameters(recurse=False)) + [p for c in leaves for p in c.parameters()]
-    return ([(module, own)] if own else []) + [b for c in children for b in _blocks(c, limit)]
+    return ([(module, own)] if own else []) + [b for c in children if c not in leaves for b in _blocks(c)]
 
 
 @contextlib.contextmanager
 def computing_in(model, dtype: torch.dtype):
-    """Run `model` in `dtype` while its weights stay in their storage dtype: each block (a decoder or ViT
-    layer,
-    an embedding, the head) runs on `dtype` copies of its floating parameters and inputs, and gets its own
-    tensors back on exit, so a bf16 model is checked in float32 with one block's float32 copy at a time. The
-    numbers equal those of the same weights held in `dtype`. (Casting back instead of keeping the originals
-    would reallocate every weight once per forward: at 2B, 0.9 GiB of heap stayed fragmented per forward.)
-    The two largest tensors are never copied whole: embeddings cast what they look up, and the output head
-    casts its weight a slice at a time (OutputHead.compute_dtype)."""
+    """Run `model` in `dtype` while its weights stay in their storage dtype: each block (a linear layer, or a
+    module's own small parameters: norms, scales, the ViT's embeddings) runs on `dtype` copies of its
+    floating parameters and inputs, and gets its own tensors back on exit, so a bf16 model is checked in
+    float32 with at most one linear layer's float32 copy at a time. The numbers equal those of the same
+    weights held in `dtype`. (Casting back instead of keeping the originals would reallocate every weight
+    once per forward: at 2B, 0.9 GiB of heap stayed fragmented per forward.) The two largest tensors are never
+    copied whole: embeddings cast what they look up, and the output head casts its weight a slice at a time
+    (OutputHead.compute_dtype)."""
     def enter(module, args, params):
         module._originals = [(p, p.data) for p in params if p.is_floating_point() and p.dtype != dtype]
         for p, original in module._originals:
@@ -372,9 +369,8 @@ def computing_in(model, dtype: torch.dtype):
             p.data = original
         module._originals = []
 
-    limit = max(sum(p.numel() for p in m.parameters()) for m in [*model.vit.layers, *model.llm.layers])
     handles = []
-    for m, params in _blocks(model, limit):
+    for m, params in _blocks(model):
         handles += [m.register_forward_pre_hook(lambda mod, args, ps=params: enter(mod, args, ps)),
                     m.register_forward_hook(leave)]
     for m in model.modules():

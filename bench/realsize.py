@@ -157,21 +157,18 @@ RESULT = dict(load_s=time.time() - t0, nf4_bytes=nf4, dense_bf16_bytes=dense)
 """)
 
 
-def measure_step(ckpt: str, data: str, out: str, mode: str, zero3_procs: int = 0) -> dict:
-    """Two steps of train.py in one process (ZeRO-1); or, with zero3_procs, a dry run (--max-steps 0: load,
-    engine, exit) in that many processes under ZeRO-3, where GNU time reports the largest rank's peak RSS."""
+def train_cmd(ckpt: str, data: str, out: str, mode: str) -> list[str]:
+    """train.py's arguments for the CPU runs: float32, 1 tile, batch 1, no DataLoader workers."""
+    return ["train.py", "--model-path", ckpt, "--data", data, "--mode", mode, "--dtype", "fp32",
+            "--max-length", "512", "--max-tiles", "1", "--batch-size", "1", "--grad-accum", "1",
+            "--num-workers", "0", "--output-dir", out, "--save-steps", "1000"]
+
+
+def measure_step(ckpt: str, data: str, out: str, mode: str) -> dict:
+    """Two steps of train.py in one process (ZeRO-1)."""
     import shutil
     shutil.rmtree(out, ignore_errors=True)
-    launch = [sys.executable] if not zero3_procs else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(zero3_procs)]
-    cmd = launch + ["train.py", "--model-path", ckpt, "--data", data, "--mode", mode, "--dtype", "fp32",
-           "--max-length", "512", "--max-tiles", "1", "--batch-size", "1", "--grad-accum", "1",
-           "--max-steps", "0" if zero3_procs else "2",
-           "--num-workers", "0", "--output-dir", out, "--save-steps", "1000"]
-    if zero3_procs:
-        cmd += ["--deepspeed", "ds_zero3.json"]
-        return run_cmd(cmd, env={"OMP_NUM_THREADS": "1"})
-    r = run_cmd(cmd)
+    r = run_cmd([sys.executable] + train_cmd(ckpt, data, out, mode) + ["--max-steps", "2"])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     r["step_s"] = [row["seconds"] for row in rows]  # the first includes warm-up allocations
     r["loss"] = [row["loss"] for row in rows]
@@ -179,6 +176,23 @@ def measure_step(ckpt: str, data: str, out: str, mode: str, zero3_procs: int = 0
     r["optimizer_file_bytes"] = sum(os.path.getsize(os.path.join(ckpt_dir, f)) for f in os.listdir(ckpt_dir)
                                     if "optim_states" in f)
     r["checkpoint"] = ckpt_dir
+    return r
+
+
+def measure_zero3_load(ckpt: str, data: str, out: str, procs: int = 2) -> dict:
+    """A ZeRO-3 dry run of train.py in `procs` processes (LoRA, --max-steps 0: load, build the engine, exit):
+    each rank's peak RSS. torchrun starts `sh -c` per rank (--no-python), which runs train.py under GNU time
+    writing that rank's peak RSS (KiB) to RSS_PREFIX.LOCAL_RANK."""
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    prefix = os.path.join(out, "peak_rss_kib")
+    per_rank = ["sh", "-c", 'exec /usr/bin/time -f %M -o "$RSS_PREFIX.$LOCAL_RANK" "$@"', "sh", sys.executable]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+           "--no-python", *per_rank, *train_cmd(ckpt, data, out, "lora"), "--max-steps", "0",
+           "--deepspeed", "ds_zero3.json"]
+    r = run_cmd(cmd, env={"OMP_NUM_THREADS": "1", "RSS_PREFIX": prefix})
+    r["rank_peak_rss_gib"] = [int(open(f"{prefix}.{i}").read().split()[-1]) / 2**20 for i in range(procs)]
     return r
 
 
@@ -190,16 +204,33 @@ def measure_convert(ckpt_dir: str, out: str) -> dict:
     return r
 
 
-def estimate(size: str, mode: str) -> dict:
-    """train.py --estimate-memory's figures for the CPU runs above (float32, 1 process, ZeRO-1)."""
+def estimate(size: str, mode: str, *extra: str) -> dict:
+    """train.py --estimate-memory's figures for the CPU runs above (float32; 1 process and ZeRO-1 unless
+    `extra` options say otherwise)."""
     import options
     args = options.parse_args(["--size", size, "--mode", mode, "--dtype", "fp32", "--max-length", "512",
-                             "--max-tiles", "1", "--batch-size", "1", "--gpus", "1", "--estimate-memory"])
+                               "--max-tiles", "1", "--batch-size", "1", "--gpus", "1", "--estimate-memory",
+                               *extra])
     import contextlib
     import io
     with contextlib.redirect_stdout(io.StringIO()):
         est = options.print_memory_estimate(args)
     return {k: v / GIB for k, v in est.items()}
+
+
+def zero3_expectation(size: str, procs: int = 2) -> dict:
+    """What each rank of a ZeRO-3 load should hold, float32: its 1/procs of the partitioned parameters, the
+    parameters of at most stage3_param_persistence_threshold elements whole (DeepSpeed keeps those on every
+    rank), and the largest tensor (gathered whole while it is filled)."""
+    from model import build_model, preset
+    with open(os.path.join(ROOT, "ds_zero3.json")) as f:
+        threshold = float(json.load(f)["zero_optimization"]["stage3_param_persistence_threshold"])
+    sizes = [p.numel() for p in build_model(preset(size), "meta").parameters()]
+    whole = sum(n for n in sizes if n <= threshold)
+    r = dict(partitioned_share_gib=4 * (sum(sizes) - whole) / procs / GIB, persistent_gib=4 * whole / GIB,
+             largest_tensor_gib=4 * max(sizes) / GIB)
+    r["expected_gib"] = sum(r.values())
+    return r
 
 
 class Results(dict):
@@ -248,13 +279,10 @@ def main(argv=None):
     for mode in ("lora", "qlora"):
         if f"{mode}_step" in steps:
             res[f"{mode}_step"] = measure_step(ckpt, data, os.path.join(root, f"run_{mode}"), mode)
-    if "zero3" in steps:  # each rank: half the partitioned model (float32 here), the parameters below
-        # stage3_param_persistence_threshold (1e7 elements: kept whole on every rank), the largest tensor
-        r = measure_step(ckpt, data, os.path.join(root, "run_zero3"), "lora", zero3_procs=2)
-        from model import build_model, preset
-        sizes = [p.numel() for p in build_model(preset(args.size), "meta").parameters()]
-        whole = sum(n for n in sizes if n < 1e7)
-        r["expected_gib"] = 4 * ((sum(sizes) - whole) / 2 + whole + max(sizes)) / GIB
+    if "zero3" in steps:
+        r = measure_zero3_load(ckpt, data, os.path.join(root, "run_zero3"))
+        r.update(zero3_expectation(args.size))
+        r["estimate_gib"] = estimate(args.size, "lora", "--gpus", "2", "--deepspeed", "ds_zero3.json")
         res["zero3_x2_lora_load"] = r
     if "convert" in steps and "lora_step" in res:
         r = measure_convert(res["lora_step"]["checkpoint"], os.path.join(root, "converted"))

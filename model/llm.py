@@ -75,6 +75,8 @@ class KVCache:
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor):
         if self.k[i] is not None:
             k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
+        else:  # own copies: v is a view into the layer's whole fused q|k|v output, which it would keep alive
+            k, v = k.contiguous(), v.contiguous()
         self.k[i], self.v[i] = k, v
         return k, v
 

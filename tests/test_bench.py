@@ -163,3 +163,15 @@ def test_data_bench_throughput_mode_runs(tmp_path):
     [row] = json.loads(out.read_text())
     # 8 image samples make 2 batches of 4; the 2 text-only ones fill no batch and are left out
     assert row["samples"] == 8 and real(row["samples_per_s"]) and row["samples_per_s"] > 0
+
+
+def test_realsize_zero3_load_reports_every_rank(tmp_path):
+    """bench/realsize.py's ZeRO-3 dry run, at the demo size: one peak RSS per rank, each a real process's."""
+    from bench import realsize
+    from demo import make_demo
+    base, _, _ = make_demo(str(tmp_path / "demo"), n_images=8, text_only=0)
+    data = realsize.write_data(str(tmp_path / "data"), n=8)
+    r = realsize.measure_zero3_load(base, data, str(tmp_path / "zero3"), procs=2)
+    assert len(r["rank_peak_rss_gib"]) == 2
+    # each rank is a Python with torch and DeepSpeed loaded (> 0.2 GiB), and none exceeds the whole tree's peak
+    assert all(0.2 < x <= r["peak_rss_gib"] for x in r["rank_peak_rss_gib"]), r

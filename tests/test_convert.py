@@ -364,10 +364,11 @@ def test_a_base_changed_since_training_is_refused(lora_run, workdir):
     assert any(line.startswith("warning: the base model") for line in lines)
 
 
-def test_computing_in_float32_equals_a_float32_model():
+@pytest.mark.parametrize("family", ["internlm2", "phi3"])
+def test_computing_in_float32_equals_a_float32_model(family):
     """The self-check keeps weights in bf16 and computes in float32 module by module: the logits are those of
     the model loaded in float32, bit for bit (so the check needs one bf16 model of memory, not a float32 one)."""
-    fixture = str(REPO / "tests" / "fixtures" / "internlm2")
+    fixture = str(REPO / "tests" / "fixtures" / family)
     sample = convert.check_sample(fixture, load_config(fixture))
     lean = load_pretrained(fixture, dtype=torch.bfloat16)
     got = convert._logits(lean, sample, torch.device("cpu"), torch.float32)
@@ -375,6 +376,21 @@ def test_computing_in_float32_equals_a_float32_model():
                            torch.float32)  # the same bf16 weights, held in float32
     assert torch.equal(got, want)
     assert all(p.dtype == torch.bfloat16 for p in lean.parameters())  # cast back after the forward
+
+
+def test_computing_in_holds_one_linear_in_float32_at_a_time(lora_run):
+    """The float32 copies live one linear layer at a time (not a whole decoder layer's), also on the trained
+    model with its LoRA adapters: seen from inside every module's forward."""
+    meta = convert.read_meta(str(lora_run / "iter_2"))
+    base = meta["base_model_path"]
+    trained = convert.trained_tensors(str(lora_run / "iter_2"), meta, torch.bfloat16)
+    model = convert.trained_model(base, trained, convert.lora_settings(meta), torch.bfloat16, torch.device("cpu"))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    at_once = []
+    for m in model.modules():  # registered first: runs before computing_in's hook restores the weights
+        m.register_forward_hook(lambda *_: at_once.append(sum(x.weight.dtype == torch.float32 for x in linears)))
+    convert._logits(model, convert.check_sample(base, load_config(base)), torch.device("cpu"), torch.float32)
+    assert len(at_once) > len(linears) and max(at_once) == 1
 
 
 def test_config_records_the_system_message_training_used(tmp_path):
