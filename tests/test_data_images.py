@@ -105,6 +105,18 @@ def test_normalisation_bit_exact_for_every_value(size):
     assert [len(pv[0, c].unique()) for c in range(3)] == [256] * 3
 
 
+def test_every_pixel_pair_bit_exact():
+    """An even tile size goes two pixels per lookup: every (left, right) pair of values, in every channel,
+    must give the reference values."""
+    k = torch.arange(256, dtype=torch.uint8)
+    pairs = torch.stack([k.view(1, 256).expand(256, 256), k.view(256, 1).expand(256, 256)], -1).reshape(256, 512)
+    plane = torch.cat([pairs, pairs.flip(0)])  # 512 x 512: each row holds 256 pairs, all 65536 twice
+    hwc = torch.stack([plane, plane.roll(7, 0), 255 - plane], -1).contiguous()
+    img = Image.frombytes("RGB", (512, 512), hwc.numpy().tobytes())
+    pv, _ = images_to_pixel_values([img], max_num=1, image_size=512)
+    assert torch.equal(pv, _reference([img])) and torch.equal(to_tensor([img], 512), pv)
+
+
 @pytest.mark.parametrize("wh,size,max_num", [((61, 37), 17, 6), ((37, 123), 15, 12), ((1000, 333), 448, 12)])
 def test_tile_views_bit_exact_at_odd_sizes(wh, size, max_num):
     img = _random_image(*wh, seed=wh[0])
@@ -183,6 +195,52 @@ def test_missing_and_corrupt_images(tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ImageLoadError, match="bad.jpg: cannot load image"):
         load_image(str(bad))
+
+
+def test_header_parser_reads_what_pil_reads(tmp_path):
+    """header_size parses JPEG and PNG headers itself: on every variant it must give PIL's size, and take the
+    fast path (not PIL's) on the plain ones; what it does not find plain (fill bytes, bad precision, other
+    formats, decompression bombs) goes through PIL with PIL's answer or error."""
+    from data.images import _jpeg_size, _png_size
+
+    icc = Image.new("RGB", (8, 8)).info.get("icc_profile") or bytes(70000)  # > one 64 KiB APP2 segment
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgb = _gradient(517, 389)
+    plain = {"base.jpg": (rgb, {}), "prog.jpg": (rgb, {"progressive": True, "optimize": True}),
+             "sub444.jpg": (rgb, {"subsampling": 0, "quality": 95}), "exif.jpg": (rgb, {"exif": exif}),
+             "icc.jpg": (rgb, {"icc_profile": icc}), "gray.jpg": (rgb.convert("L"), {}),
+             "cmyk.jpg": (rgb.convert("CMYK"), {}), "rgb.png": (rgb, {}), "rgba.png": (rgb.convert("RGBA"), {}),
+             "p.png": (rgb.convert("P"), {}), "i16.png": (rgb.convert("I;16"), {}),
+             "tall.jpg": (_gradient(33, 2100), {}), "wide.png": (_gradient(3000, 7), {})}
+    for name, (img, kw) in plain.items():
+        img.save(tmp_path / name, **kw)
+        with open(tmp_path / name, "rb") as f:
+            fast = _jpeg_size(f) if f.read(3) == b"\xff\xd8\xff" else _png_size(f)
+        assert fast == header_size(str(tmp_path / name)) == Image.open(tmp_path / name).size == img.size, name
+
+    data = (tmp_path / "base.jpg").read_bytes()
+    (tmp_path / "fill.jpg").write_bytes(data[:2] + b"\xff\xff\xff" + data[2:])  # fill bytes: PIL's leniency
+    rgb.save(tmp_path / "x.gif")
+    rgb.save(tmp_path / "x.bmp")
+    rgb.save(tmp_path / "x.webp")
+    for name in ("fill.jpg", "x.gif", "x.bmp", "x.webp"):
+        assert header_size(str(tmp_path / name)) == Image.open(tmp_path / name).size == (517, 389), name
+    with open(tmp_path / "fill.jpg", "rb") as f:
+        f.read(3)
+        assert _jpeg_size(f) is None  # really went through PIL
+
+    sof = data.index(b"\xff\xc0")  # 12-bit precision: PIL refuses it, and so must header_size
+    (tmp_path / "p12.jpg").write_bytes(data[:sof + 4] + b"\x0c" + data[sof + 5:])
+    with pytest.raises(ImageLoadError, match="p12.jpg: cannot read the image header"):
+        header_size(str(tmp_path / "p12.jpg"))
+    big = Image.MAX_IMAGE_PIXELS
+    try:  # a bomb by PIL's rule is PIL's to refuse, whatever its header says
+        Image.MAX_IMAGE_PIXELS = 517 * 389 // 3
+        with pytest.raises(ImageLoadError, match="base.jpg: cannot read the image header.*DecompressionBomb"):
+            header_size(str(tmp_path / "base.jpg"))
+    finally:
+        Image.MAX_IMAGE_PIXELS = big
 
 
 def test_header_size_is_the_size_load_image_tiles(tmp_path):
