@@ -33,7 +33,7 @@ import options
 
 GRAD_CLIP = 1.0  # official max_grad_norm
 COUNTERS = ("skipped_steps", "nonfinite_steps", "all_masked_steps", "all_masked_micro_batches",
-            "samples_seen", "replaced_samples", "image_failures")
+            "samples_seen", "replaced_samples", "image_failures", "over_budget_packs")
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -110,7 +110,7 @@ def plan_batches(args, dataset, rank, world):
         sampler = PackedBatchSampler(dataset.lengths, args.max_packed_tokens, tiles=dataset.tiles,
                                      max_tiles=args.max_packed_tiles, world_size=world, rank=rank,
                                      seed=args.seed)
-        collate_fn = partial(collate_packed, max_tokens=args.max_packed_tokens)
+        collate_fn = partial(collate_packed, max_tokens=args.max_packed_tokens, max_tiles=args.max_packed_tiles)
         steps_per_epoch = sampler.micro_batches(0) // args.grad_accum
         epoch_steps = packed_total_steps(sampler, args.epochs, args.grad_accum)
         log(f"packing: one pack of <= {args.max_packed_tokens} tokens and <= {args.max_packed_tiles} tiles "
@@ -238,10 +238,10 @@ def train_step(engine, scheduler, micro, step, counters, device, dtype):
     local = [sum(m[k] for m in meta) for k in ("num_supervised", "num_tokens", "num_samples",
                                                "image_failures")]
     local += [sum(len(m["skipped"]) for m in meta), sum(m["num_supervised"] == 0 for m in meta),
-              sum(int(b["image_flags"].sum()) for b in micro)]
-    n_step, tokens, samples, failures, replaced, all_masked, tiles = map(int, all_reduce_sum(local, device))
+              sum(int(b["image_flags"].sum()) for b in micro), sum(m.get("over_budget", 0) for m in meta)]
+    n_step, tokens, samples, failures, replaced, all_masked, tiles, over = map(int, all_reduce_sum(local, device))
     for k, n in [("samples_seen", samples), ("replaced_samples", replaced), ("image_failures", failures),
-                 ("all_masked_micro_batches", all_masked)]:
+                 ("all_masked_micro_batches", all_masked), ("over_budget_packs", over)]:
         counters[k] += n
     out = dict(loss=None, lr=scheduler.get_last_lr()[0], grad_norm=None, tokens=tokens,  # lr: this update's
                supervised_tokens=n_step, samples=samples, image_tiles=tiles)
@@ -333,7 +333,9 @@ def train(args, engine, scheduler, batches, pos, total_steps, evaluator, run_met
     c, final = pos.counters, saved and os.path.join(args.output_dir, f"iter_{saved}")
     log(f"done: {pos.step} steps; skipped {c['skipped_steps']} (non-finite {c['nonfinite_steps']}, "
         f"all-masked {c['all_masked_steps']}); replaced {c['replaced_samples']} samples "
-        f"({c['image_failures']} unreadable images, the rest too long); checkpoint {final}")
+        f"({c['image_failures']} unreadable images, the rest too long)"
+        + (f"; {c['over_budget_packs']} packs over their budget" if c["over_budget_packs"] else "")
+        + f"; checkpoint {final}")
     if final:
         log(f"convert it to an official InternVL 1.5 directory with:\n  python convert.py {final} "
             f"{os.path.join(args.output_dir, 'converted')}")

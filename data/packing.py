@@ -155,12 +155,13 @@ def packed_total_steps(sampler: PackedBatchSampler, epochs: float, grad_accum: i
     return total
 
 
-def collate_packed(samples, max_tokens: int | None = None) -> dict:
+def collate_packed(samples, max_tokens: int | None = None, max_tiles: int | None = None) -> dict:
     """The samples of one pack -> one row [1, L] (keys as data.collate, so the model call is the same).
 
-    With `max_tokens`, a pack longer than its budget (length estimates below the real lengths, or a sample
-    replaced after a failed image) is still trained on as is, never truncated, and counted in
-    meta["over_budget"] with a warning.
+    With `max_tokens` / `max_tiles`, a pack over either budget (estimates below the built sample: an image
+    file changed after the index was built, or a replacement for a failed sample with none that fits) is
+    still trained on as is, never truncated, and counted in meta["over_budget"] with a warning (train.py
+    sums it into the metrics' over_budget_packs).
     """
     if not samples:
         raise ValueError("collate_packed got an empty pack")
@@ -178,13 +179,13 @@ def collate_packed(samples, max_tokens: int | None = None) -> dict:
     if not bool(keep.any()):
         keep = torch.zeros_like(keep)
         keep[0] = True  # a text-only pack keeps one dummy tile (flag 0) to keep the ViT in the graph
-    total = sum(lengths)
-    over = max(0, total - max_tokens) if max_tokens is not None else 0
+    total, tiles = sum(lengths), int(flags.sum())
+    over = (max_tokens is not None and total > max_tokens) or (max_tiles is not None and tiles > max_tiles)
     if over:
-        log.warning("pack of %d samples has %d tokens, %d over its budget of %d (length estimates too low?)",
-                    len(samples), total, over, max_tokens)
+        log.warning("pack of %d samples has %d tokens and %d tiles, over its budget of %s tokens and %s tiles "
+                    "(length estimates too low?)", len(samples), total, tiles, max_tokens, max_tiles)
     out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
                pixel_values=pixels[keep], image_flags=flags[keep])
-    out["meta"] = dict(batch_meta(samples, labels), over_budget=int(over > 0))
+    out["meta"] = dict(batch_meta(samples, labels), over_budget=int(over))
     return out
 

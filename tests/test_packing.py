@@ -131,6 +131,10 @@ def test_collate_packed_text_only_keeps_one_dummy_and_counts_overflow():
     out = collate_packed([b, b], max_tokens=5)
     assert out["image_flags"].tolist() == [0] and out["pixel_values"].shape[0] == 1
     assert out["meta"]["over_budget"] == 1 and out["meta"]["num_tokens"] == 6
+    a, c = _sample([1, 5, 6, 7], [-100, -100, 6, 7], 2), _sample([1, 4], [-100, 4], 1)
+    assert collate_packed([a, c], max_tokens=6, max_tiles=3)["meta"]["over_budget"] == 0  # both budgets met
+    assert collate_packed([a, c], max_tokens=6, max_tiles=2)["meta"]["over_budget"] == 1  # 3 real tiles
+    assert collate_packed([a, b, c], max_tokens=9, max_tiles=3)["meta"]["over_budget"] == 0  # b's dummy: none
     with pytest.raises(ValueError, match="empty pack"):
         collate_packed([])
 

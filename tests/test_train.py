@@ -234,6 +234,7 @@ def test_packing_trains_one_epoch_with_an_exact_schedule(demo, tmp_path):
     n = len(rows)  # no warmup, cosine from 1e-3 over exactly the epoch's packs: step k updates with lr(k - 1)
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * k / n)) for k in range(n)])
     assert all(r["tokens"] <= 1024 for r in rows) and max(r["samples"] for r in rows) > 1
+    assert rows[-1]["over_budget_packs"] == 0  # the estimates are exact
     first, last = sum(losses(rows)[:5]) / 5, sum(losses(rows)[-5:]) / 5
     print(f"packing: {len(rows)} packs for 128 samples, first-5 mean loss {first:.3f}, last-5 {last:.3f}")
     assert last < first
@@ -400,6 +401,37 @@ def test_every_collective_has_its_tensor_on_the_training_device(monkeypatch):
     for node in ast.walk(ast.parse(open(os.path.join(ROOT, "evaluate.py")).read())):
         assert not (isinstance(node, ast.Attribute) and node.attr in COLLECTIVES), \
             f"evaluate.py:{node.lineno}: a collective outside train.all_reduce_sum"
+
+
+def test_packs_over_their_budget_are_counted_in_the_metrics(monkeypatch):
+    """A pack over its token or tile budget is trained as is and counted: the step sums the packs' flags
+    over the ranks into over_budget_packs (here an all-masked step, which needs no engine)."""
+    import torch
+    import torch.distributed as dist
+
+    import train
+    from data.packing import collate_packed
+
+    def sample(n, tiles):
+        return dict(input_ids=torch.ones(n, dtype=torch.long), labels=torch.full((n,), -100),
+                    pixel_values=torch.zeros(tiles, 3, 4, 4), image_flags=torch.ones(tiles, dtype=torch.long))
+
+    class Schedule:
+        def get_last_lr(self):
+            return [1e-3]
+
+        def step(self):
+            pass
+
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: t.mul_(2))  # as if 2 ranks saw the same
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    micro = [collate_packed([sample(5, 1), sample(4, 2)], max_tokens=8, max_tiles=4),  # tokens over
+             collate_packed([sample(3, 3), sample(3, 2)], max_tokens=8, max_tiles=4),  # tiles over
+             collate_packed([sample(3, 1)], max_tokens=8, max_tiles=4)]
+    counters = dict.fromkeys(train.COUNTERS, 0)
+    row = train.train_step(None, Schedule(), micro, 0, counters, torch.device("cpu"), torch.float32)
+    assert row["loss"] is None and counters["all_masked_steps"] == 1
+    assert counters["over_budget_packs"] == 4 and counters["samples_seen"] == 10
 
 
 def test_data_problems_are_counted_per_run_and_printed_capped(demo, tmp_path, capsys):
