@@ -110,7 +110,8 @@ def plan_batches(args, dataset, rank, world):
         sampler = PackedBatchSampler(dataset.lengths, args.max_packed_tokens, tiles=dataset.tiles,
                                      max_tiles=args.max_packed_tiles, world_size=world, rank=rank,
                                      seed=args.seed)
-        collate_fn = partial(collate_packed, max_tokens=args.max_packed_tokens, max_tiles=args.max_packed_tiles)
+        collate_fn = partial(collate_packed, max_tokens=args.max_packed_tokens,
+                             max_tiles=args.max_packed_tiles)
         steps_per_epoch = sampler.micro_batches(0) // args.grad_accum
         epoch_steps = packed_total_steps(sampler, args.epochs, args.grad_accum)
         log(f"packing: one pack of <= {args.max_packed_tokens} tokens and <= {args.max_packed_tiles} tiles "
@@ -239,7 +240,8 @@ def train_step(engine, scheduler, micro, step, counters, device, dtype):
                                                "image_failures")]
     local += [sum(len(m["skipped"]) for m in meta), sum(m["num_supervised"] == 0 for m in meta),
               sum(int(b["image_flags"].sum()) for b in micro), sum(m.get("over_budget", 0) for m in meta)]
-    n_step, tokens, samples, failures, replaced, all_masked, tiles, over = map(int, all_reduce_sum(local, device))
+    n_step, tokens, samples, failures, replaced, all_masked, tiles, over = map(
+        int, all_reduce_sum(local, device))
     for k, n in [("samples_seen", samples), ("replaced_samples", replaced), ("image_failures", failures),
                  ("all_masked_micro_batches", all_masked), ("over_budget_packs", over)]:
         counters[k] += n

@@ -89,10 +89,10 @@ def _planes(image):
     """The R, G and B planes of an RGB PIL image, uint8 [H, W] each (a tile's rows are then contiguous), over
     the bytes PIL returns: no copy, and read-only (nothing writes to them). Joining them into one buffer
     cost as much as the three reads."""
+    h, w = image.height, image.width
     with warnings.catch_warnings():  # torch warns, once, that a bytes object is not writable
         warnings.simplefilter("ignore", UserWarning)
-        return [torch.frombuffer(image.tobytes("raw", band), dtype=torch.uint8).view(image.height, image.width)
-                for band in "RGB"]
+        return [torch.frombuffer(image.tobytes("raw", band), dtype=torch.uint8).view(h, w) for band in "RGB"]
 
 
 def _normalise(planes, out, index):

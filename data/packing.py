@@ -182,8 +182,8 @@ def collate_packed(samples, max_tokens: int | None = None, max_tiles: int | None
     total, tiles = sum(lengths), int(flags.sum())
     over = (max_tokens is not None and total > max_tokens) or (max_tiles is not None and tiles > max_tiles)
     if over:
-        log.warning("pack of %d samples has %d tokens and %d tiles, over its budget of %s tokens and %s tiles "
-                    "(length estimates too low?)", len(samples), total, tiles, max_tokens, max_tiles)
+        log.warning("pack of %d samples has %d tokens and %d tiles, over its budget of %s tokens and %s "
+                    "tiles (length estimates too low?)", len(samples), total, tiles, max_tokens, max_tiles)
     out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
                pixel_values=pixels[keep], image_flags=flags[keep])
     out["meta"] = dict(batch_meta(samples, labels), over_budget=int(over))
