@@ -2,7 +2,8 @@
 
 dynamic_preprocess is the official function (same candidate order, same tie-break, PIL bicubic,
 row-major crops, thumbnail last). The tensor conversion reproduces torchvision's ToTensor + Normalize
-bit for bit: a 256-entry table per channel holds its float32 result for every uint8 value.
+bit for bit: a 256-entry table per channel holds its float32 result for every uint8 value (read two
+pixels at a time). header_size reads an image's size without decoding it, for the dataset's index.
 """
 import io
 import random
