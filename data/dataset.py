@@ -22,7 +22,7 @@ from model.loss import target_mask
 from model.weights import sampled_sha1
 
 from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, header_size, images_to_pixel_values,
-                     jpeg_degrade, load_image, num_tiles)
+                     jpeg_degrade, load_image, num_tiles, per_image_cap)
 from .templates import (NUM_IMAGE_TOKENS, get_template, image_tokens, net_labels, render,
                         resolve_system_message)
 
@@ -474,7 +474,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """(tokens, tiles): the exact token count of the text + 256 per tile, capped at max_length, where
         `sizes` holds each image's (width, height), or None where its header could not be read."""
         tiles = 0
-        cap = self._max_num(si) if len(sizes) <= 1 else max(1, self._max_num(si) // len(sizes))
+        cap = per_image_cap(self._max_num(si), len(sizes))
         for wh in sizes:
             if wh is None:  # header unreadable: the cap (+ thumbnail) is an upper bound, so packs keep their
                 # budgets; the image itself is reported, like any unreadable image, when its sample is built

@@ -221,10 +221,16 @@ def grids_to_tensor(grids, image_size=IMAGE_SIZE):
     return out
 
 
+def per_image_cap(max_num, n_images):
+    """The tile cap of each of a sample's images: several share the budget the official way, each getting
+    max(1, max_num // n_images)."""
+    return max_num if n_images <= 1 else max(1, max_num // n_images)
+
+
 def images_to_pixel_values(images, max_num=12, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True):
-    """Tiles of one sample's images, in image order. Several images share the budget the official way:
-    each gets max(1, max_num // n_images). Returns (pixel_values, tiles_per_image)."""
-    cap = max_num if len(images) == 1 else max(1, max_num // len(images))
+    """Tiles of one sample's images, in image order, each image under per_image_cap. Returns (pixel_values,
+    tiles_per_image)."""
+    cap = per_image_cap(max_num, len(images))
     grids = [resize_to_grid(image, min_num, cap, image_size, use_thumbnail) for image in images]
     counts = [cols * rows + (thumb is not None) for _, cols, rows, thumb in grids]
     return grids_to_tensor(grids, image_size), counts
