@@ -15,12 +15,17 @@ the RSS and private-memory growth of each DataLoader worker over --worker-sample
 estimates' error against built samples.
 
     python3 bench/data.py --records 100000 --json out.json
+
+With --bad-lines K it breaks K records instead (malformed JSON, an unknown role, a missing image file, two <image>
+tags for one image, in turn) and reports the seconds until the one error that must name every one of their
+lines, and the rerun with skip_bad_samples that must count them.
 """
 import argparse
 import gc
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -30,7 +35,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from data import LengthGroupedSampler, Source, SupervisedDataset, collate, load_tokenizer  # noqa: E402
+from data import DataError, LengthGroupedSampler, Source, SupervisedDataset, collate, load_tokenizer  # noqa: E402
 
 SIZES = [(4032, 3024), (1920, 1080), (1280, 720), (1024, 768), (800, 1200), (640, 480), (1170, 2532), (2480, 3508)]
 
@@ -100,16 +105,21 @@ WORDS = [w for w in ("the a of to and in is on with for picture man woman dog ca
                       "what where how many colour color shape image background foreground").split()]
 
 
-def make_scale_annotation(path, folder, n, fmt="jsonl", seed=0, image_wh=0.0):
+def make_scale_annotation(path, folder, n, fmt="jsonl", seed=0, image_wh=0.0, bad=0):
     """LLaVA-like records: 1-5 turns, 10-120 words per answer, 90% with an image of its own (a hard link to one
     of 64 JPEGs of 224-1024 px a side; a fraction `image_wh` of them give image_wh). A .json array puts one
-    record per line."""
+    record per line. `bad` records, evenly spread, are broken in turn: malformed JSON, an unknown role, a
+    missing image file, two <image> tags for one image. Returns their 1-based line numbers."""
     rng = random.Random(seed)
     sizes = [(rng.randint(224, 1024), rng.randint(224, 1024)) for _ in range(64)]
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
     for k, wh in enumerate(sizes):
         Image.new("RGB", wh, (4 * k, 120, 200)).save(os.path.join(folder, f"pool{k}.jpg"), quality=90)
     words = WORDS + [f"w{k}" for k in range(3000)]  # a long tail, like real text
+    if bad and fmt != "jsonl":
+        raise ValueError("bad records are written to .jsonl annotations only")
+    broken = {int((k + 0.5) * n / bad): k % 4 for k in range(bad)} if bad else {}
+    lines = []
     with open(path, "w") as f:
         f.write("[\n" if fmt == "json" else "")
         for i in range(n):
@@ -126,8 +136,24 @@ def make_scale_annotation(path, folder, n, fmt="jsonl", seed=0, image_wh=0.0):
                 turns[0]["value"] = "<image>\n" + turns[0]["value"]
                 if rng.random() < image_wh:
                     rec["image_wh"] = list(sizes[k])
-            f.write(json.dumps(rec) + ("," if fmt == "json" and i < n - 1 else "") + "\n")
+            if i in broken:
+                kind = broken[i]
+                if kind == 1:
+                    turns[0]["from"] = "robot"
+                elif kind == 2:
+                    rec["image"] = f"img/gone{i}.jpg"
+                elif kind == 3:
+                    if "image" not in rec:
+                        rec["image"] = f"img/{i}.jpg"
+                        os.link(os.path.join(folder, "pool0.jpg"), os.path.join(folder, rec["image"]))
+                    turns[0]["value"] = "<image>\n<image>\n" + turns[0]["value"].replace("<image>\n", "")
+                lines.append(i + 1)
+            line = json.dumps(rec)
+            if broken.get(i) == 0:
+                line = line[:-5]  # cut short: not JSON
+            f.write(line + ("," if fmt == "json" and i < n - 1 else "") + "\n")
         f.write("]\n" if fmt == "json" else "")
+    return lines
 
 
 def _memory_kb():
@@ -189,6 +215,33 @@ def length_error(ds, n, seed=0):
             "mae_fraction_tiles_from_header": sum(from_header) / max(1, len(from_header))}
 
 
+def bad_input(args, tok):
+    """Bad records at scale: the cold build must fail with one DataError naming every bad line (file:line);
+    then a build with skip_bad_samples counts them. Seconds of both."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ann = os.path.join(tmp, "scale.jsonl")
+        lines = make_scale_annotation(ann, tmp, args.records, bad=args.bad_lines)
+        kw = dict(max_num=args.max_num, max_length=args.max_length, cache_dir=os.path.join(tmp, "cache"))
+        t0 = time.perf_counter()
+        try:
+            SupervisedDataset([Source(ann, tmp)], tok, args.template, **kw)
+            raise SystemExit(f"{ann}: {len(lines)} bad records were not reported")
+        except DataError as e:
+            message = str(e)
+        error_s = time.perf_counter() - t0
+        reported = sorted({int(n) for n in re.findall(r"scale\.jsonl:(\d+):", message)})
+        t0 = time.perf_counter()
+        ds = SupervisedDataset([Source(ann, tmp)], tok, args.template, skip_bad_samples=True, **kw)
+        skip_s = time.perf_counter() - t0
+    row = {"records": args.records, "bad_lines": len(lines), "error_s": round(error_s, 2),
+           "error_first_line": message.splitlines()[0][:200], "lines_reported": len(reported),
+           "every_bad_line_reported": reported == lines, "skip_build_s": round(skip_s, 2),
+           "skipped": ds.source_counts["scale"]["bad"], "valid": ds.source_counts["scale"]["valid"],
+           "load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
+    print(json.dumps(row, indent=2))
+    return row
+
+
 def scale(args, tok):
     with tempfile.TemporaryDirectory() as tmp:
         ann = os.path.join(tmp, f"scale.{args.format}")
@@ -241,12 +294,14 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=4096, help="scale mode: max tokens per sample")
     p.add_argument("--worker-samples", type=int, default=1000, help="scale mode: samples per DataLoader worker")
     p.add_argument("--error-samples", type=int, default=100, help="scale mode: samples built to measure lengths")
+    p.add_argument("--bad-lines", type=int, default=0,
+                   help="scale mode: break this many records (.jsonl) and time the error that lists them instead")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     tok = load_tokenizer(args.tokenizer)
     if args.records:
-        row = scale(args, tok)
+        row = bad_input(args, tok) if args.bad_lines else scale(args, tok)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(row, f, indent=2)

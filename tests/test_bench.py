@@ -155,6 +155,18 @@ def test_data_bench_scale_mode_json(tmp_path):
     assert w["samples"] == 20 and real(w["rss_growth_mb"]) and real(w["private_growth_mb"])
 
 
+def test_data_bench_bad_lines_are_all_in_one_error(tmp_path):
+    """--bad-lines K breaks K records four ways; the cold build must name each of their lines, in one error,
+    and --skip-bad-samples must count exactly K."""
+    from bench import data as data_bench
+    out = tmp_path / "bad.json"
+    data_bench.main(["--records", "400", "--bad-lines", "9", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["bad_lines"] == r["lines_reported"] == r["skipped"] == 9 and r["every_bad_line_reported"]
+    assert r["valid"] == 391 and r["error_first_line"].startswith("9 bad sample(s)")
+    assert real(r["error_s"]) and real(r["skip_build_s"])
+
+
 def test_data_bench_throughput_mode_runs(tmp_path):
     from bench import data as data_bench
     out = tmp_path / "tp.json"
