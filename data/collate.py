@@ -5,6 +5,9 @@ attention_mask comes from the lengths rather than `input_ids != 0`, so a genuine
 is still attended to. The keys are the model's forward arguments plus "meta" (pop it before the forward):
 ids ("source:line" per sample), skipped (problems that made the dataset replace a sample), image_failures,
 num_samples, num_tokens, num_supervised (the loss denominator), truncated.
+
+pixel_values are concatenated by concat_tiles: in a DataLoader worker straight into shared memory, as torch's
+default_collate does, so the batch's largest tensor crosses to the main process without another copy.
 """
 import torch
 
@@ -28,10 +31,22 @@ def collate(samples, pad_id=PAD_ID):
         attention_mask[b, :n] = 1
         position_ids[b, :n] = torch.arange(n)
     out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
-               pixel_values=torch.cat([s["pixel_values"] for s in samples]),
+               pixel_values=concat_tiles([s["pixel_values"] for s in samples]),
                image_flags=torch.cat([s["image_flags"] for s in samples]))
     out["meta"] = batch_meta(samples, labels)
     return out
+
+
+def concat_tiles(tensors):
+    """torch.cat along dim 0. In a DataLoader worker the result is allocated in shared memory: the worker
+    would otherwise copy the finished batch into shared memory to send it (a copy of every tile, into fresh
+    pages)."""
+    if torch.utils.data.get_worker_info() is None or len(tensors) == 0:
+        return torch.cat(tensors)
+    first = tensors[0]
+    shape = torch.Size((sum(t.shape[0] for t in tensors), *first.shape[1:]))
+    storage = torch.UntypedStorage._new_shared(first.element_size() * shape.numel())
+    return torch.cat(tensors, out=first.new_empty(0).set_(storage).view(shape))
 
 
 def batch_meta(samples, labels):

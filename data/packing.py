@@ -24,7 +24,7 @@ import random
 
 import torch
 
-from .collate import batch_meta
+from .collate import batch_meta, concat_tiles
 from .templates import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -173,19 +173,19 @@ def collate_packed(samples, max_tokens: int | None = None, max_tiles: int | None
     segments = [torch.full((n,), k + 1, dtype=torch.long) for k, n in enumerate(lengths)]
     attention_mask = torch.cat(segments)[None]
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    flags = torch.cat([s["image_flags"].reshape(-1) for s in samples])
-    pixels = torch.cat([s["pixel_values"] for s in samples])
-    keep = flags.bool()
-    if not bool(keep.any()):
-        keep = torch.zeros_like(keep)
-        keep[0] = True  # a text-only pack keeps one dummy tile (flag 0) to keep the ViT in the graph
-    total, tiles = sum(lengths), int(flags.sum())
+    flags = [s["image_flags"].reshape(-1) for s in samples]
+    kept = [(s["pixel_values"], f) if bool(f.all()) else (s["pixel_values"][f.bool()], f[f.bool()])
+            for s, f in zip(samples, flags) if bool(f.any())]  # real tiles only, copied once below
+    if not kept:  # a text-only pack keeps one dummy tile (flag 0) to keep the ViT in the graph
+        kept = [(samples[0]["pixel_values"][:1], flags[0][:1])]
+    total, tiles = sum(lengths), int(sum(f.sum() for f in flags))
     over = (max_tokens is not None and total > max_tokens) or (max_tiles is not None and tiles > max_tiles)
     if over:
         log.warning("pack of %d samples has %d tokens and %d tiles, over its budget of %s tokens and %s "
                     "tiles (length estimates too low?)", len(samples), total, tiles, max_tokens, max_tiles)
     out = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
-               pixel_values=pixels[keep], image_flags=flags[keep])
+               pixel_values=concat_tiles([pixels for pixels, _ in kept]),
+               image_flags=torch.cat([f for _, f in kept]))
     out["meta"] = dict(batch_meta(samples, labels), over_budget=int(over))
     return out
 

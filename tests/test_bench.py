@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import gpu, images, loss, step
+from bench import collate, gpu, images, loss, step
 from bench.common import PeakMemory, time_median
 from model import build_model, preset
 
@@ -59,6 +59,18 @@ def test_images_bench_json(tmp_path):
             assert real(r[name][key]) and r[name][key] > 0, (name, key)
     assert real(r["speedup"]) and real(r["speedup_paired"])
     assert json.loads(out.read_text())["clock"] == "cpu"  # per-core CPU time unless --clock wall
+
+
+def test_collate_bench_json(tmp_path):
+    out = tmp_path / "collate.json"
+    collate.main(["--samples", "3", "--text-only", "1", "--tiles", "2", "--packs", "2", "--warmup", "1",
+                  "--rounds", "1", "--workers", "1", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["pack_mib"] == round(2 * 2 * 3 * 448 * 448 * 4 / 2**20, 1)
+    for name in ("mask", "cat", "ours"):
+        assert real(r["cpu_ms_per_pack"][name]) and r["cpu_ms_per_pack"][name] > 0, name
+        assert real(r["wall_ms_per_pack"][name]) and r["wall_ms_per_pack"][name] > 0, name
+    assert r["cpu_ratio_to_ours"]["ours"] == 1.0
 
 
 def test_step_bench_json(tmp_path):

@@ -126,6 +126,33 @@ def test_collate_packed_row_layout():
     assert out["meta"]["ids"] == ["s4", "s3", "s2"]
 
 
+def _collate_in_worker(samples):
+    """Both collates, run where the DataLoader runs them, with whether their tiles were born shared."""
+    packed, padded = collate_packed(samples), collate(samples)
+    return packed, padded, packed["pixel_values"].is_shared(), padded["pixel_values"].is_shared()
+
+
+def test_collate_in_a_worker_builds_the_tiles_in_shared_memory_with_the_same_numbers():
+    """In a DataLoader worker the tiles are concatenated straight into shared memory (no second copy to send
+    them); the numbers are those of the main-process collate, and a pack still drops text-only dummies."""
+    torch.manual_seed(0)
+    samples = [_sample([1, 5, 6, 7], [-100, -100, 6, 7], 2), _sample([1, 8, 9], [8, 8, 9], 1, real=False),
+               _sample([1, 4], [-100, 4], 3)]
+    for s in samples:
+        s["pixel_values"] = torch.randn(s["pixel_values"].shape)
+    main_packed, main_padded, shared_packed, shared_padded = _collate_in_worker(samples)
+    assert not shared_packed and not shared_padded
+    loader = torch.utils.data.DataLoader(samples, batch_size=3, num_workers=1, collate_fn=_collate_in_worker)
+    packed, padded, shared_packed, shared_padded = next(iter(loader))
+    assert shared_packed and shared_padded
+    assert torch.equal(packed["pixel_values"], main_packed["pixel_values"])
+    assert torch.equal(padded["pixel_values"], main_padded["pixel_values"])
+    assert packed["pixel_values"].shape[0] == 5 and padded["pixel_values"].shape[0] == 6
+    real = torch.cat([samples[0]["pixel_values"], samples[2]["pixel_values"]])
+    assert torch.equal(packed["pixel_values"], real)
+    assert packed["image_flags"].tolist() == [1] * 5 and padded["image_flags"].tolist() == [1, 1, 0, 1, 1, 1]
+
+
 def test_collate_packed_text_only_keeps_one_dummy_and_counts_overflow():
     b = _sample([1, 8, 9], [8, 8, 9], 1, real=False)
     out = collate_packed([b, b], max_tokens=5)
