@@ -86,6 +86,22 @@ _PAIRS = torch.arange(65536)
 _PAIR_LUT = torch.stack([_LUT[:, _PAIRS % 256], _LUT[:, _PAIRS // 256]], -1).view(torch.int64).view(3, 65536)
 
 
+def _band(image, band):
+    """image.tobytes("raw", band) in one piece. tobytes encodes 64 KiB at a time and then joins the pieces: a
+    second pass over the plane, into fresh pages. The same encoder, asked for the whole plane at once, returns
+    it as is."""
+    size = image.width * image.height
+    encoder = Image._getencoder(image.mode, "raw", band)
+    try:
+        encoder.setimage(image.im, (0, 0, image.width, image.height))
+        _, status, data = encoder.encode(size)
+    finally:
+        encoder.cleanup()
+    if status != 1 or len(data) != size:  # 1: done
+        raise RuntimeError(f"PIL raw encoder returned {len(data)} of {size} bytes (status {status})")
+    return data
+
+
 def _planes(image):
     """The R, G and B planes of an RGB PIL image, uint8 [H, W] each (a tile's rows are then contiguous), over
     the bytes PIL returns: no copy, and read-only (nothing writes to them). Joining them into one buffer
@@ -93,7 +109,7 @@ def _planes(image):
     h, w = image.height, image.width
     with warnings.catch_warnings():  # torch warns, once, that a bytes object is not writable
         warnings.simplefilter("ignore", UserWarning)
-        return [torch.frombuffer(image.tobytes("raw", band), dtype=torch.uint8).view(h, w) for band in "RGB"]
+        return [torch.frombuffer(_band(image, band), dtype=torch.uint8).view(h, w) for band in "RGB"]
 
 
 def _normalise(planes, out, index):
