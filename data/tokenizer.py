@@ -81,16 +81,33 @@ def read_added_tokens(path):
     return added
 
 
-def _split_pattern(tokens):
+def _split_pattern(tokens, whole=False):
     """One regex that finds the added tokens the way transformers' Trie does: leftmost match, longest first
     among matches at the same position. A run of one token (256 <IMG_CONTEXT> per tile) is matched at once,
-    unless the token is a prefix of another one (then the run could hide a longer match)."""
+    unless the token is a prefix of another one (then the run could hide a longer match). A group per token
+    (m.lastindex says which), or with `whole` one group around the match (re.split then returns
+    [text, match, text, ..., text])."""
     if not tokens:
         return None
     first = "".join(sorted({re.escape(t[0]) for t in tokens}))  # a fast skip over text no token starts in
-    alternatives = [f"({re.escape(t)})" if any(o != t and o.startswith(t) for o in tokens)
-                    else f"((?:{re.escape(t)})+)" for t in tokens]
-    return re.compile(f"(?=[{first}])(?:" + "|".join(alternatives) + ")")
+    alternatives = [re.escape(t) if any(o != t and o.startswith(t) for o in tokens)
+                    else f"(?:{re.escape(t)})+" for t in tokens]
+    if whole:
+        return re.compile(f"(?=[{first}])(" + "|".join(alternatives) + ")")
+    return re.compile(f"(?=[{first}])(?:" + "|".join(f"({a})" for a in alternatives) + ")")
+
+
+class _Runs(dict):
+    """A match of the split pattern -> (its token, how many times it repeats): one token, or a run of one."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens = tokens  # longest first, as the pattern tries them
+
+    def __missing__(self, match):
+        tok = next(t for t in self.tokens if len(match) % len(t) == 0 and match == t * (len(match) // len(t)))
+        self[match] = tok, len(match) // len(tok)
+        return self[match]
 
 
 class Tokenizer:
@@ -121,6 +138,7 @@ class Tokenizer:
         self.id_to_added = {tok.id: tok for tok in self.added.values()}
         self._split_tokens = sorted(self.added, key=len, reverse=True)
         self._split_re = _split_pattern(self._split_tokens)
+        self._runs_re, self._runs = _split_pattern(self._split_tokens, whole=True), _Runs(self._split_tokens)
         self.vocab_size = max([self.sp_vocab_size] + [t.id + 1 for t in self.added.values()])
         self.bos_id = self.convert_tokens_to_ids(self.bos_token)
         self.eos_id = self.convert_tokens_to_ids(self.eos_token)
@@ -272,18 +290,23 @@ class Tokenizer:
             return len(self.encode(text, add_bos))
         if self.prefix_space and text:
             text = self._with_prefix_space(text)
-        parts = self._split(text)
-        n = 1 if add_bos and self.add_bos else 0
-        for chunk, _, is_added in parts:
-            if is_added:
-                n += 1
-            else:
-                words = _WORD.findall((SPIECE_UNDERLINE if self._dummy_prefix else "")
-                                      + chunk.replace(" ", SPIECE_UNDERLINE))
+        # _split's parts, from one re.split: chunks[i] is the text before matches[i] (a token or a run of one)
+        pieces = self._runs_re.split(text) if self._runs_re is not None else [text]
+        chunks, matches = pieces[0::2], [self._runs[m] for m in pieces[1::2]]
+        n = (1 if add_bos and self.add_bos else 0) + sum(k for _, k in matches)
+        for i, (tok, _) in enumerate(matches):  # the strip flags, as _split applies them
+            if self.added[tok].rstrip:
+                chunks[i + 1] = chunks[i + 1].lstrip()
+            if self.added[tok].lstrip:
+                chunks[i] = chunks[i].rstrip()
+        prefix = SPIECE_UNDERLINE if self._dummy_prefix else ""
+        for chunk in chunks:
+            if chunk:
+                words = _WORD.findall(prefix + chunk.replace(" ", SPIECE_UNDERLINE))
                 n += sum(map(self._piece_counts.__getitem__, words))
-        if self.prefix_space and len(parts) > 1 and not parts[0][2]:  # tokenize() drops a '▁' before specials
-            first = self._sp_pieces(parts[0][0])
-            nxt = first[1] if len(first) > 1 else (parts[1][0] if parts[1][2] else None)
+        if self.prefix_space and chunks[0] and matches:  # tokenize() drops a '▁' before specials
+            first = self._sp_pieces(chunks[0])
+            nxt = first[1] if len(first) > 1 else matches[0][0]
             n -= first[0] == SPIECE_UNDERLINE and nxt in self.all_special_tokens
         return n
 

@@ -140,3 +140,20 @@ def test_config_and_tokenizer_read_the_same_img_context_id(tmp_path):
     (tmp_path / "added_tokens.json").write_text(json.dumps(added))
     with pytest.raises(ValueError, match="no <IMG_CONTEXT> token in added_tokens.json or tokenizer_config"):
         load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_count_tokens_is_the_length_of_encode(case):
+    """count_tokens (the dataset's length estimates) counts without encoding: it must agree with encode on
+    any text. Random mixes of words, spaces, newlines, '▁', CJK, byte-fallback characters, every added token
+    (with strip flags, Phi-3's) alone and in runs, at the start, the end and next to each other."""
+    import random
+    tok, _, _ = fixture(case)
+    assert tok._separable  # else count_tokens is encode itself and this test would prove nothing
+    rng = random.Random(0)
+    pieces = ["hello", " world", "  ", " ", "\n", "\n\n", "\u2581", "\u2581\u2581x", "你好", "\U0001f600",
+              "a.b", "Describe", " the", "image", "?", "\t", "x"] + list(tok.added) + ["<IMG_CONTEXT>" * 3]
+    for n in range(600):
+        text = "".join(rng.choices(pieces, k=rng.randint(0, 12)))
+        for add_bos in (True, False):
+            assert tok.count_tokens(text, add_bos) == len(tok.encode(text, add_bos)), (text, add_bos)
