@@ -65,6 +65,8 @@ def build_parser():
     g.add_argument("--thumbnail", action=argparse.BooleanOptionalAction, help="a thumbnail after "
                    "multi-tile images (default: use_thumbnail)")
     g.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default: min(4, cores))")
+    g.add_argument("--index-workers", type=int, help="processes rank 0 checks the records with while the "
+                   "other ranks wait (default: one per core, up to 16, for files of 16 MiB and more)")
     g.add_argument("--max-packed-tokens", type=int, metavar="N", help="pack whole samples into one row of <= "
                    "N tokens per micro-batch, batch 1 (official 8192; default: no packing)")
     g.add_argument("--max-packed-tiles", type=int, default=40, metavar="T", help="with packing: <= T tiles "

@@ -78,7 +78,8 @@ def build_dataset(args, config, sources, tokenizer):
     make = partial(SupervisedDataset, sources, tokenizer, config.template, config.system_message,
                    max_num=args.max_tiles, min_num=args.min_tiles, use_thumbnail=args.thumbnail,
                    image_size=config.force_image_size, max_length=args.max_length, seed=args.seed,
-                   skip_bad_samples=args.skip_bad_samples, cache_dir=default_cache_dir())
+                   skip_bad_samples=args.skip_bad_samples, cache_dir=default_cache_dir(),
+                   index_workers=args.index_workers)
     master, payload = dist.get_rank() == 0, [None]
     if master:
         try:

@@ -221,7 +221,8 @@ def bad_input(args, tok):
     with tempfile.TemporaryDirectory() as tmp:
         ann = os.path.join(tmp, "scale.jsonl")
         lines = make_scale_annotation(ann, tmp, args.records, bad=args.bad_lines)
-        kw = dict(max_num=args.max_num, max_length=args.max_length, cache_dir=os.path.join(tmp, "cache"))
+        kw = dict(max_num=args.max_num, max_length=args.max_length, cache_dir=os.path.join(tmp, "cache"),
+                  index_workers=args.index_workers)
         t0 = time.perf_counter()
         try:
             SupervisedDataset([Source(ann, tmp)], tok, args.template, **kw)
@@ -255,7 +256,7 @@ def scale(args, tok):
         for kind in ("cold", "warm"):
             t0, c0 = time.perf_counter(), time.process_time()
             ds = SupervisedDataset([Source(ann, tmp)], tok, args.template, max_num=args.max_num,
-                                   max_length=args.max_length, cache_dir=cache)
+                                   max_length=args.max_length, cache_dir=cache, index_workers=args.index_workers)
             builds.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         held = ds.index.nbytes + sum(a.nbytes for a in (ds.lengths, ds.is_image, ds.tiles)) + sum(
@@ -267,7 +268,7 @@ def scale(args, tok):
                "main_rss_mb": round(_memory_kb()[0] / 1024, 1),
                "main_rss_growth_mb": round((_memory_kb()[0] - rss0) / 1024, 1),
                "dataset_mb": round(held / 2**20, 2), "dataset_over_file": round(held / size, 3),
-               "load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
+               "index_workers": args.index_workers, "load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
         row["length_error"] = length_error(ds, args.error_samples) if args.error_samples else None
         if args.workers:
             row["workers"] = worker_growth(ds, args.workers, args.worker_samples)
@@ -294,6 +295,8 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=4096, help="scale mode: max tokens per sample")
     p.add_argument("--worker-samples", type=int, default=1000, help="scale mode: samples per DataLoader worker")
     p.add_argument("--error-samples", type=int, default=100, help="scale mode: samples built to measure lengths")
+    p.add_argument("--index-workers", type=int, help="scale mode: processes that check the records (default: "
+                   "the dataset's, one per core for files of 16 MiB and more)")
     p.add_argument("--bad-lines", type=int, default=0,
                    help="scale mode: break this many records (.jsonl) and time the error that lists them instead")
     args = p.parse_args(argv)

@@ -7,9 +7,11 @@ needed. A missing or corrupt image or an over-long sample then becomes a counted
 replacement of the same modality takes its slot, so batches keep their shape reproducibly.
 """
 import hashlib
+import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -198,9 +200,10 @@ def read_meta_file(path):
     return sources
 
 
-def read_annotation(path):
+def read_annotation(path, parse=True):
     """Yield (line, byte offset, byte length, record or SampleError) for every record of a .jsonl file or a
-    .json array; line = where the record starts. A .json array that cannot be read on is a DataError."""
+    .json array; line = where the record starts. A .json array that cannot be read on is a DataError.
+    parse=False leaves a .jsonl line as bytes, for parse_line to read elsewhere."""
     if not path.endswith(".jsonl"):
         yield from _read_json_array(path)
         return
@@ -208,14 +211,18 @@ def read_annotation(path):
         offset = 0
         for n, raw in enumerate(f, 1):
             if raw.strip():
-                try:
-                    rec = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    rec = SampleError(f"malformed JSON line: {e.msg} (column {e.colno})")
-                except UnicodeDecodeError as e:
-                    rec = SampleError(f"not UTF-8: {e.reason}")
-                yield n, offset, len(raw), rec
+                yield n, offset, len(raw), parse_line(raw) if parse else raw
             offset += len(raw)
+
+
+def parse_line(raw):
+    """One .jsonl line -> its record, or the SampleError that says why it is not one."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        return SampleError(f"malformed JSON line: {e.msg} (column {e.colno})")
+    except UnicodeDecodeError as e:
+        return SampleError(f"not UTF-8: {e.reason}")
 
 
 _WS = re.compile(r"[ \t\r\n]*")  # JSON whitespace
@@ -314,6 +321,25 @@ INDEX_VERSION = 2
 _COLUMNS = {"offset": np.int64, "nbytes": np.int64, "line": np.int64, "length": np.int32, "tiles": np.int32,
             "is_image": np.bool_}
 _SHOWN = 50  # problems listed in the error; the rest are counted
+_PROBLEMS_KEPT = 1000  # problems kept per source (with file:line); the rest are counted
+# Index workers: a source file of at least _PARALLEL_BYTES is checked and estimated by up to
+# _MAX_INDEX_WORKERS forked processes (one per core), _SCAN_CHUNK records per task.
+_PARALLEL_BYTES = 16 << 20
+_MAX_INDEX_WORKERS = 16
+_SCAN_CHUNK = 2000
+_SCANNING = None  # (dataset, source index, memo) while forked index workers run
+
+
+def _scan_in_worker(chunk):
+    dataset, si, memo = _SCANNING
+    return dataset._scan_records(si, chunk, memo)
+
+
+def _batched(items, n):
+    """Lists of n items (the last one shorter)."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -329,13 +355,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     The index is built in one pass over each file, or read from `cache_dir` where a build with the same file
     content, image folder, tokenizer, template, system message and tile/length settings left it. `index`
-    (ds.source_index of another process) skips both.
+    (ds.source_index of another process) skips both. `index_workers`: processes that check the records of a
+    file while it is read (default: one per core, up to 16, for files of 16 MiB and more; 1: none).
     """
 
     def __init__(self, sources, tokenizer, template, system_message=None, max_num=12, max_length=None,
                  min_num=1, use_thumbnail=True, image_size=IMAGE_SIZE, seed=0, skip_bad_samples=False,
                  max_image_failure_rate=0.01, image_failure_grace=10, max_replacements=10, cache_dir=None,
-                 index=None):
+                 index=None, index_workers=None):
         self.sources = list(sources)
         self.tokenizer = tokenizer
         self.template = get_template(template)
@@ -344,6 +371,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.use_thumbnail, self.image_size, self.seed = use_thumbnail, image_size, seed
         self.max_image_failure_rate, self.image_failure_grace = max_image_failure_rate, image_failure_grace
         self.max_replacements = max_replacements
+        self.index_workers = index_workers
         self.epoch, self._tiles_memo = 0, {}
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
@@ -417,39 +445,68 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return x
 
     def _scan(self, si):
-        """One pass over a source: validate each record, check that its images exist, estimate its length."""
+        """One pass over a source: validate each record, check that its images exist, estimate its length.
+        The file is read here, in chunks of records; a big one is parsed, checked and estimated by
+        `index_workers` forked processes, a chunk each at a time, the results kept in file order."""
+        s = self.sources[si]
+        chunks = _batched(read_annotation(s.annotation, parse=False), _SCAN_CHUNK)
+        memo = {"listings": {}, "headers": {}}  # per process: folder listings, image sizes by path
+        workers = self.index_workers
+        if workers is None:
+            workers = min(_MAX_INDEX_WORKERS, os.cpu_count() or 1)
+            if os.path.getsize(s.annotation) < _PARALLEL_BYTES or multiprocessing.current_process().daemon:
+                workers = 1  # a daemon process (a DataLoader worker, a Pool's) may not start processes
+        if workers <= 1:
+            parts = [self._scan_records(si, chunk, memo) for chunk in chunks]
+        else:
+            global _SCANNING
+            _SCANNING = self, si, memo  # what the forked workers inherit (nothing of it is pickled)
+            try:
+                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                    parts = list(pool.imap(_scan_in_worker, chunks))  # a full pipe holds the reading back
+            finally:
+                _SCANNING = None
+        cols = {c: np.concatenate([p[c] for p in parts] or [np.zeros(0, t)]) for c, t in _COLUMNS.items()}
+        problems = [x for p in parts for x in p["problems"]][:_PROBLEMS_KEPT]
+        unread = [line for p in parts for line in p["unread"]]
+        if unread:
+            log.warning("%s: %d record(s) with an image whose header cannot be read (first: line %d): their "
+                        "tiles are estimated at the cap; the images are reported if they fail to load when "
+                        "their samples are built", s.annotation, len(unread), unread[0])
+        return cols | {"records": sum(p["records"] for p in parts), "bad": sum(p["bad"] for p in parts),
+                       "missing_images": sum(p["missing"] for p in parts), "unread_headers": len(unread),
+                       "problems": problems}
+
+    def _scan_records(self, si, chunk, memo):
+        """_scan's work on a list of read_annotation items: index columns and counts of the valid records."""
         s, cols = self.sources[si], {c: [] for c in _COLUMNS}
-        problems, records, bad, missing, listings = [], 0, 0, 0, {}
-        headers, unread = {}, []  # image sizes by path; lines of records with an unreadable header
-        for line, offset, nbytes, rec in read_annotation(s.annotation):
-            records += 1
+        problems, bad, missing, unread = [], 0, 0, []  # unread: lines of records with an unreadable header
+        for line, offset, nbytes, rec in chunk:
+            if isinstance(rec, bytes):
+                rec = parse_line(rec)
             try:
                 if isinstance(rec, Exception):
                     raise rec
                 conv = parse_record(rec)
                 paths = [os.path.join(s.image_folder or "", p) for p in conv.images]
-                lost = [p for p in paths if not _exists(p, listings)]
+                lost = [p for p in paths if not _exists(p, memo["listings"])]
                 if lost:
                     missing += 1
                     raise SampleError(f"image file not found: {lost[0]}"
                                       + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""))
             except SampleError as e:
                 bad += 1
-                if len(problems) < 1000:  # the count is exact; the first ones are named
+                if len(problems) < _PROBLEMS_KEPT:  # the count is exact; the first ones are named
                     problems.append(f"{s.annotation}:{line}: {e}")
                 continue
-            sizes = _image_sizes(rec, paths, headers)
+            sizes = _image_sizes(rec, paths, memo["headers"])
             if None in sizes:
                 unread.append(line)
             length, tiles = self._estimate(si, conv, sizes)
             for c, v in zip(_COLUMNS, (offset, nbytes, line, length, tiles, bool(conv.images))):
                 cols[c].append(v)
-        if unread:
-            log.warning("%s: %d record(s) with an image whose header cannot be read (first: line %d): their "
-                        "tiles are estimated at the cap; the images are reported if they fail to load when "
-                        "their samples are built", s.annotation, len(unread), unread[0])
         x = {c: np.array(v, dtype=t) for (c, t), v in zip(_COLUMNS.items(), cols.values())}
-        return x | {"records": records, "bad": bad, "missing_images": missing, "unread_headers": len(unread),
+        return x | {"records": len(chunk), "bad": bad, "missing": missing, "unread": unread,
                     "problems": problems}
 
     def _report_problems(self, skip_bad_samples):

@@ -261,6 +261,40 @@ def test_every_bad_line_is_reported_in_one_error(tmp_path, image_dir):
                                        "sampled": 3663}
 
 
+def test_index_workers_build_the_serial_index(tmp_path, image_dir, monkeypatch, caplog):
+    """Records checked by forked index workers, many chunks each: the same index, counts and problems (every
+    bad line, in file order) as one process, with bad JSON, bad records, missing and unreadable images."""
+    import numpy as np
+
+    from data import dataset
+    monkeypatch.setattr(dataset, "_SCAN_CHUNK", 97)
+    (image_dir / "cut.jpg").write_bytes((image_dir / "0.jpg").read_bytes()[:100])
+    path = _big(tmp_path, 1500, bad_every=100)
+    with open(path, "a") as f:
+        for k in range(20):
+            f.write(json.dumps({"image": "gone.jpg" if k % 2 else "cut.jpg", "conversations": conv()}) + "\n")
+    built = {}
+    for workers in (1, 3):
+        ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, skip_bad_samples=True,
+                               index_workers=workers)
+        built[workers] = ds.source_index[0]
+    serial, parallel = built[1], built[3]
+    assert serial["records"] == 1520 and serial["bad"] == 15 + 10 and serial["missing_images"] == 10
+    assert serial["unread_headers"] == 10 and len(serial["line"]) == 1520 - 25
+    for key, value in serial.items():
+        if isinstance(value, np.ndarray):
+            assert value.dtype == parallel[key].dtype and np.array_equal(value, parallel[key]), key
+        else:
+            assert value == parallel[key], key
+    assert caplog.text.count("10 record(s) with an image whose header cannot be read (first: line 1501)") == 2
+    with pytest.raises(DataError, match="15 bad sample"):  # without the skip: the error of a serial build
+        SupervisedDataset([Source(_big(tmp_path, 1500, bad_every=100), str(image_dir))], TOK, TEMPLATE,
+                          index_workers=3)
+    (tmp_path / "a.json").write_text('[\n {"conversations": []},\n {"conversations": [}\n]')
+    with pytest.raises(DataError, match=r"a.json:3: malformed JSON"):  # raised while the workers run
+        SupervisedDataset([Source(str(tmp_path / "a.json"))], TOK, TEMPLATE, index_workers=2)
+
+
 def test_missing_image_files_are_found_at_build_with_counts(tmp_path, image_dir):
     recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "gone.jpg", "conversations": conv()},
             {"image": ["1.jpg", "sub/x.jpg"], "conversations": conv(q="<image><image>")}, {"conversations": conv()}]
