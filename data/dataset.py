@@ -6,6 +6,7 @@ index of the records (byte offsets, lines, length estimates; cached on disk) and
 needed. A missing or corrupt image or an over-long sample then becomes a counted, logged skip: a seeded
 replacement of the same modality takes its slot, so batches keep their shape reproducibly.
 """
+import codecs
 import hashlib
 import itertools
 import json
@@ -226,45 +227,90 @@ def parse_line(raw):
 
 
 _WS = re.compile(r"[ \t\r\n]*")  # JSON whitespace
-_NEXT = re.compile(r"[ \t\r\n]*([,\]])[ \t\r\n]*")
+_JSON_BLOCK = 8 << 20  # bytes of a .json array decoded at a time
+
+
+class _Blocks:
+    """A file's UTF-8 text, decoded a block at a time. Positions index self.text; `line` and `byte` are those
+    of position `at`. drop() forgets the text before the line of `at`, so the text always starts a line."""
+
+    def __init__(self, f, path, block):
+        self.f, self.path, self.block = f, path, block
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text, self.eof, self.line, self.byte, self.at = "", False, 1, 0, 0
+
+    def more(self):
+        """Decode the next block onto the text; False at the end of the file."""
+        if self.eof:
+            return False
+        raw = self.f.read(self.block)
+        self.eof = not raw
+        try:
+            self.text += self.decoder.decode(raw, final=self.eof)
+        except UnicodeDecodeError as e:  # e.object: the undecoded bytes, from the start of this block on
+            line = self.line + self.text.count("\n", self.at) + e.object.count(b"\n", 0, e.start)
+            raise DataError(f"{self.path}:{line}: not UTF-8: {e.reason}") from None
+        return True
+
+    def ahead(self, pos):
+        """At least a block of text after pos, or the rest of the file."""
+        while len(self.text) - pos < self.block and self.more():
+            pass
+
+    def skip_ws(self, pos):
+        """The position after the JSON whitespace at pos, reading on while it runs to the end of the text."""
+        while (end := _WS.match(self.text, pos).end()) == len(self.text) and self.more():
+            pass
+        return end
+
+    def seek(self, pos):
+        """(line, byte offset) of pos; positions only move forward."""
+        chunk = self.text[self.at:pos]
+        self.line += chunk.count("\n")
+        self.byte += len(chunk) if chunk.isascii() else len(chunk.encode("utf-8"))
+        self.at = pos
+        return self.line, self.byte
+
+    def drop(self):
+        """Forget the text before the line of `at`; returns by how much positions move back."""
+        cut = self.text.rfind("\n", 0, self.at) + 1
+        self.text, self.at = self.text[cut:], self.at - cut
+        return cut
+
+    def first_line(self):
+        return self.line - self.text.count("\n", 0, self.at)
 
 
 def _read_json_array(path):
-    """json.load, one element at a time (raw_decode), so that each record keeps its line and byte range."""
+    """json.load, one element at a time (raw_decode), so that each record keeps its line and byte range. The
+    file is decoded a block at a time (_JSON_BLOCK): memory holds a block or two, not the file."""
     with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8: {e.reason}") from None
-    del data
-    size = len if text.isascii() else (lambda s: len(s.encode("utf-8")))
-    line, byte, at = 1, 0, 0
-
-    def seek(p):  # (line, byte offset) of char position p; positions only move forward
-        nonlocal line, byte, at
-        line, byte, at = line + text.count("\n", at, p), byte + size(text[at:p]), p
-        return line, byte
-
-    pos = _WS.match(text).end()
-    if not text.startswith("[", pos):
-        raise DataError(f"{path}:{seek(pos)[0]}: a .json annotation must be an array of records "
-                        "(or use .jsonl)")
-    pos = _WS.match(text, pos + 1).end()
-    decoder, done = json.JSONDecoder(), text.startswith("]", pos)
-    while not done:
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:  # the rest of the array cannot be read: not skippable
-            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        first, start = seek(pos)
-        yield first, start, seek(end)[1] - start, obj
-        sep = _NEXT.match(text, end)
-        if sep is None:
-            line = seek(_WS.match(text, end).end())[0]
-            raise DataError(f"{path}:{line}: malformed JSON: expected ',' or ']' after a record")
-        pos, done = sep.end(), sep.group(1) == "]"
+        src = _Blocks(f, path, _JSON_BLOCK)
+        pos = src.skip_ws(0)
+        if not src.text.startswith("[", pos):
+            raise DataError(f"{path}:{src.seek(pos)[0]}: a .json annotation must be an array of records "
+                            "(or use .jsonl)")
+        pos = src.skip_ws(pos + 1)
+        decoder, done = json.JSONDecoder(), src.text.startswith("]", pos)
+        while not done:
+            first, start = src.seek(pos)
+            if src.at > src.block:
+                pos -= src.drop()
+            src.ahead(pos)
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(src.text, pos)
+                    break
+                except json.JSONDecodeError as e:  # the rest of the array cannot be read: not skippable
+                    if not src.more():  # (else the record ran past the text read so far)
+                        line, col = src.first_line() + e.lineno - 1, e.colno
+                        raise DataError(f"{path}:{line}: malformed JSON: {e.msg} (column {col})") from None
+            yield first, start, src.seek(end)[1] - start, obj
+            sep = src.skip_ws(end)
+            if not src.text.startswith((",", "]"), sep):
+                line = src.seek(sep)[0]
+                raise DataError(f"{path}:{line}: malformed JSON: expected ',' or ']' after a record")
+            pos, done = src.skip_ws(sep + 1), src.text.startswith("]", sep)
 
 
 def repeat_indices(n, ratio, rng):

@@ -389,6 +389,30 @@ def test_packs_from_estimates_stay_within_budget_when_images_are_smaller(tmp_pat
     assert any(int(ds.tiles[i]) > int(ds[i]["image_flags"].sum()) for i in range(18))  # estimates were off
 
 
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 64])
+def test_json_array_read_in_blocks_of_any_size(tmp_path, monkeypatch, block):
+    """A .json array is decoded a block at a time: records, lines, byte ranges and errors are those of the whole
+    file at once, whatever the block size (multi-byte characters and records cut by block ends)."""
+    from data import dataset
+    records = [{"conversations": conv(q=f"问题 {k} é?", a=f"回答 {k} — ünïcode." * k)} for k in range(6)]
+    path = tmp_path / "u.json"
+    text = json.dumps(records, indent=None if block == 5 else 1, ensure_ascii=False)  # one line, or many
+    path.write_text("  \n\n" + text + "\n \n", encoding="utf-8")
+    whole = list(read_annotation(str(path)))  # the default block holds the whole file
+    monkeypatch.setattr(dataset, "_JSON_BLOCK", block)
+    assert list(read_annotation(str(path))) == whole and [r for *_, r in whole] == records
+    data = path.read_bytes()
+    assert [json.loads(data[o:o + n]) for _, o, n, _ in whole] == records
+    for content, message in [  # the messages of the whole-file reader
+            (b'[\n {"a": 1},\n {"a": 2}\n\n {"a": 3}]', r"a.json:5: malformed JSON: expected"),
+            (b'[\n {"a": 1},\n {"a": [}\n]', r"a.json:3: malformed JSON: Expecting value \(column 9\)"),
+            (b'[\n{"a": "\xc3\xa9"},\n{"a": "\xff"}]', "a.json:3: not UTF-8"),
+            (b'\n\n\n {"a": 1}', "a.json:4: a .json annotation must be an array")]:
+        (tmp_path / "a.json").write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            list(read_annotation(str(tmp_path / "a.json")))
+
+
 def test_json_array_with_non_ascii_text_is_read_back_by_byte_offset(tmp_path):
     records = [{"conversations": conv(q=f"问题 {k} é?", a=f"回答 {k} — ünïcode.")} for k in range(5)]
     (tmp_path / "u.json").write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
