@@ -278,12 +278,14 @@ class _Blocks:
         return cut
 
     def first_line(self):
+        """The line number of text[0]."""
         return self.line - self.text.count("\n", 0, self.at)
 
 
 def _read_json_array(path):
     """json.load, one element at a time (raw_decode), so that each record keeps its line and byte range. The
-    file is decoded a block at a time (_JSON_BLOCK): memory holds a block or two, not the file."""
+    file is decoded a block at a time (_JSON_BLOCK): memory holds a block or two, not the file (a record that
+    cannot be parsed is retried with more text, up to the whole rest of the file, before it is reported)."""
     with open(path, "rb") as f:
         src = _Blocks(f, path, _JSON_BLOCK)
         pos = src.skip_ws(0)
