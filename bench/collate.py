@@ -90,7 +90,7 @@ def per_pack_ms(collate_fn, dataset, pack, packs, warmup, workers):
         expected = sum(i * dataset.tiles for i in real) * 3 * IMAGE_SIZE * IMAGE_SIZE
         if pixels.shape[0] != len(real) * dataset.tiles or total != expected:
             raise SystemExit(f"{collate_fn.__name__}: pack {k} has the wrong tiles")
-    del loader  # the worker exits and is joined: its CPU time is then in RUSAGE_CHILDREN
+    # the exhausted loader has joined its workers: their CPU time is now in RUSAGE_CHILDREN
     cpu = children_cpu() - cpu0 + time.process_time() - main0
     return 1e3 * cpu / len(batches), 1e3 * statistics.median(times)
 
@@ -123,6 +123,7 @@ def main(argv=None):
         "tiles": args.tiles, "pack_mib": round(pack_mib, 1), "packs": args.packs,
         "workers": args.workers, "rounds": args.rounds, "cpu_ms_per_pack": cpu, "wall_ms_per_pack": wall,
         "cpu_ratio_to_ours": {name: round(cpu[name] / cpu["ours"], 3) for name in cpu}})
+
 
 if __name__ == "__main__":
     main()
