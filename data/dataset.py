@@ -7,6 +7,7 @@ needed. A missing or corrupt image or an over-long sample then becomes a counted
 replacement of the same modality takes its slot, so batches keep their shape reproducibly.
 """
 import codecs
+import collections
 import hashlib
 import itertools
 import json
@@ -16,6 +17,8 @@ import multiprocessing
 import os
 import random
 import re
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -507,13 +510,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if workers <= 1:
             parts = [self._scan_records(si, chunk, memo) for chunk in chunks]
         else:
-            global _SCANNING
-            _SCANNING = self, si, memo  # what the forked workers inherit (nothing of it is pickled)
-            try:
-                with multiprocessing.get_context("fork").Pool(workers) as pool:
-                    parts = list(pool.imap(_scan_in_worker, chunks))  # a full pipe holds the reading back
-            finally:
-                _SCANNING = None
+            parts = self._scan_in_workers(si, chunks, memo, workers)
         cols = {c: np.concatenate([p[c] for p in parts] or [np.zeros(0, t)]) for c, t in _COLUMNS.items()}
         problems = [x for p in parts for x in p["problems"]][:_PROBLEMS_KEPT]
         unread = [line for p in parts for line in p["unread"]]
@@ -524,6 +521,28 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return cols | {"records": sum(p["records"] for p in parts), "bad": sum(p["bad"] for p in parts),
                        "missing_images": sum(p["missing"] for p in parts), "unread_headers": len(unread),
                        "problems": problems}
+
+    def _scan_in_workers(self, si, chunks, memo, workers):
+        """_scan_records of each chunk in forked processes; the results in order. At most two chunks per
+        worker are in flight, so the file is read only as fast as the workers go. A worker that dies (killed,
+        out of memory) is an error, not a hang."""
+        global _SCANNING
+        _SCANNING = self, si, memo  # what the forked workers inherit (nothing of it is pickled)
+        parts, pending = [], collections.deque()
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                for chunk in chunks:
+                    pending.append(pool.submit(_scan_in_worker, chunk))
+                    if len(pending) >= 4 * workers:
+                        parts.append(pending.popleft().result())
+                parts += [f.result() for f in pending]
+        except BrokenProcessPool:
+            raise RuntimeError(f"{self.sources[si].annotation}: an index worker died while checking the "
+                               "records (killed, out of memory?); --index-workers 1 checks them in this "
+                               "process") from None
+        finally:
+            _SCANNING = None
+        return parts
 
     def _scan_records(self, si, chunk, memo):
         """_scan's work on a list of read_annotation items: index columns and counts of the valid records."""

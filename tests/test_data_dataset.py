@@ -293,6 +293,15 @@ def test_index_workers_build_the_serial_index(tmp_path, image_dir, monkeypatch, 
     (tmp_path / "a.json").write_text('[\n {"conversations": []},\n {"conversations": [}\n]')
     with pytest.raises(DataError, match=r"a.json:3: malformed JSON"):  # raised while the workers run
         SupervisedDataset([Source(str(tmp_path / "a.json"))], TOK, TEMPLATE, index_workers=2)
+    parent, scan = os.getpid(), SupervisedDataset._scan_records
+
+    def dies_in_a_worker(self, si, chunk, memo):
+        if os.getpid() != parent and chunk[0][0] > 500:
+            os._exit(9)  # as the out-of-memory killer would end it
+        return scan(self, si, chunk, memo)
+    monkeypatch.setattr(SupervisedDataset, "_scan_records", dies_in_a_worker)
+    with pytest.raises(RuntimeError, match="big.jsonl: an index worker died .* --index-workers 1"):
+        SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, skip_bad_samples=True, index_workers=2)
 
 
 def test_missing_image_files_are_found_at_build_with_counts(tmp_path, image_dir):
