@@ -523,11 +523,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
                        "problems": problems}
 
     def _scan_in_workers(self, si, chunks, memo, workers):
-        """_scan_records of each chunk in forked processes; the results in order. At most two chunks per
+        """_scan_records of each chunk in forked processes; the results in order. At most four chunks per
         worker are in flight, so the file is read only as fast as the workers go. A worker that dies (killed,
-        out of memory) is an error, not a hang."""
+        out of memory) is an error, not a hang (multiprocessing.Pool would wait for it forever)."""
         global _SCANNING
-        _SCANNING = self, si, memo  # what the forked workers inherit (nothing of it is pickled)
+        _SCANNING = self, si, memo  # what the forked workers inherit: only the chunks are pickled
         parts, pending = [], collections.deque()
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
