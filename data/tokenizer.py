@@ -15,6 +15,7 @@ Shared by both (transformers' PreTrainedTokenizer.tokenize): the text is first s
 token (leftmost, longest match), an added token with rstrip/lstrip eats the whitespace on that side,
 and added tokens map to their ids whole.
 """
+import itertools
 import json
 import os
 import re
@@ -81,20 +82,17 @@ def read_added_tokens(path):
     return added
 
 
-def _split_pattern(tokens, whole=False):
+def _split_pattern(tokens):
     """One regex that finds the added tokens the way transformers' Trie does: leftmost match, longest first
     among matches at the same position. A run of one token (256 <IMG_CONTEXT> per tile) is matched at once,
-    unless the token is a prefix of another one (then the run could hide a longer match). A group per token
-    (m.lastindex says which), or with `whole` one group around the match (re.split then returns
-    [text, match, text, ..., text])."""
+    unless the token is a prefix of another one (then the run could hide a longer match). One group around
+    the match: re.split returns [text, match, text, ..., text]."""
     if not tokens:
         return None
     first = "".join(sorted({re.escape(t[0]) for t in tokens}))  # a fast skip over text no token starts in
     alternatives = [re.escape(t) if any(o != t and o.startswith(t) for o in tokens)
                     else f"(?:{re.escape(t)})+" for t in tokens]
-    if whole:
-        return re.compile(f"(?=[{first}])(" + "|".join(alternatives) + ")")
-    return re.compile(f"(?=[{first}])(?:" + "|".join(f"({a})" for a in alternatives) + ")")
+    return re.compile(f"(?=[{first}])(" + "|".join(alternatives) + ")")
 
 
 class _Runs(dict):
@@ -136,9 +134,8 @@ class Tokenizer:
         self.added = read_added_tokens(path)
         self._read_special_tokens(config, _read_json(os.path.join(path, "special_tokens_map.json")))
         self.id_to_added = {tok.id: tok for tok in self.added.values()}
-        self._split_tokens = sorted(self.added, key=len, reverse=True)
-        self._split_re = _split_pattern(self._split_tokens)
-        self._runs_re, self._runs = _split_pattern(self._split_tokens, whole=True), _Runs(self._split_tokens)
+        split_tokens = sorted(self.added, key=len, reverse=True)
+        self._split_re, self._runs = _split_pattern(split_tokens), _Runs(split_tokens)
         self.vocab_size = max([self.sp_vocab_size] + [t.id + 1 for t in self.added.values()])
         self.bos_id = self.convert_tokens_to_ids(self.bos_token)
         self.eos_id = self.convert_tokens_to_ids(self.eos_token)
@@ -206,29 +203,21 @@ class Tokenizer:
 
     # ---- encoding
     def _split(self, text):
-        """Split on added tokens and apply their strip flags: a list of (chunk, start, is_added)."""
-        parts, pos = [], 0
-        if self._split_re is not None:
-            for m in self._split_re.finditer(text):
-                if m.start() > pos:
-                    parts.append([text[pos:m.start()], pos, False])
-                tok = self._split_tokens[m.lastindex - 1]
-                parts += [[tok, p, True] for p in range(m.start(), m.end(), len(tok))]
-                pos = m.end()
-        if pos < len(text):
-            parts.append([text[pos:], pos, False])
-        for i, (chunk, _, is_added) in enumerate(parts):
-            if not is_added:
-                continue
-            tok = self.added[chunk]
-            if tok.rstrip and i + 1 < len(parts) and not parts[i + 1][2]:
-                right = parts[i + 1]
-                stripped = right[0].lstrip()
-                right[1] += len(right[0]) - len(stripped)
-                right[0] = stripped
-            if tok.lstrip and i > 0 and not parts[i - 1][2]:
-                parts[i - 1][0] = parts[i - 1][0].rstrip()
-        return [(c, s, a) for c, s, a in parts if c]
+        """Split on added tokens and apply their strip flags: (chunks, starts, runs). chunks[i], starting at
+        char starts[i] (possibly empty), is the text before runs[i] = (token, repeats, start): one token or a
+        run of one. The last chunk follows the last run."""
+        pieces = self._split_re.split(text) if self._split_re is not None else [text]
+        at = list(itertools.accumulate(map(len, pieces[:-1]), initial=0))  # where each piece starts
+        chunks, starts = pieces[0::2], at[0::2]
+        runs = [(*self._runs[m], start) for m, start in zip(pieces[1::2], at[1::2])]
+        for i, (tok, _, _) in enumerate(runs):
+            if self.added[tok].rstrip:
+                stripped = chunks[i + 1].lstrip()
+                starts[i + 1] += len(chunks[i + 1]) - len(stripped)
+                chunks[i + 1] = stripped
+            if self.added[tok].lstrip:
+                chunks[i] = chunks[i].rstrip()
+        return chunks, starts, runs
 
     def _with_prefix_space(self, text):
         text = text.replace(SPIECE_UNDERLINE, " ")  # a '▁' in the text is a space to the Llama tokenizer
@@ -246,15 +235,17 @@ class Tokenizer:
         if self.prefix_space and text:
             text, shift = self._with_prefix_space(text), int(self.add_prefix_space)
         tokens, starts = [], []
-        for chunk, start, is_added in self._split(text):
-            if is_added:
-                tokens.append(chunk)
-                starts.append(start)
-                continue
-            pieces = self._sp_pieces(chunk)
-            tokens.extend(pieces)
-            if with_offsets:
-                starts.extend(start + o for o in self._piece_offsets(pieces, chunk))
+        chunks, chunk_starts, runs = self._split(text)
+        for i, chunk in enumerate(chunks):
+            if chunk:
+                pieces = self._sp_pieces(chunk)
+                tokens.extend(pieces)
+                if with_offsets:
+                    starts.extend(chunk_starts[i] + o for o in self._piece_offsets(pieces, chunk))
+            if i < len(runs):
+                tok, repeats, start = runs[i]
+                tokens += [tok] * repeats
+                starts += range(start, start + repeats * len(tok), len(tok))
         if (self.prefix_space and len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE
                 and tokens[1] in self.all_special_tokens):
             tokens, starts = tokens[1:], starts[1:]
@@ -290,23 +281,16 @@ class Tokenizer:
             return len(self.encode(text, add_bos))
         if self.prefix_space and text:
             text = self._with_prefix_space(text)
-        # _split's parts, from one re.split: chunks[i] is the text before matches[i] (a token or a run of one)
-        pieces = self._runs_re.split(text) if self._runs_re is not None else [text]
-        chunks, matches = pieces[0::2], [self._runs[m] for m in pieces[1::2]]
-        n = (1 if add_bos and self.add_bos else 0) + sum(k for _, k in matches)
-        for i, (tok, _) in enumerate(matches):  # the strip flags, as _split applies them
-            if self.added[tok].rstrip:
-                chunks[i + 1] = chunks[i + 1].lstrip()
-            if self.added[tok].lstrip:
-                chunks[i] = chunks[i].rstrip()
+        chunks, _, runs = self._split(text)
+        n = (1 if add_bos and self.add_bos else 0) + sum(repeats for _, repeats, _ in runs)
         prefix = SPIECE_UNDERLINE if self._dummy_prefix else ""
         for chunk in chunks:
             if chunk:
                 words = _WORD.findall(prefix + chunk.replace(" ", SPIECE_UNDERLINE))
                 n += sum(map(self._piece_counts.__getitem__, words))
-        if self.prefix_space and chunks[0] and matches:  # tokenize() drops a '▁' before specials
+        if self.prefix_space and chunks[0] and runs:  # tokenize() drops a '▁' before specials
             first = self._sp_pieces(chunks[0])
-            nxt = first[1] if len(first) > 1 else matches[0][0]
+            nxt = first[1] if len(first) > 1 else runs[0][0]
             n -= first[0] == SPIECE_UNDERLINE and nxt in self.all_special_tokens
         return n
 
