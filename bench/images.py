@@ -10,6 +10,9 @@ Both run in one process, one thread, interleaved (the order alternates per repea
 is dropped), on the same JPEGs, and their pixel values are checked equal bit for bit. Prints JSON: per size the
 median ms of each stage (decode, resize = the PIL tiling, tensor = to-tensor + normalise), the median totals,
 speedup = official / ours of those medians and speedup_paired = the median of the per-repeat ratios.
+ceiling = official / (our decode + resize) is the ratio that even a free tensor stage could not pass: the JPEG
+decode and the two bicubic resizes are Pillow's work in both pipelines (the same calls, fixed by pixel-exactness),
+so on a machine where they are most of the time no tensor code can lift the ratio above it.
 The clock is the process's CPU time by default (one thread: the cost per core; on a machine shared with other
 jobs it leaves out the time spent waiting for a core); `--clock wall` times wall seconds instead.
 
@@ -96,6 +99,8 @@ def side_by_side(path, repeats, max_num, clock=time.process_time):
     row["speedup"] = round(row["official"]["total"] / row["ours"]["total"], 3)  # ratio of the medians
     paired = [sum(a) / sum(b) for a, b in zip(times["official"], times["ours"])]
     row["speedup_paired"] = round(statistics.median(paired), 3)  # median of the per-round ratios
+    pil = statistics.median(t[0] + t[1] for t in times["ours"])  # decode + resize: Pillow's share of ours
+    row["ceiling"] = round(row["official"]["total"] / (1e3 * pil), 3)
     return row
 
 

@@ -1,9 +1,9 @@
 """Images -> tiles -> normalised pixel values, identical to the official pipeline.
 
 dynamic_preprocess is the official function (same candidate order, same tie-break, PIL bicubic,
-row-major crops, thumbnail last). The tensor conversion reproduces torchvision's ToTensor + Normalize
-bit for bit: a 256-entry table per channel holds its float32 result for every uint8 value (read two
-pixels at a time). header_size reads an image's size without decoding it, for the dataset's index.
+row-major crops, thumbnail last). The tensor conversion runs torchvision's ToTensor + Normalize float32
+operations on views of the resized image's channel planes, without the crops and the copies: the same
+operations give the same bits. header_size reads an image's size without decoding it, for the dataset's index.
 """
 import io
 import random
@@ -74,16 +74,9 @@ def dynamic_preprocess(image, min_num=1, max_num=12, image_size=IMAGE_SIZE, use_
     return tiles + ([thumb] if thumb is not None else [])
 
 
-_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
-_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32)
-# float32 [3, 256]: torchvision's ToTensor + Normalize of every uint8 value, in its float32 operations and
-# order (x / 255, then (x - mean) / std), so a lookup gives the same bits in one pass instead of four.
-_LUT = (torch.arange(256, dtype=torch.float32).div(255) - _MEAN.view(3, 1)) / _STD.view(3, 1)
-# The same table two pixels at a time: entry p0 + 256 * p1 (two adjacent uint8 read as one little-endian
-# uint16) holds (LUT[p0], LUT[p1]) as one 8-byte word, so each lookup writes two output floats: half the index
-# work of one-at-a-time. int64 [3, 65536], 1.5 MiB, copied bit for bit (no float arithmetic touches it).
-_PAIRS = torch.arange(65536)
-_PAIR_LUT = torch.stack([_LUT[:, _PAIRS % 256], _LUT[:, _PAIRS // 256]], -1).view(torch.int64).view(3, 65536)
+# torchvision's Normalize takes mean and std as float32 [3, 1, 1] tensors: the same values and broadcast.
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 
 def _band(image, band):
@@ -112,29 +105,25 @@ def _planes(image):
         return [torch.frombuffer(_band(image, band), dtype=torch.uint8).view(h, w) for band in "RGB"]
 
 
-def _normalise(planes, out, index):
-    """Three uint8 [S, S] planes -> out, float32 [3, S, S], through the table. index_select wants int32/int64
-    indices, so each plane is first widened into `index` (int32 [S * S] scratch, reused: it stays in cache).
-    An even S (every InternVL tile size) goes two pixels per index, through _PAIR_LUT."""
-    for c, plane in enumerate(planes):
-        table, words = _LUT[c], out[c]
-        if plane.shape[-1] % 2 == 0:
-            table, plane, words = _PAIR_LUT[c], plane.view(torch.uint16), words.view(torch.int64)
-        wide = index[:plane.numel()].view(plane.shape)
-        torch.index_select(table, 0, wide.copy_(plane).view(-1), out=words.view(-1))
+def _normalise(planes, out):
+    """Three uint8 [S, S] planes -> out, float32 [3, S, S], in torchvision's own float32 operations and order:
+    ToTensor's x.float() / 255 (torch.div casts the uint8 plane itself), then Normalize's (x - mean) / std.
+    The same operations give the same bits. One tile at a time, `out` stays in cache between the passes."""
+    for plane, o in zip(planes, out):
+        torch.div(plane, 255, out=o)
+    out.sub_(_MEAN).div_(_STD)
 
 
 def to_tensor(tiles, image_size=IMAGE_SIZE):
     """PIL tiles -> float32 [T, 3, S, S], bit-identical to torchvision Resize(S, bicubic) + ToTensor +
     Normalize(ImageNet)."""
     out = torch.empty(len(tiles), 3, image_size, image_size)
-    index = torch.empty(image_size * image_size, dtype=torch.int32)
     for tile, o in zip(tiles, out):
         if tile.mode != "RGB":
             tile = tile.convert("RGB")
         if tile.size != (image_size, image_size):  # torchvision Resize; a 448 tile is left untouched
             tile = tile.resize((image_size, image_size), Image.BICUBIC)
-        _normalise(_planes(tile), o, index)
+        _normalise(_planes(tile), o)
     return out
 
 
@@ -231,9 +220,8 @@ def grids_to_tensor(grids, image_size=IMAGE_SIZE):
         if thumb is not None:
             tiles.append(_planes(thumb))
     out = torch.empty(len(tiles), 3, image_size, image_size)
-    index = torch.empty(image_size * image_size, dtype=torch.int32)
     for tile, o in zip(tiles, out):
-        _normalise(tile, o, index)
+        _normalise(tile, o)
     return out
 
 

@@ -58,6 +58,7 @@ def test_images_bench_json(tmp_path):
         for key in ("decode", "resize", "tensor", "total"):
             assert real(r[name][key]) and r[name][key] > 0, (name, key)
     assert real(r["speedup"]) and real(r["speedup_paired"])
+    assert real(r["ceiling"]) and r["ceiling"] >= r["speedup"]  # Pillow's share alone is at most our total
     assert json.loads(out.read_text())["clock"] == "cpu"  # per-core CPU time unless --clock wall
 
 

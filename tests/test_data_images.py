@@ -105,18 +105,6 @@ def test_normalisation_bit_exact_for_every_value(size):
     assert [len(pv[0, c].unique()) for c in range(3)] == [256] * 3
 
 
-def test_every_pixel_pair_bit_exact():
-    """An even tile size goes two pixels per lookup: every (left, right) pair of values, in every channel,
-    must give the reference values."""
-    k = torch.arange(256, dtype=torch.uint8)
-    pairs = torch.stack([k.view(1, 256).expand(256, 256), k.view(256, 1).expand(256, 256)], -1).reshape(256, 512)
-    plane = torch.cat([pairs, pairs.flip(0)])  # 512 x 512: each row holds 256 pairs, all 65536 twice
-    hwc = torch.stack([plane, plane.roll(7, 0), 255 - plane], -1).contiguous()
-    img = Image.frombytes("RGB", (512, 512), hwc.numpy().tobytes())
-    pv, _ = images_to_pixel_values([img], max_num=1, image_size=512)
-    assert torch.equal(pv, _reference([img])) and torch.equal(to_tensor([img], 512), pv)
-
-
 @pytest.mark.parametrize("wh,size,max_num", [((61, 37), 17, 6), ((37, 123), 15, 12), ((1000, 333), 448, 12)])
 def test_tile_views_bit_exact_at_odd_sizes(wh, size, max_num):
     img = _random_image(*wh, seed=wh[0])
@@ -159,15 +147,6 @@ def test_loaded_any_mode_gives_official_pixel_values(tmp_path, mode):
     official = dynamic_preprocess(Image.open(path).convert("RGB"), max_num=4)
     assert counts == [len(official)] == [3]  # grid (2, 1) + thumbnail
     assert torch.equal(pv, _reference(official))
-
-
-def test_lookup_table_is_torchvision_float32_ops():
-    # the table is the values, not a formula: each entry is what ToTensor + Normalize gives that uint8 value
-    from data.images import _LUT
-    raw = torch.arange(256, dtype=torch.uint8).view(1, 256, 1).expand(256, 256, 3).contiguous()
-    img = Image.frombytes("RGB", (256, 256), raw.numpy().tobytes())  # column x holds value x, all channels
-    expected = _reference([img])[0, :, 0]
-    assert _LUT.dtype == torch.float32 and torch.equal(_LUT, expected)
 
 
 def test_dummy_tile_is_official_white_tile():
