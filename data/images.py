@@ -107,11 +107,11 @@ def _planes(image):
 
 def _normalise(planes, out):
     """Three uint8 [S, S] planes -> out, float32 [3, S, S], in torchvision's own float32 operations and order:
-    ToTensor's x.float() / 255 (torch.div casts the uint8 plane itself), then Normalize's (x - mean) / std.
-    The same operations give the same bits. One tile at a time, `out` stays in cache between the passes."""
+    ToTensor's x.to(float32).div(255), then Normalize's (x - mean) / std. The same operations give the same
+    bits. One tile at a time, `out` stays in cache between the passes."""
     for plane, o in zip(planes, out):
-        torch.div(plane, 255, out=o)
-    out.sub_(_MEAN).div_(_STD)
+        o.copy_(plane)  # the cast, into out: no float32 temporary per plane
+    out.div_(255).sub_(_MEAN).div_(_STD)
 
 
 def to_tensor(tiles, image_size=IMAGE_SIZE):
