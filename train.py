@@ -108,6 +108,7 @@ def plan_batches(args, dataset, rank, world):
     from data import LengthGroupedSampler, collate
     from data.packing import PackedBatchSampler, collate_packed, packed_total_steps
     if args.max_packed_tokens:  # one pack per micro-batch; the packs of an epoch are planned in advance
+        check_packable(args, dataset)
         sampler = PackedBatchSampler(dataset.lengths, args.max_packed_tokens, tiles=dataset.tiles,
                                      max_tiles=args.max_packed_tiles, world_size=world, rank=rank,
                                      seed=args.seed)
@@ -134,6 +135,21 @@ def plan_batches(args, dataset, rank, world):
     log(f"effective batch {args.batch_size} x {args.grad_accum} accum x {world} = {step_batch}; "
         f"{steps_per_epoch} steps/epoch")
     return sampler, collate_fn, args.max_steps if args.max_steps is not None else epoch_steps
+
+
+def check_packable(args, dataset):
+    """Every sample must fit a pack alone (tokens and tiles): else one `error:` line naming the first."""
+    import numpy as np
+    for what, values, budget, option in ((" tokens", dataset.lengths, args.max_packed_tokens,
+                                          "--max-packed-tokens"),
+                                         (" image tiles", dataset.tiles, args.max_packed_tiles,
+                                          "--max-packed-tiles")):
+        over = np.flatnonzero(np.asarray(values) > budget)
+        if len(over):
+            i = int(over[np.argmax(np.asarray(values)[over])])
+            raise SystemExit(f"error: {option} {budget} is below the {int(values[i])}{what} of sample "
+                             f"{dataset.sample_id(i)} ({len(over)} sample(s) over it): a sample must fit a "
+                             f"pack alone; raise {option} to at least {int(values[i])}")
 
 
 @dataclass
