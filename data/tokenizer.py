@@ -16,12 +16,13 @@ token (leftmost, longest match), an added token with rstrip/lstrip eats the whit
 and added tokens map to their ids whole.
 """
 import itertools
-import json
 import os
 import re
-from dataclasses import dataclass
 
 import sentencepiece as spm
+
+from model.tokens import IMG_CONTEXT, IMG_END, IMG_START, AddedToken, read_added_tokens
+from model.tokens import read_json as _read_json
 
 SPIECE_UNDERLINE = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -30,8 +31,6 @@ _WORD = re.compile(f"{SPIECE_UNDERLINE}*[^{SPIECE_UNDERLINE}]+|{SPIECE_UNDERLINE
 # switches the dummy prefix off as transformers does for legacy=False: protobuf merges repeated fields.
 _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 
-# The InternVL tokens the rest of the toolkit asks for by name.
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 
 class _PieceCounts(dict):
@@ -48,38 +47,8 @@ class _PieceCounts(dict):
         return n
 
 
-@dataclass(frozen=True)
-class AddedToken:
-    content: str
-    id: int
-    lstrip: bool = False
-    rstrip: bool = False
-    special: bool = True
-
-
-def _read_json(path):
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _content(tok):
     return tok["content"] if isinstance(tok, dict) else tok
-
-
-def read_added_tokens(path):
-    """{content: AddedToken} from a checkpoint's tokenizer files, as the slow tokenizer reads them:
-    tokenizer_config.json's added_tokens_decoder (with strip flags) wins over added_tokens.json."""
-    added = {}
-    decoder = _read_json(os.path.join(path, "tokenizer_config.json")).get("added_tokens_decoder", {})
-    for idx, spec in decoder.items():
-        added[spec["content"]] = AddedToken(spec["content"], int(idx), bool(spec.get("lstrip", False)),
-                                            bool(spec.get("rstrip", False)), bool(spec.get("special", True)))
-    for content, idx in _read_json(os.path.join(path, "added_tokens.json")).items():
-        if content not in added:
-            added[content] = AddedToken(content, int(idx))
-    return added
 
 
 def _split_pattern(tokens):

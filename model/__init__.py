@@ -1,4 +1,4 @@
-"""InternVL 1.5 in plain PyTorch: `load_pretrained(path)` reads an official checkpoint directory."""
+"""InternVL 1.5 / 2 / 2.5 in plain PyTorch: `load_pretrained(path)` reads an official checkpoint directory."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import torch
 
 from .config import PRESETS, InternVLConfig, LLMConfig, VisionConfig, preset
 from .internvl import InternVL, ModelOutput
+from .tokens import IMG_CONTEXT, read_added_tokens
 from .weights import assign_tensor, check_checkpoint, iter_checkpoint, trim_heap
 
 __all__ = ["InternVL", "InternVLConfig", "LLMConfig", "VisionConfig", "ModelOutput", "PRESETS", "preset",
@@ -19,10 +20,14 @@ def load_config(path: str) -> InternVLConfig:
     """config.json of an official directory, plus the <IMG_CONTEXT> id from its tokenizer files."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{path}: no config.json (expected an official InternVL 1.5 directory)")
+        raise FileNotFoundError(f"{path}: no config.json (expected an official InternVL 1.5 / 2 / 2.5 "
+                                f"directory)")
     with open(cfg_file) as f:
         config = InternVLConfig.from_official(json.load(f), source=cfg_file)
-    from data.tokenizer import IMG_CONTEXT, read_added_tokens  # the tokenizer's own reading of the files
+    if config.llm.family == "llama" and not os.path.exists(os.path.join(path, "tokenizer.model")):
+        raise ValueError(f"{path}: a Llama decoder without tokenizer.model (InternVL2-Llama3-76B's Llama-3 "
+                         f"tokenizer.json?) is not supported: only sentencepiece Llama tokenizers are "
+                         f"(InternVL2-40B)")
     token = read_added_tokens(path).get(IMG_CONTEXT)
     if token is None:
         raise ValueError(f"{path}: no {IMG_CONTEXT} token in added_tokens.json or tokenizer_config.json")

@@ -9,10 +9,36 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, replace
 
-# Official LLM class name -> decoder family. Anything else is refused with a clear error.
-LLM_FAMILIES = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3"}
-FAMILY_ARCHITECTURE = {v: k for k, v in LLM_FAMILIES.items()}
-TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat"}  # family -> template (data/templates.py)
+
+@dataclass(frozen=True)
+class Family:
+    """What tells one decoder family apart. Its official parameter names are its row of model/weights.py's
+    NAMES; everything else about it is here."""
+    architecture: str  # llm_config.architectures[0] of the official config.json
+    template: str  # conversation template when config.json names none (data/templates.py)
+    tokenizer: str  # "sentencepiece" (tokenizer.model) or "bpe" (Qwen2's vocab.json + merges.txt)
+    qkv_bias: bool  # biases on the q, k and v projections (Qwen2)
+    fused_qkv: bool  # one q|k|v matrix (InternLM2 wqkv, Phi-3 qkv_proj), else q_proj, k_proj, v_proj
+    fused_gate_up: bool  # one gate|up matrix (Phi-3 gate_up_proj), else two
+    rope_scaling: tuple[str, ...] = ()  # the llm_config.rope_scaling types it accepts (none is always fine)
+    # llm_config switches of the official class that must have these values (read: checked; written: set)
+    switches: dict = field(default_factory=dict)
+
+
+# The decoder families, keyed by their llm_config.model_type. An architecture not named here is refused.
+FAMILIES: dict[str, Family] = {
+    "internlm2": Family("InternLM2ForCausalLM", "internlm2-chat", "sentencepiece", qkv_bias=False,
+                        fused_qkv=True, fused_gate_up=False, rope_scaling=("dynamic", "linear"),
+                        switches={"bias": False}),
+    "phi3": Family("Phi3ForCausalLM", "phi3-chat", "sentencepiece", qkv_bias=False, fused_qkv=True,
+                   fused_gate_up=True, rope_scaling=("su", "longrope")),
+    "qwen2": Family("Qwen2ForCausalLM", "internvl2_5", "bpe", qkv_bias=True, fused_qkv=False,
+                    fused_gate_up=False, switches={"use_sliding_window": False}),
+    "llama": Family("LlamaForCausalLM", "Hermes-2", "sentencepiece", qkv_bias=False, fused_qkv=False,
+                    fused_gate_up=False, switches={"attention_bias": False, "mlp_bias": False}),
+}
+LLM_FAMILIES = {f.architecture: name for name, f in FAMILIES.items()}  # official class name -> family
+TEMPLATES = {name: f.template for name, f in FAMILIES.items()}  # family -> its default template
 
 
 @dataclass
@@ -41,7 +67,7 @@ class VisionConfig:
 
 @dataclass
 class LLMConfig:
-    family: str = "internlm2"  # "internlm2" or "phi3"
+    family: str = "internlm2"  # a key of FAMILIES
     vocab_size: int = 92553
     hidden_size: int = 2048
     num_layers: int = 24
@@ -57,15 +83,22 @@ class LLMConfig:
     original_max_position_embeddings: int | None = None  # Phi-3 su: the short/long switch point
     bos_token_id: int = 1
     eos_token_id: int = 2
-    pad_token_id: int = 2
+    pad_token_id: int | None = 2
+    # Qwen2.5-0.5B / 1.5B / 3B tie the head to the embeddings. The official InternVLChatConfig unties them on
+    # load and the released files store both, so the model always has its own head; this is only recorded.
+    tie_word_embeddings: bool = False
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     @property
+    def spec(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
     def architecture(self) -> str:
-        return FAMILY_ARCHITECTURE[self.family]
+        return self.spec.architecture
 
 
 @dataclass
@@ -125,11 +158,19 @@ class InternVLConfig:
         rope_scaling = lc.get("rope_scaling")
         if rope_scaling is not None:
             kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
-            allowed = {"internlm2": ("dynamic", "linear"), "phi3": ("su", "longrope")}[family]
+            allowed = FAMILIES[family].rope_scaling
             if kind not in allowed:
                 raise ValueError(f"{source}: llm_config.rope_scaling type {kind!r} is not supported for "
-                                 f"{arch} "
-                                 f"(supported: {allowed})")
+                                 f"{arch} (supported: {allowed or 'none'})")
+        spec = FAMILIES[family]
+        # Switches the official classes have and the released checkpoints leave off: refused, not ignored.
+        for key, value in spec.switches.items():
+            if key in lc and lc[key] != value:
+                raise ValueError(f"{source}: llm_config.{key} = {lc[key]!r} is not supported for {arch} "
+                                 f"(expected {value!r})")
+        if lc.get("head_dim") not in (None, lc["hidden_size"] // lc["num_attention_heads"]):
+            raise ValueError(f"{source}: llm_config.head_dim {lc['head_dim']} is not hidden_size / "
+                             f"num_attention_heads; not supported")
         llm = LLMConfig(
             family=family, vocab_size=lc["vocab_size"], hidden_size=lc["hidden_size"],
             num_layers=lc["num_hidden_layers"], num_heads=lc["num_attention_heads"],
@@ -139,7 +180,8 @@ class InternVLConfig:
             max_position_embeddings=lc.get("max_position_embeddings", 32768),
             original_max_position_embeddings=lc.get("original_max_position_embeddings"),
             bos_token_id=lc.get("bos_token_id", 1), eos_token_id=lc.get("eos_token_id", 2),
-            pad_token_id=lc.get("pad_token_id", 2))
+            pad_token_id=lc.get("pad_token_id", 2 if spec.fused_qkv else None),  # the class defaults
+            tie_word_embeddings=bool(lc.get("tie_word_embeddings", False)))
         if family == "phi3" and rope_scaling is not None and llm.original_max_position_embeddings is None:
             raise ValueError(f"{source}: Phi-3 su rope scaling needs "
                              f"llm_config.original_max_position_embeddings")
@@ -175,7 +217,8 @@ class InternVLConfig:
             "rms_norm_eps": l.rms_norm_eps, "rope_theta": l.rope_theta, "rope_scaling": l.rope_scaling,
             "max_position_embeddings": l.max_position_embeddings, "hidden_act": "silu",
             "bos_token_id": l.bos_token_id, "eos_token_id": l.eos_token_id, "pad_token_id": l.pad_token_id,
-            "tie_word_embeddings": False, "bias": False})
+            "tie_word_embeddings": l.tie_word_embeddings})
+        d["llm_config"].update(l.spec.switches)
         if l.original_max_position_embeddings is not None:
             d["llm_config"]["original_max_position_embeddings"] = l.original_max_position_embeddings
         d.update({

@@ -1,8 +1,9 @@
-"""One Llama-family decoder for InternLM2 and Phi-3.
+"""One Llama-style decoder for InternLM2, Phi-3, Qwen2 and Llama (their differences: config.FAMILIES).
 
-The two differ in parameter layout (handled by model/weights.py), in the FFN's gate/up being fused (Phi-3) or
-separate (InternLM2), and in RoPE scaling: InternLM2's dynamic NTK and Phi-3's 'su' LongRoPE.
-Internally the fused attention projection is always Q|K|V, head-major.
+They differ in parameter layout (names: model/weights.py), in q/k/v being one matrix (InternLM2, Phi-3)
+or three (Qwen2 and Llama; Qwen2's with biases), in the FFN's gate/up being fused (Phi-3) or separate, and in
+RoPE scaling: InternLM2's dynamic NTK and Phi-3's 'su' LongRoPE. A fused attention projection is always
+Q|K|V here, head-major.
 """
 from __future__ import annotations
 
@@ -86,14 +87,26 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv_size = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, qkv_size, bias=False)
-        self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        bias = cfg.spec.qkv_bias
+        if cfg.spec.fused_qkv:
+            self.qkv = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=bias)
+        else:
+            self.q = nn.Linear(cfg.hidden_size, q_size, bias=bias)
+            self.k = nn.Linear(cfg.hidden_size, kv_size, bias=bias)
+            self.v = nn.Linear(cfg.hidden_size, kv_size, bias=bias)
+        self.out = nn.Linear(q_size, cfg.hidden_size, bias=False)
+
+    def project(self, x):
+        if hasattr(self, "qkv"):
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            return self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        return self.q(x), self.k(x), self.v(x)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         b, n, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q_size = self.num_heads * self.head_dim
+        q, k, v = self.project(x)
         q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -126,7 +139,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         d, i = cfg.hidden_size, cfg.intermediate_size
-        self.fused = cfg.family == "phi3"
+        self.fused = cfg.spec.fused_gate_up
         if self.fused:
             self.gate_up = nn.Linear(d, 2 * i, bias=False)
         else:

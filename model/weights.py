@@ -56,6 +56,21 @@ NAMES: dict[str, list[tuple[str, str]]] = {
         ("llm.head", "language_model.lm_head"),
     ],
 }
+# Qwen2 and Llama are transformers' own classes: the same names (Qwen2's q/k/v biases follow them).
+NAMES["qwen2"] = NAMES["llama"] = _VIT_AND_PROJECTOR + [
+    ("llm.embed", f"{_LM}.embed_tokens"),
+    ("llm.layers.{i}.attn_norm", f"{_LL}.input_layernorm"),
+    ("llm.layers.{i}.attn.q", f"{_LL}.self_attn.q_proj"),
+    ("llm.layers.{i}.attn.k", f"{_LL}.self_attn.k_proj"),
+    ("llm.layers.{i}.attn.v", f"{_LL}.self_attn.v_proj"),
+    ("llm.layers.{i}.attn.out", f"{_LL}.self_attn.o_proj"),
+    ("llm.layers.{i}.mlp_norm", f"{_LL}.post_attention_layernorm"),
+    ("llm.layers.{i}.mlp.gate", f"{_LL}.mlp.gate_proj"),
+    ("llm.layers.{i}.mlp.up", f"{_LL}.mlp.up_proj"),
+    ("llm.layers.{i}.mlp.down", f"{_LL}.mlp.down_proj"),
+    ("llm.norm", f"{_LM}.norm"),
+    ("llm.head", "language_model.lm_head"),
+]
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -113,6 +128,8 @@ def _wqkv_to_official(w: torch.Tensor, cfg: InternVLConfig) -> torch.Tensor:
 FUSED: dict[str, dict[str, tuple[Callable, Callable]]] = {
     "internlm2": {"attn.qkv.weight": (_wqkv_to_internal, _wqkv_to_official)},
     "phi3": {},
+    "qwen2": {},
+    "llama": {},
 }
 
 

@@ -24,7 +24,7 @@ def plain_cross_entropy(logits, labels):
                                              labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-@pytest.fixture(scope="module", params=["internlm2", "phi3"])
+@pytest.fixture(scope="module", params=["internlm2", "phi3", "qwen2", "llama"])
 def case(request):
     d = os.path.join(FIXTURES, request.param)
     ref = load_file(os.path.join(d, "reference.safetensors"))
@@ -383,11 +383,44 @@ def test_wrong_shape_is_an_error(tmp_path):
 def test_unknown_llm_architecture_is_an_error(tmp_path):
     d = _copy_fixture(tmp_path, "phi3")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["llm_config"]["architectures"] = ["LlamaForCausalLM"]
+    cfg["llm_config"]["architectures"] = ["MistralForCausalLM"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"unknown LLM architecture 'LlamaForCausalLM'.*supported: "
-                                         r"\['InternLM2ForCausalLM', 'Phi3ForCausalLM'\]"):
+    with pytest.raises(ValueError, match=r"unknown LLM architecture 'MistralForCausalLM'.*supported: "
+                                         r"\['InternLM2ForCausalLM', 'LlamaForCausalLM', 'Phi3ForCausalLM', "
+                                         r"'Qwen2ForCausalLM'\]"):
         load_pretrained(str(d))
+
+
+@pytest.mark.parametrize("name,key,value", [("qwen2", "use_sliding_window", True),
+                                            ("llama", "attention_bias", True), ("llama", "mlp_bias", True)])
+def test_switches_the_released_checkpoints_leave_off_are_refused(tmp_path, name, key, value):
+    d = _copy_fixture(tmp_path, name)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["llm_config"][key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"llm_config.{key} = True is not supported"):
+        load_pretrained(str(d))
+
+
+def test_a_llama_3_tokenizer_is_refused(tmp_path):
+    """InternVL2-Llama3-76B: a Llama decoder whose tokenizer is a tokenizer.json, not sentencepiece."""
+    d = _copy_fixture(tmp_path, "llama")
+    os.remove(d / "tokenizer.model")
+    (d / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"Llama-3 tokenizer.json.*not supported"):
+        load_pretrained(str(d))
+
+
+def test_model_imports_nothing_from_data():
+    """Lower layers never import upper ones: model/ reads the <IMG_CONTEXT> id itself (model/tokens.py)."""
+    import ast
+    root = os.path.join(os.path.dirname(FIXTURES), "..", "model")
+    for fname in sorted(os.listdir(root)):
+        if fname.endswith(".py"):
+            for node in ast.walk(ast.parse(open(os.path.join(root, fname)).read())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                assert not any(n == "data" or n.startswith("data.") for n in names), (fname, names)
 
 
 def test_load_fills_from_files_in_requested_dtype():
