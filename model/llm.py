@@ -7,6 +7,8 @@ Q|K|V here, head-major.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -19,10 +21,36 @@ from .config import LLMConfig
 from .loss import OutputHead
 from .norm import RMSNorm
 
-try:  # variable-length flash attention (torch >= 2.10, CUDA); the block-diagonal SDPA mask is the fallback
+try:  # variable-length flash attention (torch >= 2.10, CUDA); SDPA per run is the fallback
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:
     varlen_attn = None
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def causal_varlen_attn(q, k, v, cu_seqlens, max_len):
+    """varlen_attn, causal within each run, through whichever signature the installed torch has (read from the
+    signature, not the version): 2.10 `is_causal=`; 2.11 `window_size=`, no GQA; 2.12+ also `enable_gqa=`.
+    q [T, heads, hd], k and v [T, kv_heads, hd]."""
+    params = _parameters(varlen_attn)
+    if "window_size" in params:
+        kwargs = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        kwargs = {"is_causal": True}
+    else:
+        raise RuntimeError(f"torch.nn.attention.varlen.varlen_attn{inspect.signature(varlen_attn)}: no causal "
+                           "option this code knows (is_causal or window_size)")
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # expand the kv heads as SDPA's enable_gqa does (query head i reads kv head i // group)
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
 
 
 def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, kv_len: int, dtype: torch.dtype):
@@ -116,8 +144,7 @@ class Attention(nn.Module):
         gqa = self.num_kv_heads != self.num_heads
         if isinstance(mask, Varlen) and varlen_available(x):  # flat [B*n, heads, hd], causal within each run
             flat = [z.transpose(1, 2).reshape(b * n, -1, self.head_dim) for z in (q, k, v)]
-            out = varlen_attn(*flat, mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len,
-                              window_size=(-1, 0), enable_gqa=gqa)
+            out = causal_varlen_attn(*flat, mask.cu_seqlens, mask.max_len)
             return self.out(out.reshape(b, n, q_size))
         if isinstance(mask, Varlen):  # elsewhere the same per run: the cost follows the runs, not the row
             rows = [[] for _ in range(b)]

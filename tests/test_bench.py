@@ -122,6 +122,20 @@ def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     assert full["vit"] == lora["vit"] and 2 * full["head"] == 3 * lora["head"] > 0
 
 
+def test_gpu_bench_does_not_hide_a_failure(monkeypatch, tmp_path):
+    """A configuration or the packing comparison that raises stops the bench (only out-of-memory is a row)."""
+    def broken(*a, **k):
+        raise TypeError("varlen_attn() got an unexpected keyword argument 'enable_gqa'")
+    argv = ["--sizes", "tiny", "--modes", "lora", "--device", "cpu", "--json", str(tmp_path / "g.json")]
+    monkeypatch.setattr(gpu, "run_config", broken)
+    with pytest.raises(TypeError, match="enable_gqa"):
+        gpu.main(argv + ["--packing", ""])
+    monkeypatch.setattr(gpu, "run_config", lambda args, size, mode, *a: {"size": size, "mode": mode})
+    monkeypatch.setattr(gpu, "packing_ab", broken)
+    with pytest.raises(TypeError, match="enable_gqa"):
+        gpu.main(argv + ["--packing", "tiny:lora"])
+
+
 def test_gpu_bench_skips_what_cannot_fit_with_a_reason():
     row = gpu.run_config(gpu.parse_args([]), "26b", "full", torch.device("cpu"), torch.bfloat16, total_gib=139.0)
     assert "skipped" in row and "ZeRO-3" in row["skipped"] and "GiB" in row["skipped"]

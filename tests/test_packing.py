@@ -275,9 +275,9 @@ def test_per_run_attention_equals_the_block_diagonal_mask(way):
     assert (runs - dense)[real].abs().max().item() < 1e-5
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable_gqa):
-    """torch's varlen_attn semantics (flat [tokens, heads, hd], causal per run), by SDPA on each run."""
-    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k)
+def _runs_attention(q, k, v, cu_q, cu_k, enable_gqa=False):
+    """varlen_attn's semantics (flat [tokens, heads, hd], causal per run), by SDPA on each run."""
+    assert torch.equal(cu_q, cu_k)
     out = []
     for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
         qs, ks, vs = (z[a:b].transpose(0, 1) for z in (q, k, v))
@@ -285,14 +285,47 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable_gqa
     return torch.cat(out)
 
 
-def test_varlen_path_matches_the_mask_path(monkeypatch):
-    """The CUDA varlen branch's reshapes and run boundaries, checked on CPU with a reference kernel."""
+# Stand-ins with the exact signatures of torch.nn.attention.varlen.varlen_attn in each release (read from the
+# wheels): 2.9 has no varlen module; 2.10 takes is_causal; 2.11 window_size; 2.12+ adds enable_gqa.
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: int, is_causal: bool = False,
+                     return_aux=None):
+    assert is_causal and key.shape[1] == query.shape[1]
+    return _runs_attention(query, key, value, cu_seq_q, cu_seq_k)
+
+
+def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: int, *, return_aux=None,
+                     scale=None, window_size: tuple[int, int] = (-1, -1)):
+    assert window_size == (-1, 0) and key.shape[1] == query.shape[1]
+    return _runs_attention(query, key, value, cu_seq_q, cu_seq_k)
+
+
+def varlen_attn_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: int, *, return_aux=None,
+                     scale=None, window_size: tuple[int, int] = (-1, -1), enable_gqa: bool = False,
+                     seqused_k=None, block_table=None, num_splits=None):
+    assert window_size == (-1, 0)
+    if not enable_gqa and query.shape[1] != key.shape[1]:  # as torch 2.12 refuses it
+        raise ValueError("Expect query and key/value to have the same number of heads")
+    return _runs_attention(query, key, value, cu_seq_q, cu_seq_k, enable_gqa=enable_gqa)
+
+
+@pytest.mark.parametrize("kernel", [None, varlen_attn_2_10, varlen_attn_2_11, varlen_attn_2_12],
+                         ids=["2.9", "2.10", "2.11", "2.12+"])
+def test_varlen_call_binds_every_torch_signature(monkeypatch, kernel):
+    """The CUDA varlen branch (its reshapes, run boundaries and the call itself) with each torch's signature,
+    on CPU with reference kernels; the fixture uses GQA (4 query heads, 2 kv heads). Equal to masked SDPA."""
     model, samples = _fixture_samples("internlm2")
+    attn = model.llm.layers[0].attn
+    assert attn.num_kv_heads < attn.num_heads
     packed, padded = collate_packed(samples), collate(samples)
+    calls = []
     with torch.no_grad():
+        model.llm.use_varlen = False
         want = [_call(model, b, labels=b["labels"]).loss for b in (packed, padded)]
-        monkeypatch.setattr(llm_module, "varlen_attn", _reference_varlen)
-        monkeypatch.setattr(llm_module, "varlen_available", lambda x: True)
+        model.llm.use_varlen = True
+        monkeypatch.setattr(llm_module, "varlen_attn", kernel)
+        if kernel is not None:  # as on CUDA in bf16
+            monkeypatch.setattr(llm_module, "varlen_available", lambda x: calls.append(1) or True)
         got = [_call(model, b, labels=b["labels"]).loss for b in (packed, padded)]
+    assert len(calls) == (0 if kernel is None else 2 * model.llm.cfg.num_layers)
     for w, g in zip(want, got):
         assert abs(w.item() - g.item()) < 1e-5
