@@ -42,8 +42,8 @@ def causal_varlen_attn(q, k, v, cu_seqlens, max_len):
     elif "is_causal" in params:
         kwargs = {"is_causal": True}
     else:
-        raise RuntimeError(f"torch.nn.attention.varlen.varlen_attn{inspect.signature(varlen_attn)}: no causal "
-                           "option this code knows (is_causal or window_size)")
+        raise RuntimeError(f"torch's varlen_attn{inspect.signature(varlen_attn)} has neither is_causal nor "
+                           "window_size: no causal option this code knows")
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
