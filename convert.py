@@ -164,14 +164,23 @@ def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def check_output(out: str, ckpt_arg: str, ckpt_dir: str, base: str, overwrite: bool) -> str:
-    """Refuse every OUT that would damage the inputs or mix with old files."""
-    out = os.path.abspath(out)
-    for name, path in (("the checkpoint", ckpt_arg), ("the checkpoint", ckpt_dir), ("the base model", base)):
+def check_output(out: str, ckpt_dir: str, base: str, overwrite: bool) -> str:
+    """Refuse every OUT that would damage the inputs or mix with old files. OUT may sit in the run directory
+    (what train.py suggests), but not in a checkpoint nor under a name the run's checkpoints take."""
+    out, run_dir = os.path.abspath(out), os.path.dirname(os.path.abspath(ckpt_dir))
+    if os.path.realpath(out) == os.path.realpath(run_dir):
+        raise ConvertError(f"OUT {out} is the run directory; write the export somewhere else, for example "
+                           f"{os.path.join(run_dir, 'converted')}")
+    for name, path in (("the checkpoint", ckpt_dir), ("the base model", base)):
         if _inside(out, path):
             where = "" if os.path.realpath(out) == os.path.realpath(path) else "inside "
             raise ConvertError(f"OUT {out} is {where}{name} {os.path.abspath(path)}; "
                                f"write the export somewhere else")
+    if _inside(out, run_dir):  # iter_N, iter_N.tmp and latest belong to the run's checkpoints
+        top = os.path.relpath(os.path.realpath(out), os.path.realpath(run_dir)).split(os.sep)[0]
+        if re.fullmatch(r"iter_\d+(\.tmp)?|latest", top):
+            raise ConvertError(f"OUT {out}: {top} is a checkpoint name in the run directory {run_dir}; "
+                               f"choose another name, for example {os.path.join(run_dir, 'converted')}")
     for name, path in (("the checkpoint", ckpt_dir), ("the base model", base)):
         if _inside(path, out):
             raise ConvertError(f"OUT {out} contains {name} {path}; replacing it would delete it")
@@ -517,7 +526,7 @@ def convert(args, log=print) -> dict:
     ckpt_dir = resolve_checkpoint(args.ckpt)
     meta = read_meta(ckpt_dir)
     base = resolve_base(meta, args.base_model, ckpt_dir)
-    out = check_output(args.out, args.ckpt, ckpt_dir, base, args.overwrite)
+    out = check_output(args.out, ckpt_dir, base, args.overwrite)
     dtype = DTYPES[args.dtype]
     config = load_config(base)
     lora_cfg = lora_settings(meta)

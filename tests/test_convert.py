@@ -263,9 +263,26 @@ def test_refuses_out_equal_to_or_inside_the_checkpoint(lora_run):
         conv(lora_run / "iter_2", lora_run / "iter_2")
     with pytest.raises(convert.ConvertError, match="is inside the checkpoint"):
         conv(lora_run / "iter_2", lora_run / "iter_2" / "export")
-    with pytest.raises(convert.ConvertError, match="is inside the checkpoint"):  # CKPT given as the run directory
-        conv(lora_run, lora_run / "export")
-    assert not (lora_run / "iter_2" / "export").exists() and not (lora_run / "export").exists()
+    with pytest.raises(convert.ConvertError, match="is inside the checkpoint .*iter_3"):  # the run's newest
+        conv(lora_run, lora_run / "iter_3" / "export")
+    assert not (lora_run / "iter_2" / "export").exists() and not (lora_run / "iter_3" / "export").exists()
+
+
+def test_out_in_the_run_directory_works_but_not_as_the_run_or_a_checkpoint_name(lora_run):
+    """train.py suggests RUN_DIR/converted: allowed, given the run directory or a checkpoint. The run directory
+    itself and the names its checkpoints take (iter_N, iter_N.tmp, latest) are refused, and no message calls
+    the run directory a checkpoint."""
+    for name in ("", "iter_9", "iter_9.tmp", "latest"):
+        with pytest.raises(convert.ConvertError) as e:
+            conv(lora_run, lora_run / name, "--no-verify")
+        assert "is the checkpoint" not in str(e.value) and "inside the checkpoint" not in str(e.value)
+        assert ("is the run directory" if not name else "is a checkpoint name") in str(e.value)
+    assert not (lora_run / "iter_9").exists() and (lora_run / "latest").is_file()
+    for ckpt in (lora_run, lora_run / "iter_2"):
+        out = lora_run / "converted"
+        r = conv(ckpt, out, "--no-verify", "--overwrite")
+        assert (out / "model.safetensors.index.json").exists() and r["out"] == str(out)
+        shutil.rmtree(out)
 
 
 def test_refuses_out_equal_to_the_base_or_holding_the_inputs(lora_run, workdir):
