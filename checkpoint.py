@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import platform
 import random
@@ -196,10 +197,22 @@ def restore_rng(ckpt_dir: str, rank: int) -> None:
 
 
 def truncate_logs(out_dir: str, step: int) -> None:
-    """On resume: drop the rows that the interrupted run logged after its checkpoint."""
+    """On resume: drop the rows that the interrupted run logged after its checkpoint, and a line that a kill
+    cut short (it does not read as JSON): the run resumes from before it, so its row is written again."""
     for path in (os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "samples.jsonl")):
         if os.path.exists(path):
-            with open(path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(path, "w") as f:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                rows = [line for line in f if line.strip() and _row_step(line) <= step]
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(rows)
+            os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+    """The step of a log row; inf (dropped) for a torn one."""
+    try:
+        row = json.loads(line)
+        return row["step"] if isinstance(row, dict) and isinstance(row.get("step"), int) else math.inf
+    except ValueError:
+        return math.inf

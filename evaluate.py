@@ -168,8 +168,9 @@ class Evaluator:
                                      self.stop_early)
             new.update(zip([k for k, _, _ in chunk], answers))
         if self.master:
-            with open(os.path.join(self.output_dir, "samples.jsonl"), "a") as f:
-                for k, (rid, question, reference, _, _) in enumerate(self.prompts):
-                    f.write(json.dumps(dict(step=step, id=rid, question=question, reference=reference,
-                                            answer=decode_answer(self.dataset.tokenizer, new[k], self.sep)),
-                                       ensure_ascii=False) + "\n")
+            rows = [json.dumps(dict(step=step, id=rid, question=question, reference=reference,
+                                    answer=decode_answer(self.dataset.tokenizer, new[k], self.sep)),
+                               ensure_ascii=False) + "\n" for k, (rid, question, reference, _, _)
+                    in enumerate(self.prompts)]
+            with open(os.path.join(self.output_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
+                f.write("".join(rows))  # one write: a kill leaves at most a torn tail (truncate_logs drops it)

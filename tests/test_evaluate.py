@@ -92,3 +92,18 @@ def test_a_padding_batch_has_no_supervised_token():
     b = eval_collate([], NS(image_size=IMAGE_SIZE))
     assert b["meta"]["num_supervised"] == 0 and b["meta"]["num_samples"] == 0 and b["input_ids"].shape == (1, 1)
     assert b["image_flags"].tolist() == [0] and b["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_resume_drops_a_torn_log_line(tmp_path):
+    """kill -9 mid-write leaves half a row (here cut inside a multi-byte character): the resume drops it with the
+    rows after the checkpoint, keeps the others, and the next resume reads the file again."""
+    import checkpoint
+    rows = [dict(step=s, id="held_out:1", answer="réponse") for s in (2, 4, 6)]  # the row of step 6 is torn
+    lines = [json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows]
+    (tmp_path / "samples.jsonl").write_bytes(lines[0] + lines[1] + lines[2][:lines[2].index(b"\xc3") + 1])
+    (tmp_path / "metrics.jsonl").write_bytes(lines[0] + lines[1] + lines[2][:20])  # JSONDecodeError before
+    checkpoint.truncate_logs(str(tmp_path), 4)
+    for name in ("samples.jsonl", "metrics.jsonl"):
+        assert (tmp_path / name).read_bytes() == lines[0] + lines[1]
+    checkpoint.truncate_logs(str(tmp_path), 2)
+    assert (tmp_path / "samples.jsonl").read_bytes() == lines[0]
