@@ -166,11 +166,15 @@ def batches(dataset, sampler, collate_fn, args, pos: Progress, device):
     while True:
         sampler.set_epoch(pos.epoch, pos.micro_in_epoch)
         dataset.set_epoch(pos.epoch)  # before the workers fork: the JPEG augmentation follows the epoch
-        gc.freeze()  # the workers fork: the collector then leaves the parent's objects (and pages) alone
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                                              num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                              generator=torch.Generator().manual_seed(args.seed + pos.epoch))
-        for b in loader:
+        gc.freeze()  # the workers fork frozen: their collector leaves the parent's objects (and pages) alone
+        try:
+            micro_batches = iter(loader)  # forks the workers
+        finally:
+            gc.unfreeze()  # the parent's own garbage stays collectable
+        for b in micro_batches:
             pos.micro_in_epoch += 1
             yield b
         pos.epoch, pos.micro_in_epoch = pos.epoch + 1, 0

@@ -443,6 +443,37 @@ def test_packs_over_their_budget_are_counted_in_the_metrics(monkeypatch):
     assert counters["over_budget_packs"] == 4 and counters["samples_seen"] == 10
 
 
+def test_workers_fork_frozen_and_the_trainer_unfreezes():
+    """gc.freeze() around the fork only: the DataLoader workers inherit the frozen objects (copy-on-write pages
+    stay shared), the training process does not keep the garbage of every epoch start forever."""
+    import gc
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    import train
+    from data import LengthGroupedSampler
+
+    class FreezeProbe(torch.utils.data.Dataset):  # each item: the frozen objects where it is built
+        def set_epoch(self, epoch):
+            pass
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return gc.get_freeze_count()
+    sampler = LengthGroupedSampler([1] * 4, [False] * 4, batch_size=2)
+    args = NS(num_workers=1, seed=0)
+    pos = train.Progress()
+    gc.unfreeze()
+    drawn = train.batches(FreezeProbe(), sampler, lambda items: items, args, pos, torch.device("cpu"))
+    for _ in range(6):  # three epochs of two micro-batches
+        in_worker = next(drawn)
+        assert min(in_worker) > 1000 and gc.get_freeze_count() == 0
+    assert pos.epoch == 2
+
+
 def test_data_problems_are_counted_per_run_and_printed_capped(demo, tmp_path, capsys):
     import shutil
 
