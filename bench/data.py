@@ -16,6 +16,11 @@ estimates' error against built samples.
 
     python3 bench/data.py --records 100000 --json out.json
 
+With --json-layouts N it times reading a .json array of N short records written by json.dump(list) (one line)
+and with indent=1 (a line per field), and prints the seconds and microseconds per record of each.
+
+    python3 bench/data.py --json-layouts 60000
+
 With --bad-lines K it breaks K records instead (malformed JSON, an unknown role, a missing image file, two <image>
 tags for one image, in turn) and reports the seconds until the one error that must name every one of their
 lines, and the rerun with skip_bad_samples that must count them.
@@ -243,6 +248,34 @@ def bad_input(args, tok):
     return row
 
 
+def json_layouts(n, runs):
+    """Seconds to read a .json array of n short records (read_annotation: each record parsed, with its line and
+    byte range), one line vs indented: the same per record when the reader forgets what it consumed."""
+    from data.dataset import read_annotation
+    records = [{"id": k, "image": f"img/{k}.jpg", "conversations": [
+        {"from": "human", "value": f"<image>\nWhat is in picture {k}?"},
+        {"from": "gpt", "value": "A red square on a white background."}]} for k in range(n)]
+    row = {"records": n, "runs": runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout, indent in (("one_line", None), ("indented", 1)):
+            path = os.path.join(tmp, f"{layout}.json")
+            with open(path, "w") as f:
+                json.dump(records, f, indent=indent)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                got = sum(1 for _ in read_annotation(path))
+                times.append(time.perf_counter() - t0)
+            assert got == n
+            secs = statistics.median(times)
+            row[layout] = {"file_mb": round(os.path.getsize(path) / 2**20, 1), "median_s": round(secs, 3),
+                           "us_per_record": round(secs / n * 1e6, 2)}
+    row["one_line_over_indented"] = round(row["one_line"]["median_s"] / row["indented"]["median_s"], 2)
+    row["load_avg_1m"] = os.getloadavg()[0]
+    print(json.dumps(row, indent=2))
+    return row
+
+
 def scale(args, tok):
     with tempfile.TemporaryDirectory() as tmp:
         ann = os.path.join(tmp, f"scale.{args.format}")
@@ -299,8 +332,16 @@ def main(argv=None):
                    "the dataset's, one per core for files of 16 MiB and more)")
     p.add_argument("--bad-lines", type=int, default=0,
                    help="scale mode: break this many records (.jsonl) and time the error that lists them instead")
+    p.add_argument("--json-layouts", type=int, metavar="N",
+                   help="time reading N short records as a one-line .json array and an indented one")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.json_layouts:
+        row = json_layouts(args.json_layouts, args.runs)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(row, f, indent=2)
+        return
 
     tok = load_tokenizer(args.tokenizer)
     if args.records:

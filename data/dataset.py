@@ -235,12 +235,13 @@ _JSON_BLOCK = 8 << 20  # bytes of a .json array decoded at a time
 
 class _Blocks:
     """A file's UTF-8 text, decoded a block at a time. Positions index self.text; `line` and `byte` are those
-    of position `at`. drop() forgets the text before the line of `at`, so the text always starts a line."""
+    of position `at`. drop() forgets the text before `at` (also mid-line: a one-line array has no other place
+    to cut), so the text held stays within a few blocks; `column` is that of text[0] in its line."""
 
     def __init__(self, f, path, block):
         self.f, self.path, self.block = f, path, block
         self.decoder = codecs.getincrementaldecoder("utf-8")()
-        self.text, self.eof, self.line, self.byte, self.at = "", False, 1, 0, 0
+        self.text, self.eof, self.line, self.byte, self.at, self.column = "", False, 1, 0, 0, 0
 
     def more(self):
         """Decode the next block onto the text; False at the end of the file."""
@@ -275,14 +276,16 @@ class _Blocks:
         return self.line, self.byte
 
     def drop(self):
-        """Forget the text before the line of `at`; returns by how much positions move back."""
-        cut = self.text.rfind("\n", 0, self.at) + 1
-        self.text, self.at = self.text[cut:], self.at - cut
+        """Forget the text before `at`; returns by how much positions move back."""
+        cut, newline = self.at, self.text.rfind("\n", 0, self.at)
+        self.column = cut - newline - 1 if newline >= 0 else self.column + cut
+        self.text, self.at = self.text[cut:], 0
         return cut
 
-    def first_line(self):
-        """The line number of text[0]."""
-        return self.line - self.text.count("\n", 0, self.at)
+    def where(self, e):
+        """(line, column) in the file of a JSONDecodeError raised on self.text."""
+        line = self.line - self.text.count("\n", 0, self.at) + e.lineno - 1
+        return line, e.colno + (self.column if e.lineno == 1 else 0)
 
 
 def _read_json_array(path):
@@ -308,7 +311,7 @@ def _read_json_array(path):
                     break
                 except json.JSONDecodeError as e:  # the rest of the array cannot be read: not skippable
                     if not src.more():  # (else the record ran past the text read so far)
-                        line, col = src.first_line() + e.lineno - 1, e.colno
+                        line, col = src.where(e)
                         raise DataError(f"{path}:{line}: malformed JSON: {e.msg} (column {col})") from None
             yield first, start, src.seek(end)[1] - start, obj
             sep = src.skip_ws(end)

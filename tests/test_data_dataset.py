@@ -415,11 +415,40 @@ def test_json_array_read_in_blocks_of_any_size(tmp_path, monkeypatch, block):
     for content, message in [  # the messages of the whole-file reader
             (b'[\n {"a": 1},\n {"a": 2}\n\n {"a": 3}]', r"a.json:5: malformed JSON: expected"),
             (b'[\n {"a": 1},\n {"a": [}\n]', r"a.json:3: malformed JSON: Expecting value \(column 9\)"),
+            (b'[{"a": 1}, {"a": 2}, {"a": [}]', r"a.json:1: malformed JSON: Expecting value \(column 29\)"),
             (b'[\n{"a": "\xc3\xa9"},\n{"a": "\xff"}]', "a.json:3: not UTF-8"),
             (b'\n\n\n {"a": 1}', "a.json:4: a .json annotation must be an array")]:
         (tmp_path / "a.json").write_bytes(content)
         with pytest.raises(DataError, match=message):
             list(read_annotation(str(tmp_path / "a.json")))
+
+
+def test_one_line_json_array_is_read_in_bounded_text(tmp_path, monkeypatch):
+    """json.dump(list) writes no newline: the reader still forgets the text it has consumed, so it holds a few
+    blocks whatever the file size (each record then costs the same, one line or indented; holding the whole
+    file made every record rescan it) and reads the same records as from the indented file."""
+    from data import dataset
+    records = [{"conversations": conv(q=f"Question {k}?", a="Answer." * (k % 7 + 1))} for k in range(3000)]
+    (tmp_path / "one.json").write_text(json.dumps(records))
+    (tmp_path / "indented.json").write_text(json.dumps(records, indent=1))
+    block, held = 256, []
+    more = dataset._Blocks.more
+
+    def counted(self):
+        grew = more(self)
+        held.append(len(self.text))
+        return grew
+    monkeypatch.setattr(dataset, "_JSON_BLOCK", block)
+    monkeypatch.setattr(dataset._Blocks, "more", counted)
+    lines = {}
+    for name in ("one.json", "indented.json"):
+        held.clear()
+        got = list(read_annotation(str(tmp_path / name)))
+        assert [r for *_, r in got] == records
+        longest = max(n for _, _, n, _ in got)
+        assert len(held) > 100 and max(held) <= 3 * block + longest, (name, max(held))
+        lines[name] = [line for line, *_ in got]
+    assert set(lines["one.json"]) == {1} and lines["indented.json"][-1] > 3000
 
 
 def test_json_array_with_non_ascii_text_is_read_back_by_byte_offset(tmp_path):
