@@ -190,10 +190,12 @@ class _MemoryProbe(torch.utils.data.Dataset):
 def worker_growth(ds, workers, samples, seed=0):
     """Per worker: memory after its first sample and after `samples` samples (indices spread over the epoch)."""
     order = random.Random(seed).sample(range(len(ds)), min(len(ds), samples * workers))
-    gc.freeze()  # as train.py does before its workers fork
     loader = torch.utils.data.DataLoader(_MemoryProbe(ds), batch_size=None, sampler=order, num_workers=workers)
+    gc.freeze()  # as train.py does around its workers' fork
+    probes = iter(loader)
+    gc.unfreeze()
     seen = {}
-    for wid, rss, private in loader:
+    for wid, rss, private in probes:
         seen.setdefault(wid, []).append((rss, private))
     out = []
     for w, m in sorted(seen.items()):
