@@ -194,6 +194,15 @@ def test_data_bench_bad_lines_are_all_in_one_error(tmp_path):
     assert real(r["error_s"]) and real(r["skip_build_s"])
 
 
+def test_data_bench_json_layouts(tmp_path):
+    from bench import data as data_bench
+    out = tmp_path / "layouts.json"
+    data_bench.main(["--json-layouts", "500", "--runs", "1", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["records"] == 500 and real(r["one_line_over_indented"])
+    assert all(real(r[k]["us_per_record"]) and r[k]["file_mb"] >= 0 for k in ("one_line", "indented"))
+
+
 def test_data_bench_throughput_mode_runs(tmp_path):
     from bench import data as data_bench
     out = tmp_path / "tp.json"
