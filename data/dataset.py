@@ -29,6 +29,7 @@ from model.weights import sampled_sha1
 
 from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, header_size, images_to_pixel_values,
                      jpeg_degrade, load_image, num_tiles, per_image_cap)
+from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 from .templates import (NUM_IMAGE_TOKENS, get_template, image_tokens, net_labels, render,
                         resolve_system_message)
 
@@ -84,6 +85,10 @@ def parse_record(record):
             raise SampleError(f"conversations[{k}]: 'value' must be a string")
         if not turn["value"].strip():
             raise SampleError(f"conversations[{k}] ({turn['from']}) is empty")
+        for token in (IMG_CONTEXT, IMG_START, IMG_END):  # the tokenizer would make it the image token itself
+            if token in turn["value"]:
+                raise SampleError(f"conversations[{k}] ({turn['from']}) holds {token} literally: only the "
+                                  f"image's own tokens may be {token} (write {IMAGE_TAG} for an image)")
     first = 1 if convs[0]["from"] == "gpt" else 0  # official: skip one leading gpt turn
     rest = convs[first:]
     for k, turn in enumerate(rest):
@@ -371,7 +376,8 @@ def _image_sizes(rec, paths, headers):
 
 
 # 2: tiles read from the image headers where a record has no image_wh (1 charged the cap)
-INDEX_VERSION = 2
+# 3: literal image tokens in a record's text are bad samples
+INDEX_VERSION = 3
 _COLUMNS = {"offset": np.int64, "nbytes": np.int64, "line": np.int64, "length": np.int32, "tiles": np.int32,
             "is_image": np.bool_}
 _SHOWN = 50  # problems listed in the error; the rest are counted
