@@ -173,4 +173,4 @@ class Evaluator:
                                ensure_ascii=False) + "\n" for k, (rid, question, reference, _, _)
                     in enumerate(self.prompts)]
             with open(os.path.join(self.output_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
-                f.write("".join(rows))  # one write: a kill leaves at most a torn tail (truncate_logs drops it)
+                f.write("".join(rows))  # one write: a kill leaves at most a torn tail, which a resume drops
