@@ -141,10 +141,12 @@ def record_prompt(record, image_folder, tokenizer, config: InternVLConfig, syste
 
 
 @torch.no_grad()
-def generate_batch(model, prompts, eos_id: int, max_new_tokens: int, stop_early: bool = True):
+def generate_batch(model, prompts, eos_id: int, max_new_tokens: int, stop_early: bool = True,
+                   min_new_tokens: int = 0):
     """Greedy answers for [(prompt ids, pixel values or None)] in one left-padded batch with the KV cache:
-    the new ids of each prompt, cut after its terminator. stop_early=False always runs max_new_tokens steps
-    (ZeRO-3 ranks must run the same number of forwards)."""
+    the new ids of each prompt, cut after its terminator, which is barred from the first min_new_tokens
+    steps. stop_early=False always runs max_new_tokens steps (ZeRO-3 ranks must run the same number of
+    forwards) and bars nothing."""
     device, dtype = next(model.parameters()).device, model.llm.embed.weight.dtype
     width = max(len(ids) for ids, _ in prompts)
     input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -155,7 +157,8 @@ def generate_batch(model, prompts, eos_id: int, max_new_tokens: int, stop_early:
     tiles = [pv for _, pv in prompts if pv is not None]
     pixel_values = torch.cat(tiles).to(device=device, dtype=dtype) if tiles else None
     out = model.generate(input_ids.to(device), pixel_values, attention_mask=mask.to(device),
-                         max_new_tokens=max_new_tokens, eos_token_id=eos_id if stop_early else None)
+                         max_new_tokens=max_new_tokens, eos_token_id=eos_id if stop_early else None,
+                         min_new_tokens=min_new_tokens)
     return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in out.tolist()]
 
 
@@ -270,9 +273,22 @@ def parse_args(argv=None):
                         "(default: none, a chat)")
     p.add_argument("--output", help="with --data: the answers, JSON lines (default none)")
     p.add_argument("--batch-size", type=int, default=8, help="with --data: prompts per batch (default 8)")
+    p.add_argument("--benchmark", metavar="NAME", help="with --data FILE[,IMAGE_FOLDER]: an official "
+                   "InternVL benchmark (textvqa_val, docvqa_val, pope, sqa_test, ...; see benchmarks.py): "
+                   "its official input file, prompt, max_new_tokens and scoring; per-item scores to "
+                   "--output, the official results file beside it")
+    p.add_argument("--annotation", help="with --benchmark: the official annotation file of the references "
+                   "(VQAv2/OK-VQA/TextVQA/VizWiz: the 10 human answers; DocVQA/InfoVQA: the answers; POPE: "
+                   "the folder of coco_pope_*.json labels) (default: the answers in the --data file)")
+    p.add_argument("--compare", metavar="BASE_DIR", help="with --benchmark: also answer with the base model "
+                   "(answers to OUTPUT.base.jsonl) and print base, fine-tuned and delta")
     args = p.parse_args(argv)
     if (args.data is None) != (args.output is None):
         p.error("--data and --output go together")
+    if (args.annotation or args.compare) and not args.benchmark:
+        p.error("--annotation and --compare go with --benchmark")
+    if args.benchmark and not args.data:
+        p.error("--benchmark needs --data FILE[,IMAGE_FOLDER] and --output")
     return args
 
 
@@ -324,6 +340,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.benchmark:
+        import benchmarks
+
+        def load(model_dir):
+            model = load_pretrained(model_dir, dtype=dtype, device=device)
+            return model, load_tokenizer(model_dir), resolve_system_message(model.config, args.system_message,
+                                                                            model_dir)
+        return benchmarks.main(args, load)
     tokenizer = load_tokenizer(args.model_dir)
     model = load_pretrained(args.model_dir, dtype=dtype, device=device)
     system_message = resolve_system_message(model.config, args.system_message, args.model_dir)

@@ -129,13 +129,15 @@ class InternVL(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, image_flags=None, attention_mask=None, max_new_tokens=32,
                  eos_token_id=None, do_sample=False, temperature=1.0, top_p=1.0, generator=None,
-                 output_logits=False, streamer=None):
+                 output_logits=False, streamer=None, min_new_tokens=0):
         """New token ids [B, n] with a KV cache; greedy unless do_sample.
 
         Stops when every row has produced `eos_token_id` (an int or a list; pass the template terminator, e.g.
         the tokenizer's <|im_end|> / <|end|> id, to stop as the official chat does). Finished rows are padded
         with the eos id. Left padding is supported through `attention_mask`. `streamer(ids)` is called with
-        each new step's ids [B] as soon as they are picked (chat.py prints tokens as they come).
+        each new step's ids [B] as soon as they are picked (chat.py prints tokens as they come). The eos ids
+        cannot be picked in the first `min_new_tokens` steps (HF's min_new_tokens; the official benchmark
+        scripts set 1).
         """
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
                            device=input_ids.device)
@@ -149,6 +151,8 @@ class InternVL(nn.Module):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             step_logits.append(logits)
+            if step < min_new_tokens and eos.numel():
+                logits = logits.index_fill(-1, eos, float("-inf"))
             nxt = self._pick(logits, do_sample, temperature, top_p, generator)
             if eos.numel():
                 nxt = torch.where(done, eos[0], nxt)

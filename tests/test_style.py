@@ -6,7 +6,7 @@ import re
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORE = ["train.py", "checkpoint.py", "convert.py", "lora.py", "chat.py", "evaluate.py", "memory.py", "demo.py",
-        "metrics.py", "model/*.py", "data/*.py"]
+        "metrics.py", "benchmarks.py", "model/*.py", "data/*.py"]
 
 
 def core_files():
