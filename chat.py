@@ -26,7 +26,7 @@ from data.templates import (directory_system_message, generation_prompt, get_tem
 from data.tokenizer import load_tokenizer
 from model import load_pretrained
 from model.config import InternVLConfig
-from model.weights import DTYPES
+from model.weights import DTYPES, checkpoint_files
 
 IMAGE_TAG = "<image>"
 
@@ -336,8 +336,25 @@ def converse(model, tokenizer, args, system_message: str, device) -> int:
             history = answer(question, history)
 
 
+def check_model_dir(path: str) -> None:
+    """An official directory with its weights, or one `error:` line saying what the directory is instead."""
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: {path}: no such directory")
+    if os.path.exists(os.path.join(path, "meta.json")) or any(
+            os.path.exists(os.path.join(path, d, "meta.json")) for d in os.listdir(path) if d.startswith("iter_")):
+        raise SystemExit(f"error: {path} is a train.py checkpoint or run directory (trained tensors only); "
+                         f"convert it first: python convert.py {path} OUT, then chat with OUT")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"error: {path}: no config.json (expected an official InternVL directory)")
+    try:
+        checkpoint_files(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e} (no weights to chat with)") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_model_dir(args.model_dir)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.benchmark:

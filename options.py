@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 import time
 
 import torch
@@ -158,6 +160,7 @@ def use_demo(args):
     """No model and no data: rank 0 writes the demo base and data, and the options point at them."""
     from demo import make_demo
     args.output_dir = args.output_dir or os.path.join("runs", "demo")
+    check_output_dir(args.output_dir)  # the demo writes its base and data there first
     root = os.path.join(args.output_dir, "demo")
     if int(os.environ.get("RANK", "0")) == 0:
         make_demo(root)
@@ -231,12 +234,51 @@ def read_sources(args):
     sources = [Source.parse(s) for s in args.data]
     sources += read_meta_file(args.meta_path) if args.meta_path else []
     for s in sources:
+        if os.path.isdir(s.annotation):
+            raise ValueError(f"data file {s.annotation} is a directory (source {s.name}): give the annotation "
+                             f"file (.json/.jsonl), then its image folder: --data FILE,IMAGE_FOLDER")
         if not os.path.isfile(s.annotation):
             raise ValueError(f"data file {s.annotation} does not exist (source {s.name})")
         if s.image_folder is not None and not os.path.isdir(s.image_folder):
             raise ValueError(f"image folder {s.image_folder} does not exist (source {s.name}: "
                              f"{s.annotation})")
     return sources
+
+
+def check_values(args):
+    """Values that parse but cannot run (an error), or surely are not meant (a warning)."""
+    for name in ("batch_size", "grad_accum", "max_length", "save_steps", "eval_steps", "save_total_limit",
+                 "log_interval", "max_tiles"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise ValueError(f"--max-steps {args.max_steps}: must be 0 (a dry run: load, no step) or more")
+    if args.max_steps is None and not args.epochs > 0:
+        raise ValueError(f"--epochs {args.epochs:g}: must be above 0")
+    if not args.lr >= 0:
+        raise ValueError(f"--lr {args.lr:g}: must be 0 or more")
+    if args.lr == 0 and int(os.environ.get("RANK", "0")) == 0:
+        print("warning: --lr 0: the optimizer will not change the weights (the run trains nothing)",
+              file=sys.stderr)
+
+
+def check_output_dir(path):
+    """The output directory must take files; checked without creating it (an error leaves nothing behind)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output-dir {path} exists and is not a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output-dir {path}: {parent} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output-dir {path} cannot be written ({e.strerror}: {parent}); choose another "
+                         f"--output-dir") from None
 
 
 def read_deepspeed_config(args):

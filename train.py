@@ -32,6 +32,7 @@ import lora
 import options
 
 GRAD_CLIP = 1.0  # official max_grad_norm
+RUN = {"output_dir": None}  # the run in progress, for the Ctrl-C message
 COUNTERS = ("skipped_steps", "nonfinite_steps", "all_masked_steps", "all_masked_micro_batches",
             "samples_seen", "replaced_samples", "image_failures", "over_budget_packs")
 
@@ -375,6 +376,9 @@ def main(argv=None):
         if args.demo:
             options.use_demo(args)
         config = options.read_model_config(args)
+        options.check_values(args)
+        options.check_output_dir(args.output_dir)
+        RUN["output_dir"] = args.output_dir
         sources = options.read_sources(args)
         ds_config, zero_stage = options.read_deepspeed_config(args)
         lora_cfg = options.lora_config(args)
@@ -471,5 +475,19 @@ def _peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def interrupted():
+    """Ctrl-C: one line saying where the run stands and how to continue it, not a traceback per rank."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = RUN["output_dir"]
+        found = checkpoint.complete_checkpoints(out) if out and os.path.isdir(out) else []
+        where = (f"; the newest complete checkpoint is {found[-1][1]}: run the same command with --resume auto "
+                 f"to continue exactly from step {found[-1][0]}" if found else "; no checkpoint was written yet")
+        print(f"\ninterrupted{where}", file=sys.stderr)
+    sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        interrupted()

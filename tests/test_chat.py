@@ -207,3 +207,25 @@ def test_batched_answers_equal_one_by_one_on_the_demo(tmp_path):
     assert [r["identical"] for r in result["runs"]] == [True, True]
     assert result["runs"][0]["new_tokens"] == result["runs"][1]["new_tokens"] > 12
     assert json.loads((tmp_path / "b.json").read_text())["records"] == 12
+
+
+def test_a_directory_chat_cannot_run_is_one_error_line(tmp_path, capsys):
+    """No directory, no config.json, no weights, a train.py run or checkpoint: one `error:` line each, before any
+    load."""
+    import shutil
+    src = os.path.join(FIXTURES, "internlm2")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for f in os.listdir(src):
+        if not f.endswith(".safetensors") and not f.endswith(".index.json"):
+            shutil.copy(os.path.join(src, f), no_weights)
+    run_dir = tmp_path / "run"
+    (run_dir / "iter_4").mkdir(parents=True)
+    (run_dir / "iter_4" / "meta.json").write_text("{}")
+    for path, match in [(tmp_path / "nowhere", r"nowhere: no such directory"),
+                        (tmp_path, r": no config.json \(expected an official InternVL directory\)"),
+                        (no_weights, r"neither model.safetensors nor model.safetensors.index.json \(no weights"),
+                        (run_dir, r"run is a train.py checkpoint or run directory .* python convert.py .*run OUT"),
+                        (run_dir / "iter_4", r"iter_4 is a train.py checkpoint")]:
+        with pytest.raises(SystemExit, match="^error: .*" + match):
+            chat.main([str(path), "--question", "hi"])

@@ -168,6 +168,30 @@ def test_kill_during_training_then_resume_auto(demo, uninterrupted, tmp_path):
     assert losses(rows) == pytest.approx(losses(rows_a), abs=5e-5)
 
 
+def test_ctrl_c_prints_one_line_and_resume_auto_continues_exactly(demo, uninterrupted, tmp_path):
+    """SIGINT in the middle of training: no traceback, exit 130, one line naming the newest complete checkpoint
+    and --resume auto; resuming gives the uninterrupted run's losses."""
+    _, rows_a = uninterrupted
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common(demo, 4, *RESUME_ARGS),
+                             "--output-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not any(r["step"] >= 3 for r in metrics(tmp_path)):  # iter_2 is complete by then
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert max(r["step"] for r in metrics(tmp_path)) < 8, "the run finished before Ctrl-C landed"
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    m = re.search(r"interrupted; the newest complete checkpoint is (.*iter_(\d+)): run the same command with "
+                  r"--resume auto to continue exactly from step (\d+)", err)
+    assert m and m.group(2) == m.group(3) and os.path.isdir(m.group(1)), err[-3000:]
+    _, rows = run(common(demo, 4, *RESUME_ARGS, "--resume", "auto"), tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert losses(rows) == pytest.approx(losses(rows_a), abs=5e-5)
+
+
 def test_kill_during_checkpoint_save_then_resume_auto(demo, uninterrupted, tmp_path):
     """SIGKILL after DeepSpeed wrote iter_4.tmp but before it was complete: iter_2 stays the valid one."""
     _, rows_a = uninterrupted
@@ -532,9 +556,59 @@ def test_bad_combinations_are_refused_before_any_heavy_work(demo, tmp_path):
     _refused(["--model-path", base, "--data", data, "--unfreeze-vit-layers", "2", *out],
              r"error: unfreeze_vit_layers 2: the ViT has 2 layers")
     _refused(["--model-path", base, "--data", data, "--resume", str(tmp_path), *out], r"not a complete checkpoint")
+    _refused(["--model-path", base, "--data", os.path.dirname(data.split(",")[0]), *out],
+             r"data file .* is a directory \(source .*\): give the annotation file \(.json/.jsonl\), then its "
+             r"image folder")
+    for option, value, match in [("--batch-size", "0", "--batch-size 0: must be at least 1"),
+                                 ("--grad-accum", "0", "--grad-accum 0: must be at least 1"),
+                                 ("--max-steps", "-1", r"--max-steps -1: must be 0 \(a dry run"),
+                                 ("--save-steps", "0", "--save-steps 0: must be at least 1"),
+                                 ("--max-length", "0", "--max-length 0: must be at least 1"),
+                                 ("--epochs", "0", "--epochs 0: must be above 0"),
+                                 ("--lr", "-1e-5", "--lr -1e-05: must be 0 or more")]:
+        _refused(["--model-path", base, "--data", data, f"{option}={value}", *out], match)
+    file = tmp_path / "a-file"
+    file.write_text("")
+    _refused(["--model-path", base, "--data", data, "--output-dir", str(file)], r"exists and is not a directory")
+    _refused(["--model-path", base, "--data", data, "--output-dir", str(file / "run")], r"a-file is a file")
     (tmp_path / "iter_5").mkdir()
     (tmp_path / "iter_5" / "meta.json").write_text("{}")
     _refused(["--model-path", base, "--data", data, *out], r"already holds checkpoints \(iter_5\): pass --resume auto")
+
+
+def _unwritable_dir(tmp_path):
+    """A directory this process cannot create files in (root ignores permissions: then /sys where it is so)."""
+    import tempfile
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        return locked
+    try:
+        tempfile.TemporaryFile(dir="/sys").close()
+    except OSError:
+        return "/sys"
+    pytest.skip("no unwritable directory available to root here")
+
+
+def test_an_unwritable_output_dir_and_lr_0_are_caught_before_the_model_loads(demo, tmp_path, monkeypatch, capsys):
+    import model
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # train.main sets them: undo
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    base, data = demo
+    locked = _unwritable_dir(tmp_path)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output directory was checked")
+    monkeypatch.setattr(model, "load_pretrained", no_model)
+    _refused(["--model-path", base, "--data", data, "--output-dir", os.path.join(locked, "run")],
+             r"^error: --output-dir .*run cannot be written \(.*\); choose another --output-dir")
+    _refused(["--output-dir", os.path.join(locked, "demo")], r"^error: --output-dir .*demo cannot be written")
+    assert not os.path.exists(os.path.join(locked, "run"))
+    # --lr 0 is legal (a dry run of the optimizer) but surely not meant: a warning, then the run goes on
+    _refused(["--model-path", base, "--data", data, "--lr", "0", "--batch-size", "100000", "--output-dir",
+              str(tmp_path / "lr0")], r"make no full step")
+    assert "warning: --lr 0: the optimizer will not change the weights" in capsys.readouterr().err
 
 
 def test_freezing_is_one_function_that_checks_the_options_together():
