@@ -57,6 +57,10 @@ def eval_collate(indices, dataset):
 def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks):
     """The Evaluator of --eval-data, or None. The held-out data gets the training data's checks before the
     first step, and must have a supervised token. `sum_over_ranks(numbers)`: train.py's all_reduce_sum."""
+    benchmark = read_benchmark(args.eval_benchmark) if getattr(args, "eval_benchmark", None) else None
+    if benchmark and not args.eval_data:
+        raise SystemExit("error: --eval-benchmark is scored at each evaluation of --eval-data: pass "
+                         "--eval-data")
     if not args.eval_data:
         return None
     from chat import record_prompt
@@ -86,7 +90,7 @@ def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks)
         prompts.append((dataset.sample_id(i), question, reference, ids, pv))
     ev = Evaluator(dataset, eval_plan(dataset, args.batch_size, world, rank), args.num_workers, prompts,
                    tokenizer.convert_tokens_to_ids(template.sep), zero_stage != 3, args.output_dir, rank == 0,
-                   template.sep, sum_over_ranks)
+                   template.sep, sum_over_ranks, benchmark=benchmark)
     n_sup, n_samples, n_skipped, skipped = ev.count()
     for s in skipped:
         log(f"held-out sample left out: {s}")
@@ -98,6 +102,24 @@ def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks)
     log(f"held-out: {n_samples} samples, {n_sup} supervised tokens ({n_skipped} left out); eval every "
         f"{args.eval_steps} steps and at the end{answers or ''}")
     return ev
+
+
+def read_benchmark(spec: str):
+    """--eval-benchmark NAME=FILE[,IMAGE_FOLDER[,ANNOTATION]] -> (Benchmark, items), read before the model."""
+    import benchmarks
+    name, eq, files = spec.partition("=")
+    if not eq or not files:
+        raise SystemExit(f"error: --eval-benchmark {spec}: expected NAME=FILE[,IMAGE_FOLDER[,ANNOTATION]]")
+    path, folder, annotation = (files.split(",") + ["", ""])[:3]
+    try:
+        bench = benchmarks.get_benchmark(name)
+    except ValueError as e:
+        raise SystemExit(f"error: --eval-benchmark: {e}")
+    items = benchmarks.read_items(bench, f"{path},{folder}" if folder else path, annotation or None)
+    if not any(it.error is None for it in items):
+        raise SystemExit(f"error: --eval-benchmark {spec}: no usable item"
+                         f"{': ' + items[0].error if items else ''}")
+    return bench, items
 
 
 @dataclass
@@ -113,6 +135,8 @@ class Evaluator:
     sep: str  # the template terminator, where answers are cut
     sum_over_ranks: Callable  # a list of numbers summed over the ranks
     last: float | None = None  # the latest eval_loss, for the progress bar
+    benchmark: tuple | None = None  # (Benchmark, items) of --eval-benchmark
+    score_keys: tuple = ()  # the benchmark numbers of the latest evaluation, for TensorBoard
 
     def loader(self):
         return torch.utils.data.DataLoader(self.plan, batch_size=None, num_workers=self.num_workers,
@@ -148,6 +172,7 @@ class Evaluator:
             total = self.sum_over_ranks(total.tolist())
             if self.prompts:
                 self.write_samples(engine.module, step)
+            scores = self.score_benchmark(engine.module, step) if self.benchmark else {}
         finally:
             engine.train()
             random.setstate(state[0])
@@ -155,7 +180,23 @@ class Evaluator:
             if state[2] is not None:
                 torch.cuda.set_rng_state_all(state[2])
         self.last = total[0] / total[1]
-        return dict(eval_loss=self.last, eval_supervised_tokens=int(total[1]), eval_seconds=time.time() - t0)
+        return dict(eval_loss=self.last, eval_supervised_tokens=int(total[1]), **scores,
+                    eval_seconds=time.time() - t0)
+
+    def score_benchmark(self, model, step):
+        """--eval-benchmark: every rank answers every item (ZeRO-3 needs the same forwards on all ranks);
+        rank 0 writes the answers and per-item scores to OUTPUT/NAME-stepN.jsonl. Returns {eval_NAME_SCORE:
+        value}."""
+        import benchmarks
+        bench, items = self.benchmark
+        out = os.path.join(self.output_dir, f"{bench.name}-step{step}.jsonl") if self.master else None
+        summary = benchmarks.run(model, self.dataset.tokenizer, bench, items, out,
+                                 system_message=self.dataset.system_message, stop_early=self.stop_early,
+                                 progress=False)
+        numbers = benchmarks.headline(bench, summary["score"])
+        scores = {f"eval_{bench.name}_{k}": v for k, v in numbers.items()}
+        self.score_keys = tuple(scores)
+        return scores
 
     def write_samples(self, model, step):
         """Greedy answers to the fixed prompts, the same batches on every rank (ZeRO-3 needs the same

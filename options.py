@@ -51,6 +51,10 @@ def build_parser():
                    "fraction; default 1) and tile cap (default --max-tiles); repeatable")
     g.add_argument("--eval-data", action="append", default=[], metavar=spec, help="held-out data (as "
                    "--data): eval_loss every --eval-steps and at the end (default: none)")
+    g.add_argument("--eval-benchmark", metavar="NAME=FILE[,IMAGE_FOLDER[,ANNOTATION]]", help="an official "
+                   "benchmark (chat.py --benchmark) scored at each evaluation of --eval-data, beside "
+                   "eval_loss: eval_NAME_SCORE in metrics.jsonl and TensorBoard, answers to "
+                   "OUTPUT/NAME-stepN.jsonl (default: none)")
     g.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: --save-steps)")
     g.add_argument("--eval-samples", type=int, default=0, metavar="K", help="greedy answers to the first K "
                    "held-out prompts at each evaluation -> OUTPUT/samples.jsonl (default 0)")

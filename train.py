@@ -333,9 +333,10 @@ def train(args, engine, scheduler, batches, pos, total_steps, evaluator, run_met
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             for k in ("loss", "lr", "grad_norm", "tokens_per_s", "supervised_tokens", "peak_mem_gb",
-                      "eval_loss"):
+                      "eval_loss", *(evaluator.score_keys if evaluator else ())):
                 if tb is not None and row.get(k) is not None and math.isfinite(row[k]):
-                    tb.add_scalar("eval/loss" if k == "eval_loss" else f"train/{k}", row[k], pos.step)
+                    tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
+                    tb.add_scalar(tag, row[k], pos.step)
         if pos.step % args.log_interval == 0 or pos.step == total_steps:
             last_eval = f" eval {evaluator.last:.4f}" if evaluator and evaluator.last else ""
             bar.set_postfix_str(

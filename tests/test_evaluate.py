@@ -107,3 +107,25 @@ def test_resume_drops_a_torn_log_line(tmp_path):
         assert (tmp_path / name).read_bytes() == lines[0] + lines[1]
     checkpoint.truncate_logs(str(tmp_path), 2)
     assert (tmp_path / "samples.jsonl").read_bytes() == lines[0]
+
+
+def test_benchmark_score_logged_at_each_evaluation(demo, held_out, tmp_path):  # noqa: F811
+    """--eval-benchmark: the official score (here GQA accuracy) in metrics.jsonl beside eval_loss at each evaluation,
+    equal to the mean of the per-item scores written to OUTPUT/NAME-stepN.jsonl; training is unchanged."""
+    path, folder = held_out.split(",")
+    images = [json.loads(line)["image"] for line in open(path) if "image" in json.loads(line)]
+    bench = tmp_path / "gqa.jsonl"
+    bench.write_text("".join(json.dumps(dict(image=img, question=q, question_id=k, answer=a)) + "\n" for k, (img, q, a)
+                             in enumerate(zip(images, ["What colour?", "What shape?", "Where?"], ["red", "circle", "left"]))))
+    base = common(demo, 4, "--max-steps", "2", "--eval-data", held_out, "--eval-steps", "1")
+    _, plain = run(base, tmp_path / "plain")
+    _, rows = run(base + ["--eval-benchmark", f"gqa_testdev_llava={bench},{folder}"], tmp_path / "bench")
+    assert losses(plain) == losses(rows) and [r["eval_loss"] for r in plain] == [r["eval_loss"] for r in rows]
+    for r in rows:
+        items = [json.loads(line) for line in open(tmp_path / "bench" / f"gqa_testdev_llava-step{r['step']}.jsonl")]
+        assert len(items) == 3 and all(set(i) >= {"answer", "score", "gt_answer"} for i in items)
+        assert r["eval_gqa_testdev_llava_accuracy"] == sum(i["score"] for i in items) / 3
+    _refused(common(demo, 4, "--eval-benchmark", f"gqa_testdev_llava={bench}"), tmp_path / "a",
+             "--eval-benchmark is scored at each evaluation of --eval-data")
+    _refused(common(demo, 4, "--eval-data", held_out, "--eval-benchmark", "nope=x.jsonl"), tmp_path / "b",
+             "unknown benchmark 'nope'")
