@@ -101,10 +101,14 @@ def versions() -> dict:
 
 # --- resuming -----------------------------------------------------------------------------------------------
 
-def run_settings(args, sources, world: int, lora_cfg, trainable: list[str]) -> dict:
-    """What a resume must share with the checkpoint: the data order and the trained tensors follow it."""
+def run_settings(args, sources, world: int, lora_cfg, trainable: list[str], system_message: str) -> dict:
+    """What a resume must share with the checkpoint: the data order, the schedule (the checkpoint's optimizer
+    and scheduler state would silently override another lr, weight decay or warmup) and the trained tensors
+    follow it. `system_message`: the resolved one (every sample's tokens, so the lengths and the order)."""
     return dict(size=args.size, mode=args.mode, model_path=os.path.abspath(args.model_path),
-                data=data_identity(sources), batch_size=args.batch_size, grad_accum=args.grad_accum,
+                data=data_identity(sources), system_message=system_message, batch_size=args.batch_size,
+                grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
+                warmup_ratio=args.warmup_ratio,
                 world_size=world, seed=args.seed, max_length=args.max_length, max_tiles=args.max_tiles,
                 min_tiles=args.min_tiles, thumbnail=args.thumbnail, max_packed_tokens=args.max_packed_tokens,
                 max_packed_tiles=args.max_packed_tiles, lora=lora_cfg.to_dict() if lora_cfg else None,
@@ -151,7 +155,9 @@ def resume_point(args, run: dict) -> tuple[str | None, dict | None]:
 def check_resume(path: str, meta: dict, run: dict, args: dict) -> None:
     """Refuse to resume `path` unless this run (`run`: run_settings(); `args`: all options) continues it
     exactly."""
-    old = meta["run"]
+    # checkpoints from before these settings were in "run" recorded them elsewhere in meta.json
+    recorded = {k: meta.get("args", {}).get(k) for k in ("lr", "weight_decay", "warmup_ratio")}
+    old = {**recorded, "system_message": meta.get("system_message"), **meta["run"]}
     if old.get("data") != run["data"]:
         raise ValueError(f"cannot resume {path}: {_data_change(old.get('data'), run['data'])}")
     diff = {k: (old.get(k), v) for k, v in run.items() if old.get(k) != v and k != "trainable"}

@@ -298,7 +298,7 @@ def train_step(engine, scheduler, micro, step, counters, device, dtype):
     return out
 
 
-def train(args, engine, scheduler, batches, pos, total_steps, evaluator, run_meta, device, dtype):
+def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator, run_meta, device, dtype):
     """The loop: a step and its metrics row, then an evaluation and a checkpoint when due."""
     from tqdm import tqdm
     master = torch.distributed.get_rank() == 0
@@ -346,7 +346,8 @@ def train(args, engine, scheduler, batches, pos, total_steps, evaluator, run_met
         bar.update(1)
         if pos.step % args.save_steps == 0 or pos.step == total_steps:
             data = dict(epoch=pos.epoch, micro_batches_in_epoch=pos.micro_in_epoch, seed=args.seed,
-                        samples_seen=pos.counters["samples_seen"])
+                        samples_seen=pos.counters["samples_seen"],
+                        sampler=sampler.state_dict(pos.micro_in_epoch))  # its checks run on resume
             checkpoint.save(engine, args.output_dir, pos.step, dict(run_meta, data=data,
                                                                     counters=dict(pos.counters)),
                             keep=args.save_total_limit)
@@ -386,7 +387,7 @@ def main(argv=None):
         shape = options.meta_model(config, args, lora_cfg)  # the run's model, without memory
         trainable = [n for n, p in shape.named_parameters() if p.requires_grad]
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        run = checkpoint.run_settings(args, sources, world, lora_cfg, trainable)
+        run = checkpoint.run_settings(args, sources, world, lora_cfg, trainable, config.system_message)
         resume_from, meta = checkpoint.resume_point(args, run)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
@@ -398,6 +399,11 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.model_path)
     dataset = build_dataset(args, config, sources, tokenizer)
     sampler, collate_fn, total_steps = plan_batches(args, dataset, rank, world)
+    if meta and "sampler" in meta["data"]:  # the same samples in the same order, or an error before the model
+        try:
+            sampler.load_state_dict(meta["data"]["sampler"])
+        except ValueError as e:
+            raise SystemExit(f"error: {resume_from}: {e}")
     import evaluate
     args.eval_steps = args.eval_steps or args.save_steps
     evaluator = evaluate.setup(args, config, tokenizer, world, rank, zero_stage, log,
@@ -414,8 +420,8 @@ def main(argv=None):
     model = load_model(args, config, lora_cfg, ds_config, zero_stage, device, dtype)
     engine, scheduler = build_engine(model, ds_config, args, total_steps)
     pos = resume(engine, resume_from, meta, rank) if resume_from else Progress()
-    train(args, engine, scheduler, batches(dataset, sampler, collate_fn, args, pos, device), pos, total_steps,
-          evaluator, checkpoint.describe(args, config, engine, run), device, dtype)
+    train(args, engine, scheduler, sampler, batches(dataset, sampler, collate_fn, args, pos, device), pos,
+          total_steps, evaluator, checkpoint.describe(args, config, engine, run), device, dtype)
     engine.destroy()  # release ZeRO-3's hooks and helper threads before the interpreter tears down
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

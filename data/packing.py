@@ -25,6 +25,7 @@ import random
 import torch
 
 from .collate import batch_meta, concat_tiles
+from .sampler import SAMPLES_CHANGED, samples_sha1
 from .templates import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -131,14 +132,16 @@ class PackedBatchSampler(torch.utils.data.Sampler):
     def state_dict(self, position: int | None = None) -> dict:
         return {"epoch": self.epoch, "position": self.position if position is None else position,
                 "seed": self.seed, "world_size": self.world_size, "max_tokens": self.max_tokens,
-                "max_tiles": self.max_tiles, "window": self.window, "num_samples": len(self.lengths)}
+                "max_tiles": self.max_tiles, "window": self.window, "num_samples": len(self.lengths),
+                "samples_sha1": samples_sha1(self.lengths, self.tiles)}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "world_size", "max_tokens", "max_tiles", "window", "num_samples"):
+        for key in ("seed", "world_size", "max_tokens", "max_tiles", "window", "num_samples", "samples_sha1"):
             if state.get(key) != mine[key]:
                 raise ValueError(f"cannot resume the packed sampler: saved {key}={state.get(key)} but this "
-                                 f"run has {mine[key]} (the packs depend on it)")
+                                 f"run has {mine[key]} (the packs depend on it"
+                                 f"{SAMPLES_CHANGED * (key == 'samples_sha1')})")
         self.set_epoch(state["epoch"], state["position"])
 
 

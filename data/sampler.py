@@ -15,9 +15,19 @@ Use it as `DataLoader(ds, batch_sampler=sampler, collate_fn=collate)`. To resume
 `sampler.state_dict(batches_consumed_this_epoch)` (the DataLoader prefetches, so the sampler's own
 position runs ahead of training) and call `load_state_dict` before iterating.
 """
+import hashlib
 import random
 
+import numpy as np
 import torch
+
+
+def samples_sha1(*columns):
+    """A fingerprint of the per-sample values an order is planned from (lengths, modality or tiles)."""
+    h = hashlib.sha1()
+    for c in columns:
+        h.update(np.asarray(c if c is not None else [], dtype=np.int64).tobytes() + b"/")
+    return h.hexdigest()
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
@@ -75,12 +85,18 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     def state_dict(self, position=None):
         return {"epoch": self.epoch, "position": self.position if position is None else position,
                 "seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
-                "group_batches": self.group_batches, "num_samples": len(self.lengths)}
+                "group_batches": self.group_batches, "num_samples": len(self.lengths),
+                "samples_sha1": samples_sha1(self.lengths, self.is_image)}
 
     def load_state_dict(self, state):
         mine = self.state_dict()
-        for key in ("seed", "world_size", "batch_size", "group_batches", "num_samples"):
-            if state[key] != mine[key]:
-                raise ValueError(f"cannot resume the sampler: saved {key}={state[key]} but this run has "
-                                 f"{mine[key]} (the order depends on it)")
+        for key in ("seed", "world_size", "batch_size", "group_batches", "num_samples", "samples_sha1"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"cannot resume the sampler: saved {key}={state.get(key)} but this run has "
+                                 f"{mine[key]} (the order depends on it"
+                                 f"{SAMPLES_CHANGED * (key == 'samples_sha1')})")
         self.set_epoch(state["epoch"], state["position"])
+
+
+SAMPLES_CHANGED = (": the samples' length estimates or modalities differ, so the data, the image files, the "
+                   "system message, the template or the tiling changed")

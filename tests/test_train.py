@@ -217,6 +217,38 @@ def test_resume_refuses_other_settings(demo, uninterrupted, tmp_path):
     assert "planned for --max-steps 8" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_resume_refuses_what_changes_the_order_or_the_schedule(demo, uninterrupted, tmp_path, monkeypatch):
+    """Refused before the model loads: another system message (every sample's tokens, so lengths and order),
+    another warmup ratio, lr or weight decay (the checkpoint's scheduler and optimizer state would override them
+    silently), and samples whose length estimates differ from the checkpoint's (the sampler's own check)."""
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # train.main sets them: undo
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    ckpt = uninterrupted[0] / "iter_8"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["data"]["sampler"]["position"] == meta["data"]["micro_batches_in_epoch"]
+    argv = [*common(demo, 4, *RESUME_ARGS), "--output-dir", str(tmp_path / "out"), "--resume"]
+    for extra, change in [(["--system-message", "Be brief."], r"'system_message': \('[^']+', 'Be brief.'\)"),
+                          (["--warmup-ratio", "0.1"], r"'warmup_ratio': \(0.03, 0.1\)"),
+                          (["--lr", "2e-3"], r"'lr': \(0.001, 0.002\)"),
+                          (["--weight-decay", "0.1"], r"'weight_decay': \(0.01, 0.1\)")]:
+        _refused([*argv, str(ckpt), *extra], rf"cannot resume .*these settings differ .*{change}")
+    # a checkpoint written before these settings were in meta["run"] is still checked (from meta["args"])
+    old = tmp_path / "old" / "iter_8"
+    old.mkdir(parents=True)
+    for k in ("system_message", "warmup_ratio", "lr", "weight_decay"):
+        del meta["run"][k]
+    (old / "meta.json").write_text(json.dumps(meta))
+    _refused([*argv, str(old), "--warmup-ratio", "0.1"], r"'warmup_ratio': \(0.03, 0.1\)")
+    meta["data"]["sampler"]["samples_sha1"] = "0" * 40  # the index estimated other lengths for the same records
+    (old / "meta.json").write_text(json.dumps(meta))
+    _refused([*argv, str(old)], r"^error: .*iter_8: cannot resume the sampler: saved samples_sha1=0{40} but this "
+                                r"run has [0-9a-f]{40} .*the samples' length estimates or modalities differ")
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def test_resume_refuses_changed_data_behind_the_same_path(demo, uninterrupted, tmp_path):
     import checkpoint
     from data import Source
