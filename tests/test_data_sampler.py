@@ -68,6 +68,9 @@ def test_resume_refuses_a_different_setup():
     state = LengthGroupedSampler(lengths, is_image, 2, 2, 0).state_dict(position=1)
     with pytest.raises(ValueError, match="saved world_size=2 but this run has 4"):
         LengthGroupedSampler(lengths, is_image, 2, 4, 0).load_state_dict(state)
+    other = [n + 1 if k == 5 else n for k, n in enumerate(lengths)]  # as many samples, one estimate differs
+    with pytest.raises(ValueError, match="saved samples_sha1=.* the samples' length estimates or modalities"):
+        LengthGroupedSampler(other, is_image, 2, 2, 0).load_state_dict(state)
     with pytest.raises(ValueError, match="rank 2 outside world size 2"):
         LengthGroupedSampler(lengths, is_image, 2, 2, 2)
 

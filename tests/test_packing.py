@@ -96,6 +96,8 @@ def test_sampler_resumes_and_counts_steps():
     assert list(r) == full[2:]
     with pytest.raises(ValueError, match="saved max_tokens=600 but this run has 700"):
         PackedBatchSampler(lengths, 700, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved samples_sha1=.* the samples' length estimates or modalities"):
+        PackedBatchSampler(lengths, 600, tiles=[1] * 100, seed=3).load_state_dict(state)  # tiles now counted
     per_epoch = [s.micro_batches(e) for e in range(3)]
     assert packed_total_steps(s, 2, 4) == per_epoch[0] // 4 + per_epoch[1] // 4
     assert packed_total_steps(s, 2.5, 4) == per_epoch[0] // 4 + per_epoch[1] // 4 + -(-(per_epoch[2] // 4) // 2)
