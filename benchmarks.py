@@ -524,6 +524,9 @@ def main(args, load) -> int:
     except ValueError as e:
         raise SystemExit(f"error: --benchmark: {e}")
     items = read_items(bench, args.data, args.annotation)
+    if args.compare:
+        from chat import check_model_dir
+        check_model_dir(args.compare)
     bad = [it for it in items if it.error]
     print(f"{bench.name}: {len(items)} items from {args.data.partition(',')[0]}"
           f"{f' ({len(bad)} unusable, first: {bad[0].error})' if bad else ''}", file=sys.stderr)
