@@ -34,7 +34,8 @@ import options
 GRAD_CLIP = 1.0  # official max_grad_norm
 RUN = {"output_dir": None}  # the run in progress, for the Ctrl-C message
 COUNTERS = ("skipped_steps", "nonfinite_steps", "all_masked_steps", "all_masked_micro_batches",
-            "samples_seen", "replaced_samples", "image_failures", "over_budget_packs")
+            "samples_seen", "replaced_samples", "image_failures", "over_budget_packs",
+            "truncated_samples", "gpt_first_dropped", "wide_images")  # the last three: changed, as official
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -101,6 +102,15 @@ def build_dataset(args, config, sources, tokenizer):
             f"{c['bad']} bad)")
     log(f"  {'total':<20} {len(dataset):>9,} samples, {sum(dataset.is_image):,} with images; template "
         f"{config.template}")
+    for name, a in dataset.adjusted.items():  # named once here; counted per step in metrics.jsonl
+        if a["too_long"]:
+            log(f"  {name}: {a['too_long']} samples left out: they cannot fit --max-length {args.max_length}")
+        if a["cut"]:
+            log(f"  {name}: {a['cut']} samples have answers cut at --max-length {args.max_length} (first: "
+                f"{a['first_cut']}); they train on what is left (truncated_samples)")
+        if a["gpt_first"]:
+            log(f"  {name}: {a['gpt_first']} conversations start with a gpt turn, dropped as the official code "
+                f"does (first: {a['first_gpt_first']}; gpt_first_dropped)")
     return dataset
 
 
@@ -262,10 +272,13 @@ def train_step(engine, scheduler, micro, step, counters, device, dtype):
                                                "image_failures")]
     local += [sum(len(m["skipped"]) for m in meta), sum(m["num_supervised"] == 0 for m in meta),
               sum(int(b["image_flags"].sum()) for b in micro), sum(m.get("over_budget", 0) for m in meta)]
-    n_step, tokens, samples, failures, replaced, all_masked, tiles, over = map(
+    local += [sum(m.get("truncated", 0) for m in meta), sum(m.get("gpt_first", 0) for m in meta),
+              sum(len(m.get("wide_images", ())) for m in meta)]
+    n_step, tokens, samples, failures, replaced, all_masked, tiles, over, cut, gpt_first, wide = map(
         int, all_reduce_sum(local, device))
     for k, n in [("samples_seen", samples), ("replaced_samples", replaced), ("image_failures", failures),
-                 ("all_masked_micro_batches", all_masked), ("over_budget_packs", over)]:
+                 ("all_masked_micro_batches", all_masked), ("over_budget_packs", over),
+                 ("truncated_samples", cut), ("gpt_first_dropped", gpt_first), ("wide_images", wide)]:
         counters[k] += n
     out = dict(loss=None, lr=scheduler.get_last_lr()[0], grad_norm=None, tokens=tokens,  # lr: this update's
                supervised_tokens=n_step, samples=samples, image_tiles=tiles)
@@ -316,6 +329,9 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
         micro = [next(batches) for _ in range(args.grad_accum)]
         for problem in (p for b in micro for p in b["meta"]["skipped"]):  # DataLoader workers log nothing
             warn("replaced sample", f"replaced sample {problem}")
+        for path in (p for b in micro for p in b["meta"].get("wide_images", ())):
+            warn("16-bit image", f"{path} is a 16-bit image: converted to 8-bit RGB as the official loader "
+                                 f"does, which clips it to nearly white; counted in wide_images", cap=1)
         row = train_step(engine, scheduler, micro, pos.step, pos.counters, device, dtype)
         if row["loss"] is not None:
             bad_in_a_row = 0 if math.isfinite(row["loss"]) else bad_in_a_row + 1
@@ -361,6 +377,9 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
         f"all-masked {c['all_masked_steps']}); replaced {c['replaced_samples']} samples "
         f"({c['image_failures']} unreadable images, the rest too long)"
         + (f"; {c['over_budget_packs']} packs over their budget" if c["over_budget_packs"] else "")
+        + f"; changed as the official code does: {c['truncated_samples']} answers cut at --max-length, "
+          f"{c['gpt_first_dropped']} leading gpt turns dropped, {c['wide_images']} 16-bit images clipped"
+        + (f"; eval_loss {evaluator.last:.4f}" if evaluator and evaluator.last is not None else "")
         + f"; checkpoint {final}")
     if final:
         log(f"convert it to an official InternVL 1.5 directory with:\n  python convert.py {final} "
@@ -449,12 +468,13 @@ class Warnings:
         self.prefix = "warning: " if rank == 0 else f"warning (rank {rank}): "
         self.cap, self.counts = cap, {}
 
-    def __call__(self, kind, message):
+    def __call__(self, kind, message, cap=None):
         n = self.counts[kind] = self.counts.get(kind, 0) + 1
-        if n <= self.cap:
+        cap = cap or self.cap
+        if n <= cap:
             from tqdm import tqdm
             last = f" (the last '{kind}' warning shown; metrics.jsonl counts them all)"
-            tqdm.write(self.prefix + message + (last if n == self.cap else ""), file=sys.stderr)
+            tqdm.write(self.prefix + message + (last if n == cap and cap > 1 else ""), file=sys.stderr)
 
 
 def _fmt(x, spec):

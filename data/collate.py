@@ -4,7 +4,8 @@ input_ids are padded on the right with 0 (the official pad id here, not the toke
 attention_mask comes from the lengths rather than `input_ids != 0`, so a genuine id 0 (<unk>) inside a sample
 is still attended to. The keys are the model's forward arguments plus "meta" (pop it before the forward):
 ids ("source:line" per sample), skipped (problems that made the dataset replace a sample), image_failures,
-num_samples, num_tokens, num_supervised (the loss denominator), truncated.
+num_samples, num_tokens, num_supervised (the loss denominator), truncated (samples cut at max_length),
+gpt_first (samples whose leading gpt turn was dropped), wide_images (16-bit images clipped, as official).
 
 pixel_values are concatenated by concat_tiles: in a DataLoader worker straight into shared memory, as torch's
 default_collate does, so the batch's largest tensor crosses to the main process without another copy.
@@ -60,4 +61,6 @@ def batch_meta(samples, labels):
         "num_supervised": int(target_mask(labels).sum()),  # the loss's count
         "image_failures": sum(m.get("image_failures", 0) for m in metas),
         "truncated": sum(1 for m in metas if m.get("truncated")),
+        "gpt_first": sum(1 for m in metas if m.get("gpt_first")),
+        "wide_images": [p for m in metas for p in m.get("wide_images", [])],
     }

@@ -151,8 +151,10 @@ def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max
         ids, labels = ids[:max_length], labels[:max_length]
     if not target_mask(torch.tensor(labels)).any():
         raise SampleTooLong(f"no supervised token left ({len(ids)} tokens, max_length {max_length})")
+    wide = [p for p, im in zip(conv.images, images or []) if "wide_mode" in im.info]
     return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
-                pixel_values=pixel_values, image_flags=image_flags, truncated=truncated)
+                pixel_values=pixel_values, image_flags=image_flags, truncated=truncated,
+                gpt_first=record["conversations"][0]["from"] == "gpt", wide_images=wide)
 
 
 @dataclass
@@ -377,9 +379,10 @@ def _image_sizes(rec, paths, headers):
 
 # 2: tiles read from the image headers where a record has no image_wh (1 charged the cap)
 # 3: literal image tokens in a record's text are bad samples
-INDEX_VERSION = 3
+# 4: full_length, need and gpt_first: what --max-length cuts or cannot fit, and dropped leading gpt turns
+INDEX_VERSION = 4
 _COLUMNS = {"offset": np.int64, "nbytes": np.int64, "line": np.int64, "length": np.int32, "tiles": np.int32,
-            "is_image": np.bool_}
+            "is_image": np.bool_, "full_length": np.int64, "need": np.int64, "gpt_first": np.bool_}
 _SHOWN = 50  # problems listed in the error; the rest are counted
 _PROBLEMS_KEPT = 1000  # problems kept per source (with file:line); the rest are counted
 # Index workers: a source file of at least _PARALLEL_BYTES is checked and estimated by up to
@@ -411,7 +414,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
       ds.tiles[i]        image tiles (0 for text-only), from `image_wh` or else each image file's header; the
                          cap (+ thumbnail) for an image whose header cannot be read (an upper bound)
       ds.source_counts   {name: {"records", "bad", "missing_images", "valid", "sampled"}}
-      ds[i]              build_sample output + "meta" {"id", "skipped", "image_failures", "truncated"}
+      ds.adjusted        {name: {"too_long" (left out: they cannot fit max_length), "cut" (answers cut at
+                         max_length), "gpt_first" (a leading gpt turn dropped, as official), "first_cut",
+                         "first_gpt_first" (file:line or None)}}: valid records, before repeat ratios
+      ds[i]              build_sample output + "meta" {"id", "skipped", "image_failures", "truncated",
+                         "gpt_first", "wide_images" (paths of 16-bit images, clipped as official)}
 
     The index is built in one pass over each file, or read from `cache_dir` where a build with the same file
     content, image folder, tokenizer, template, system message and tile/length settings left it. `index`
@@ -441,18 +448,49 @@ class SupervisedDataset(torch.utils.data.Dataset):
                                        "missing_images": x["missing_images"], "valid": len(x["line"])}
                               for s, x in zip(self.sources, self.source_index)}
         self._report_problems(skip_bad_samples)
+        self._fits = self._leave_out_too_long(skip_bad_samples)
         self._repeat()
         self.stats = {"seen": 0, "image_failures": 0, "too_long": 0}
         # Per-sample problems are logged here; train.py turns this off and reports them from the batch meta
         # in the main process with a per-run cap (DataLoader workers restart every epoch).
         self.log_problems = True
 
+    def _leave_out_too_long(self, skip_bad_samples):
+        """Records that cannot fit max_length even cut (an image past it, or no answer token left), found in
+        the index and left out before training: up to max(10, 1 %) of the valid records, or any number with
+        skip_bad_samples, counted and logged; more is a DataError saying what to change. Also counts the
+        records whose answers max_length cuts, and those whose leading gpt turn is dropped (as official).
+        Returns, per source, the positions of the records that train."""
+        fits, unfit, valid, self.adjusted = [], [], 0, {}
+        for s, x in zip(self.sources, self.source_index):
+            too_long = x["need"] > self.max_length if self.max_length else np.zeros(len(x["line"]), bool)
+            cut = (x["full_length"] > x["length"]) & ~too_long
+            counts = self.adjusted[s.name] = {}
+            counts.update(too_long=int(too_long.sum()), cut=int(cut.sum()), gpt_first=int(x["gpt_first"].sum()))
+            for name, mask in (("first_cut", cut), ("first_gpt_first", x["gpt_first"])):
+                counts[name] = f"{s.annotation}:{x['line'][mask.argmax()]}" if mask.any() else None
+            unfit += [(f"{s.annotation}:{x['line'][k]}", int(x["need"][k])) for k in np.flatnonzero(too_long)]
+            fits.append(np.flatnonzero(~too_long))
+            valid += len(x["line"])
+        if not unfit:
+            return fits
+        n, (where, need) = len(unfit), unfit[0]
+        message = (f"{n} of {valid} samples cannot fit --max-length {self.max_length} even cut: their image "
+                   f"tokens or their first answer end past it (first: {where}, which needs {need}); --max-length "
+                   f"{max(k for _, k in unfit)} fits them all, fewer tiles (--max-tiles) shorten image samples")
+        if n > max(10, 0.01 * valid) and not skip_bad_samples:
+            raise DataError(f"{message}. Up to max(10, 1%) of the samples are left out and counted; "
+                            f"--skip-bad-samples leaves out any number")
+        log.warning("left out: %s", message)
+        return fits
+
     def _repeat(self):
-        """The epoch's samples: each source's valid records under its repeat ratio, seeded by source name."""
+        """The epoch's samples: each source's records that fit, under its repeat ratio, seeded by source name."""
         picks = []
         for si, s in enumerate(self.sources):
-            p = np.array(repeat_indices(len(self.source_index[si]["line"]), s.repeat,
-                                        random.Random(f"{self.seed}/{s.name}")), dtype=np.int64)
+            fits = self._fits[si]
+            p = fits[np.array(repeat_indices(len(fits), s.repeat, random.Random(f"{self.seed}/{s.name}")),
+                              dtype=np.int64)]
             picks.append(np.stack([np.full(len(p), si), p], 1))
             self.source_counts[s.name]["sampled"] = len(p)
         self.index = np.concatenate(picks)  # rows (source, valid record)
@@ -578,8 +616,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
             sizes = _image_sizes(rec, paths, memo["headers"])
             if None in sizes:
                 unread.append(line)
-            length, tiles = self._estimate(si, conv, sizes)
-            for c, v in zip(_COLUMNS, (offset, nbytes, line, length, tiles, bool(conv.images))):
+            length, tiles, full, need = self._estimate(si, conv, sizes)
+            gpt_first = rec["conversations"][0]["from"] == "gpt"  # dropped, as the official preprocess does
+            for c, v in zip(_COLUMNS, (offset, nbytes, line, length, tiles, bool(conv.images), full, need,
+                                       gpt_first)):
                 cols[c].append(v)
         x = {c: np.array(v, dtype=t) for (c, t), v in zip(_COLUMNS.items(), cols.values())}
         return x | {"records": len(chunk), "bad": bad, "missing": missing, "unread": unread,
@@ -604,22 +644,33 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
 
     def _estimate(self, si, conv, sizes):
-        """(tokens, tiles): the exact token count of the text + 256 per tile, capped at max_length, where
-        `sizes` holds each image's (width, height), or None where its header could not be read."""
-        tiles = 0
+        """(tokens capped at max_length, tiles, tokens, need): the exact token count of the text + 256 per tile,
+        where `sizes` holds each image's (width, height), or None where its header could not be read. need
+        (0 when the sample fits): the smallest max_length that keeps its images whole and one answer token."""
+        per_image = []
         cap = per_image_cap(self._max_num(si), len(sizes))
         for wh in sizes:
             if wh is None:  # header unreadable: the cap (+ thumbnail) is an upper bound, so packs keep their
                 # budgets; the image itself is reported, like any unreadable image, when its sample is built
-                tiles += cap + (1 if self.use_thumbnail and cap > 1 else 0)
+                per_image.append(cap + (1 if self.use_thumbnail and cap > 1 else 0))
                 continue
             if (*wh, cap) not in self._tiles_memo:  # memoised: num_tiles builds the grid list on every call
                 self._tiles_memo[(*wh, cap)] = num_tiles(*wh, self.min_num, cap, self.image_size,
                                                          self.use_thumbnail)
-            tiles += self._tiles_memo[(*wh, cap)]
-        text, _ = conversation_text(conv, self.template, [0] * len(conv.images), self.system_message)
+            per_image.append(self._tiles_memo[(*wh, cap)])
+        tiles = sum(per_image)
+        text, spans = conversation_text(conv, self.template, [0] * len(conv.images), self.system_message)
         n = self.tokenizer.count_tokens(text) + NUM_IMAGE_TOKENS * tiles
-        return (n if self.max_length is None else min(n, self.max_length)), tiles
+        if self.max_length is None or n <= self.max_length:
+            return n, tiles, n, 0
+
+        def tokens_before(end):  # the prefix's tokens, its images' included
+            return (self.tokenizer.count_tokens(text[:end])
+                    + NUM_IMAGE_TOKENS * sum(per_image[:text.count(IMG_END, 0, end)]))
+        need = tokens_before(spans[0][0]) + 1  # the first answer token
+        if per_image:
+            need = max(need, tokens_before(text.rindex(IMG_END) + len(IMG_END)))
+        return self.max_length, tiles, n, need
 
     def set_epoch(self, epoch):
         """The epoch seeds the JPEG augmentation (data_augment): call it before the DataLoader forks."""
@@ -690,7 +741,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise RuntimeError(f"sample {self.sample_id(i)}: {self.max_replacements} replacements failed "
                                f"too; last problems: {skipped[-3:]}")
         sample["meta"] = {"id": self.sample_id(j), "skipped": skipped, "image_failures": image_failures,
-                          "truncated": sample.pop("truncated")}
+                          "truncated": sample.pop("truncated"), "gpt_first": sample.pop("gpt_first"),
+                          "wide_images": [os.path.join(self.sources[self.index[j][0]].image_folder or "", p)
+                                          for p in sample.pop("wide_images")]}
         return sample
 
     def _count_image_failure(self, e):

@@ -127,13 +127,23 @@ def to_tensor(tiles, image_size=IMAGE_SIZE):
     return out
 
 
+# Modes whose values go past 255: convert('RGB') clips them, so a 16-bit grayscale PNG comes out nearly white.
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 def load_image(path):
     """PIL RGB image (any mode converted, as the official Image.open(p).convert('RGB'); an RGB image is not
-    copied)."""
+    copied). An image of a wide mode is converted the same way (parity), marked in info["wide_mode"] so that
+    training can warn and count it."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img if img.mode == "RGB" else img.convert("RGB")
+            if img.mode == "RGB":
+                return img
+            rgb = img.convert("RGB")
+            if img.mode in WIDE_MODES:
+                rgb.info["wide_mode"] = img.mode
+            return rgb
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageLoadError(f"{path}: cannot load image ({type(e).__name__}: {e})") from e
 

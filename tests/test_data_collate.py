@@ -14,10 +14,10 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 def test_collate_pads_right_and_concatenates_tiles():
     a = dict(input_ids=torch.tensor([1, 5, 6, 7]), labels=torch.tensor([-100, -100, 6, 7]),
              pixel_values=torch.full((2, 3, 448, 448), 0.5), image_flags=torch.tensor([1, 1]),
-             meta={"id": "s:1", "skipped": ["s:9: gone"]})
+             meta={"id": "s:1", "skipped": ["s:9: gone"], "wide_images": ["im/16bit.png"]})
     b = dict(input_ids=torch.tensor([1, 0, 9]), labels=torch.tensor([-100, 0, 9]),
              pixel_values=torch.full((1, 3, 448, 448), -1.0), image_flags=torch.tensor([0]),
-             meta={"id": "s:2", "skipped": [], "truncated": True})
+             meta={"id": "s:2", "skipped": [], "truncated": True, "gpt_first": True})
     out = collate([a, b])
     assert out["input_ids"].tolist() == [[1, 5, 6, 7], [1, 0, 9, 0]]
     assert out["labels"].tolist() == [[-100, -100, 6, 7], [-100, 0, 9, -100]]
@@ -27,7 +27,8 @@ def test_collate_pads_right_and_concatenates_tiles():
     assert out["pixel_values"][:, 0, 0, 0].tolist() == [0.5, 0.5, -1.0]
     assert out["image_flags"].tolist() == [1, 1, 0]
     assert out["meta"] == {"ids": ["s:1", "s:2"], "skipped": ["s:9: gone"], "num_samples": 2, "num_tokens": 7,
-                           "num_supervised": 4, "image_failures": 0, "truncated": 1}
+                           "num_supervised": 4, "image_failures": 0, "truncated": 1, "gpt_first": 1,
+                           "wide_images": ["im/16bit.png"]}
 
 
 def test_collate_of_fixture_sample_matches_official_batch():

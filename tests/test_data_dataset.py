@@ -2,12 +2,14 @@
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
 from PIL import Image
 
-from data import DataError, LengthGroupedSampler, Source, SupervisedDataset, collate, load_tokenizer, read_meta_file
+from data import (DataError, LengthGroupedSampler, SampleTooLong, Source, SupervisedDataset, build_sample, collate,
+                  load_tokenizer, read_meta_file)
 from data.dataset import read_annotation, repeat_indices
 from data.images import header_size
 
@@ -162,13 +164,62 @@ def test_unreadable_images_are_replaced_then_abort(tmp_path, image_dir, caplog):
         strict[1]
 
 
-def test_over_length_samples_are_counted_skips(tmp_path, image_dir):
+def test_samples_that_cannot_fit_are_left_out_before_training_and_counted(tmp_path, image_dir, caplog):
     recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "2.jpg", "conversations": conv()}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
     ds = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_length=400, max_num=6)  # 0.jpg: 7 tiles
-    s = ds[0]
-    assert s["meta"]["id"] == "a:2" and "image tokens end at position" in s["meta"]["skipped"][0]
-    assert ds.stats["too_long"] >= 1
+    assert len(ds) == 1 and ds.adjusted["a"]["too_long"] == 1 and ds.source_counts["a"]["valid"] == 2
+    assert ds[0]["meta"]["id"] == "a:2" and not ds[0]["meta"]["skipped"]  # never built, never replaced
+    assert re.search(r"left out: 1 of 2 samples cannot fit --max-length 400 even cut: .* \(first: .*a.jsonl:1, "
+                     r"which needs \d+\); --max-length \d+ fits them all", caplog.text)
+
+
+def test_many_samples_that_cannot_fit_are_an_error_saying_what_to_change(tmp_path, image_dir):
+    recs = [{"image": "0.jpg", "conversations": conv(a=f"A{i}")} for i in range(12)]
+    path = write_jsonl(tmp_path / "a.jsonl", recs)
+    with pytest.raises(DataError, match=r"12 of 12 samples cannot fit --max-length 400 even cut.*first: .*a.jsonl:1, "
+                                        r"which needs (\d+)\); --max-length \1 fits them all, fewer tiles "
+                                        r"\(--max-tiles\).*--skip-bad-samples leaves out any number") as e:
+        SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_length=400, max_num=6)
+    need = int(re.search(r"which needs (\d+)", str(e.value)).group(1))
+    SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_length=need, max_num=6)  # now they fit
+    with pytest.raises(DataError, match="no samples"):  # skipped, all of them: nothing left
+        SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_length=400, max_num=6,
+                          skip_bad_samples=True)
+
+
+def test_need_is_the_smallest_max_length_a_sample_builds_at(tmp_path, image_dir):
+    """The index's `need` (from token counts, before any sample is built) is exact: at need the sample builds
+    (cut), at need - 1 it raises SampleTooLong. Image samples, a long question before the answer, and both."""
+    recs = [{"image": "0.jpg", "conversations": conv(a="word " * 300)},
+            {"conversations": conv(q="question " * 400, a="Yes.")},
+            {"image": ["2.jpg", "1.jpg"], "conversations": conv(q="<image> then " * 1 + "<image> " + "why " * 50)},
+            {"conversations": conv()}]  # fits: the others are left out
+    path = write_jsonl(tmp_path / "a.jsonl", recs)
+    for tok, template in ((TOK, TEMPLATE), (load_tokenizer(os.path.join(FIX, "internlm2")), "internlm2-chat")):
+        ds = SupervisedDataset([Source(path, str(image_dir))], tok, template, max_length=300, max_num=6,
+                               skip_bad_samples=True, index_workers=1)
+        x = ds.source_index[0]
+        assert (x["need"][:3] > 300).all() and x["need"][3] == 0 and len(ds) == 1
+        for k, rec in enumerate(recs[:3]):
+            need = int(x["need"][k])
+            s = build_sample(rec, tok, template, str(image_dir), max_num=6, max_length=need)
+            assert len(s["input_ids"]) == need and s["truncated"]
+            with pytest.raises(SampleTooLong):
+                build_sample(rec, tok, template, str(image_dir), max_num=6, max_length=need - 1)
+
+
+def test_cut_answers_and_leading_gpt_turns_are_counted_per_source(tmp_path, image_dir):
+    recs = [{"conversations": conv()},
+            {"conversations": [{"from": "gpt", "value": "Hello!"}] + conv()},
+            {"conversations": conv(a="word " * 300)},
+            {"conversations": [{"from": "gpt", "value": "Hi."}] + conv(a="word " * 300)}]
+    path = write_jsonl(tmp_path / "a.jsonl", recs)
+    ds = SupervisedDataset([Source(path, None)], TOK, TEMPLATE, max_length=200)
+    c = ds.adjusted["a"]
+    assert (c["cut"], c["gpt_first"], c["too_long"]) == (2, 2, 0)
+    assert c["first_cut"].endswith("a.jsonl:3") and c["first_gpt_first"].endswith("a.jsonl:2")
+    assert [bool(ds[i]["meta"]["truncated"]) for i in range(4)] == [False, False, True, True]
 
 
 def test_lengths_and_tiles_equal_the_built_samples(tmp_path, image_dir):

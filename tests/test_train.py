@@ -555,6 +555,41 @@ def test_data_problems_are_counted_per_run_and_printed_capped(demo, tmp_path, ca
     assert proc.stderr.count("warning: replaced sample few:") == 3 and "skipping sample" not in proc.stderr
 
 
+def test_what_is_changed_as_official_is_counted_named_once_and_summarised(demo, tmp_path):
+    """An answer cut at --max-length, conversations starting with a gpt turn (dropped, as official) and a 16-bit
+    PNG (clipped, as official): counted in metrics.jsonl and the summary, each named once in the log; the summary
+    ends with the last eval_loss."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    base, data = demo
+    annotation, folder = data.split(",")
+    records = [json.loads(line) for line in open(annotation)]
+    records = [r for r in records if "image" in r][:8] + [r for r in records if "image" not in r][:4]
+    shutil.copytree(folder, tmp_path / "data")
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(tmp_path / "data" / "w.png")
+    records[1]["image"] = "w.png"
+    for r in records[8:10]:
+        r["conversations"].insert(0, {"from": "gpt", "value": "Hello, ask me anything."})
+    records[11]["conversations"][1]["value"] = "word " * 600
+    with open(tmp_path / "data" / "few.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    few = f"{tmp_path / 'data' / 'few.jsonl'},{tmp_path / 'data'}"
+    proc, rows = run(common((base, few), 2, "--max-steps", "6", "--eval-data", few, "--eval-steps", "3"),
+                     tmp_path / "out")  # 6 steps of 2: the 12 samples once
+    last = rows[-1]
+    assert (last["truncated_samples"], last["gpt_first_dropped"], last["wide_images"]) == (1, 2, 1)
+    assert [r["truncated_samples"] for r in rows] == sorted(r["truncated_samples"] for r in rows)  # running totals
+    assert proc.stdout.count("samples have answers cut at --max-length 512 (first: ") == 1
+    assert "few.jsonl:12); they train on what is left" in proc.stdout
+    assert proc.stdout.count("2 conversations start with a gpt turn, dropped as the official code does (first: ") == 1
+    assert proc.stderr.count("w.png is a 16-bit image") == 1
+    assert ("changed as the official code does: 1 answers cut at --max-length, 2 leading gpt turns dropped, 1 16-bit "
+            "images clipped") in proc.stdout
+    assert f"; eval_loss {last['eval_loss']:.4f}; checkpoint " in proc.stdout
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 def _refused(argv, match):
@@ -704,6 +739,10 @@ def test_data_problems_are_one_clean_error_before_the_model_loads(demo, tmp_path
              rf"(?s)^error: {n_images} bad sample\(s\).*missing image files: .*{n_images} of {len(lines)} records"
              rf".*train.jsonl:\d+: image file not found: ")
     _refused([*common_args, "--data", f"{annotation},{tmp_path / 'nowhere'}"], r"image folder .*nowhere does not exist")
+    n_images = sum('"image"' in line for line in lines)  # 1 tile (256 tokens) each: none fits 200
+    _refused([*common_args, "--data", data, "--max-tiles", "1", "--max-length", "200"],
+             rf"^error: {n_images} of {len(lines)} samples cannot fit --max-length 200 even cut: .*first: .*train.jsonl:"
+             rf"\d+, which needs \d+\); --max-length \d+ fits them all, fewer tiles \(--max-tiles\)")
     assert not out.exists()
 
 
