@@ -164,7 +164,9 @@ def read_vqa(bench, path, folder, annotation) -> list[Item]:
             item.case = {"answer": ann}
         elif bench.metric is not None:
             item.case = {"annotation": ann}
-        image_id = qid.replace("data/vizwiz/test/", "") if bench.results == "vizwiz_test" else qid
+        if answers is not None and qid not in answers:  # the official scorer raises KeyError
+            item.case["reference_error"] = f"question_id {qid!r} is not in the annotation file {annotation}"
+        image_id = str(qid).replace("data/vizwiz/test/", "") if bench.results == "vizwiz_test" else qid
         item.fields = dict(question=question, question_id=qid, questionId=qid, annotation=ann, image=image_id)
         items.append(item)
     return items
@@ -254,7 +256,7 @@ def read_mmbench(bench, path, folder, annotation) -> list[Item]:
     items = []
     for k, raw in enumerate(body):
         cell = {h: cols[h][k] for h in head}
-        options = {c: str(cell[c]) for c in metrics.LETTERS if cell.get(c) is not None}
+        options = {c: cell[c] for c in metrics.LETTERS if cell.get(c) is not None}  # numbers stay numbers
         question = (f"{cell['hint']}\n" if cell.get("hint") is not None else "") + f"{cell['question']}"
         question += "".join(f"\n{c}. {v}" for c, v in options.items()) + "\n" + bench.prompt
         where = f"{path}:{k + 2} (index {cell['index']})"
@@ -290,6 +292,9 @@ def read_items(bench: Benchmark, spec: str, annotation: str | None = None) -> li
     for p in [path] + ([annotation] if annotation else []):
         if not os.path.exists(p):
             raise SystemExit(f"error: {p}: no such file")
+    if annotation and bench.references != "annotation":
+        raise SystemExit(f"error: --annotation {annotation}: {bench.name} takes its references from the "
+                         f"--data file")
     return READERS[bench.input](bench, path, folder or None, annotation)
 
 
@@ -347,10 +352,13 @@ def score_rows(bench: Benchmark, items: list[Item], rows: list[dict]) -> dict:
             continue
         case = dict(it.case, prediction=row["answer"])
         # the references beside the answer; a gold "answer" (GQA, MMBench) is written as "gt_answer"
-        row.update({("gt_answer" if k == "answer" else k): v for k, v in it.case.items() if k != "options"})
+        row.update({("gt_answer" if k == "answer" else k): v for k, v in it.case.items()
+                    if k not in ("options", "reference_error")})
         try:
             if bench.metric in ("scienceqa", "mmbench"):
                 row["extracted"] = metrics.extracted(bench.metric, case)
+            if "reference_error" in it.case:
+                raise MetricError(it.case["reference_error"])
             if not _has_reference(bench, it.case):
                 continue
             row["score"] = metrics.item_score(bench.metric, case)

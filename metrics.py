@@ -196,6 +196,9 @@ def choice_letter(prediction: str, options: dict[str, str], scienceqa: bool) -> 
         if pred[0] in options:
             return pred[0]
         for letter, text in options.items():
+            if not isinstance(text, str):
+                raise MetricError(f"option {letter} is {text!r}, not text: the official post_process raises "
+                                  f"TypeError testing it against the answer")
             if text in pred:
                 return letter
     if not scienceqa:
@@ -282,6 +285,8 @@ def _choice_case(case: dict, scienceqa: bool) -> tuple[str, str | None]:
     """(extracted letter, gold letter) of a ScienceQA / MMBench case."""
     if scienceqa and "choices" in case:
         options = scienceqa_options(case["choices"])
+        if not isinstance(case["answer"], int) or not 0 <= case["answer"] < len(LETTERS):
+            raise MetricError(f"answer index {case['answer']!r} names no option letter A-E")
         gold = LETTERS[case["answer"]]
     else:
         options = case["options"]

@@ -254,3 +254,23 @@ def test_min_new_tokens_bars_the_terminator_at_first(demo):
     assert int(barred[0, 0]) != first and barred.shape[1] >= 2
     logits = m.generate(ids, max_new_tokens=1, output_logits=True)[1][0, 0]
     assert int(barred[0, 0]) == int(logits.topk(2).indices[1])
+
+
+def test_mmbench_columns_read_as_pandas_does(tmp_path):
+    """A column of whole numbers with an empty cell is float64 in pandas ('3' -> '3.0' in the question), a full
+    one int64; the strings 'None' and 'NA' are NaN; a question id missing from a VQA annotation file is a per-item
+    score error (the official scorer raises KeyError)."""
+    head = "index\tquestion\thint\tA\tB\tC\tanswer\timage"
+    body = ["1\tHow many?\tNone\t3\t4\t\tA\tx", "2\tHow many?\tA hint\t5\t6\t7\tB\tx"]
+    (tmp_path / "m.tsv").write_text("\n".join([head] + body) + "\n")
+    items = benchmarks.read_items(benchmarks.get_benchmark("mmbench_dev_en_20231003"), str(tmp_path / "m.tsv"))
+    assert items[0].question.startswith("How many?\nA. 3\nB. 4\nAnswer")  # hint 'None' is NaN; C absent
+    assert items[1].question.startswith("A hint\nHow many?\nA. 5\nB. 6\nC. 7.0\nAnswer")
+    assert items[0].case == {"options": {"A": 3, "B": 4}, "answer": "A"} and items[0].id == "1"
+    bench = benchmarks.get_benchmark("textvqa_val")
+    data = write_jsonl(tmp_path / "v.jsonl", [dict(image="a.png", question="Q", question_id=k) for k in (1, 2)])
+    (tmp_path / "ann.json").write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer": "a"}] * 10}]}))
+    items = benchmarks.read_items(bench, data, str(tmp_path / "ann.json"))
+    rows = [{"id": "1", "answer": "a"}, {"id": "2", "answer": "a"}]
+    assert benchmarks.score_rows(bench, items, rows) == {"accuracy": 1.0}
+    assert rows[0]["score"] == 1.0 and "2 is not in the annotation file" in rows[1]["score_error"]

@@ -105,3 +105,13 @@ def test_vqa_post_process_is_not_applied():
         refs = [c["output"]] * 10
         if metrics.vqa_normalize(c["text"]) != metrics.vqa_normalize(c["output"]):
             assert metrics.item_score("vqa_score", {"prediction": c["text"], "references": refs}) == 0.0
+
+
+def test_non_text_options_and_bad_answer_index_are_errors():
+    """pandas reads a column of numbers as numbers: the official MMBench post_process then raises TypeError when it
+    tests such an option against the answer; a ScienceQA answer index past E names no letter."""
+    assert metrics.item_score("mmbench", {"prediction": "B", "options": {"A": 1.0, "B": 2.0}, "answer": "B"}) == 1.0
+    with pytest.raises(MetricError, match="option A is 1.0, not text"):
+        metrics.item_score("mmbench", {"prediction": "two", "options": {"A": 1.0, "B": 2.0}, "answer": "B"})
+    with pytest.raises(MetricError, match="answer index 5"):
+        metrics.item_score("scienceqa", {"prediction": "A", "choices": ["x", "y"], "answer": 5})
