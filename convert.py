@@ -260,14 +260,27 @@ def training_system_message(meta: dict) -> str:
     return resolve_system_message(override=meta.get("system_message"))
 
 
-def write_config(out_dir: str, base: str, dtype: torch.dtype, system_message: str) -> None:
+def training_tiling(meta: dict) -> dict:
+    """The tiling training used (--min-tiles, --max-tiles, --thumbnail, in meta.json) as config.json fields;
+    {} for a checkpoint that did not record it."""
+    t = meta.get("tiling") or {}
+    if t.get("max_dynamic_patch") is None:
+        return {}
+    out = {k: t[k] for k in ("min_dynamic_patch", "max_dynamic_patch", "use_thumbnail")}
+    if out["max_dynamic_patch"] > 1:  # tiles were cut: dynamic_image_size false would mean one tile
+        out["dynamic_image_size"] = True
+    return out
+
+
+def write_config(out_dir: str, base: str, dtype: torch.dtype, system_message: str, tiling: dict) -> None:
     """The base config.json with the LoRA flags reset (the adapters are merged), torch_dtype = the output's,
-    and system_message = the one training used: it wins over the template default of whatever conversation.py
-    the official code or a serving engine brings, so the model is prompted as it was trained."""
+    and system_message and the tiling (training_tiling) = those training used: they win over the template
+    default of whatever conversation.py the official code or a serving engine brings and over the base's
+    tiling, so the model is prompted and its images cut as in training."""
     with open(os.path.join(base, "config.json")) as f:
         cfg = json.load(f)
     cfg.update(use_llm_lora=0, use_backbone_lora=0, system_message=system_message,
-               torch_dtype=dtype_name(dtype))
+               torch_dtype=dtype_name(dtype), **tiling)
     for sub in ("llm_config", "vision_config"):  # only where the base states one
         if isinstance(cfg.get(sub), dict) and "torch_dtype" in cfg[sub]:
             cfg[sub]["torch_dtype"] = dtype_name(dtype)
@@ -550,10 +563,10 @@ def convert(args, log=print) -> dict:
         except ValueError as e:  # the trained tensors do not fit this base
             raise ConvertError(f"{e}\nIs {base} the base model the run was trained from?") from e
         n, shards = check_against_base(tmp, base, dtype), len(set(weight_map.values()))
-        write_config(tmp, base, dtype, training_system_message(meta))
+        write_config(tmp, base, dtype, training_system_message(meta), training_tiling(meta))
         copied = copy_base_files(base, tmp)
         log(f"wrote {n} tensors ({dtype_name(dtype)}) in {shards} shard(s), key set and shapes equal to the "
-            f"base; config.json (LoRA flags reset, system message kept); copied {', '.join(copied)}")
+            f"base; config.json (LoRA flags reset, system message and tiling of the run); copied {', '.join(copied)}")
         result = dict(out=out, checkpoint=ckpt_dir, base=base, tensors=n, shards=shards)
         if args.verify:
             device = torch.device(args.verify_device or ("cuda" if torch.cuda.is_available() else "cpu"))

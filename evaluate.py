@@ -13,7 +13,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -78,11 +78,13 @@ def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks)
     except (ValueError, DataError) as e:
         raise SystemExit(f"error: held-out data (--eval-data): {e}")
     template = get_template(config.template)
+    tiled = replace(config, min_dynamic_patch=args.min_tiles, max_dynamic_patch=args.max_tiles,
+                    use_thumbnail=args.thumbnail)  # the prompts' images cut as the run cuts its samples
     prompts = []
     for i in range(min(args.eval_samples, len(dataset))):
         si, record = dataset.index[i][0], dataset.record(i)
         try:
-            question, reference, ids, pv = record_prompt(record, sources[si].image_folder, tokenizer, config,
+            question, reference, ids, pv = record_prompt(record, sources[si].image_folder, tokenizer, tiled,
                                                          dataset.system_message, dataset._max_num(si))
         except (SampleError, ImageLoadError, ValueError) as e:
             log(f"--eval-samples: leaving out {dataset.sample_id(i)}: {e}")

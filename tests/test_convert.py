@@ -417,7 +417,7 @@ def test_config_records_the_system_message_training_used(tmp_path):
     base = REPO / "tests" / "fixtures" / "phi3"
     assert "system_message" not in json.loads((base / "config.json").read_text())
     convert.write_config(str(tmp_path), str(base), torch.bfloat16, convert.training_system_message(
-        {"system_message": None}))
+        {"system_message": None}), {})
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["system_message"] == DEFAULT_SYSTEM_MESSAGE
     assert cfg["use_llm_lora"] == cfg["use_backbone_lora"] == 0 and cfg["torch_dtype"] == "bfloat16"

@@ -128,3 +128,25 @@ def test_benchmark_score_logged_at_each_evaluation(demo, held_out, tmp_path):  #
              "--eval-benchmark is scored at each evaluation of --eval-data")
     _refused(common(demo, 4, "--eval-data", held_out, "--eval-benchmark", "nope=x.jsonl"), tmp_path / "b",
              "unknown benchmark 'nope'")
+
+
+def test_eval_sample_prompts_are_tiled_as_the_run(demo, tmp_path):  # noqa: F811
+    """--eval-samples prompts cut their images with the run's --min-tiles/--max-tiles/--thumbnail (here 2, 2, off
+    on a base whose config.json says 1, 12, on): the same tiles as the held-out sample built for the loss."""
+    from types import SimpleNamespace as NS
+
+    import evaluate
+    from data import load_tokenizer
+    from model import load_config
+    base, data = demo
+    folder = data.split(",")[1]
+    config = load_config(base)
+    assert (config.min_dynamic_patch, config.use_thumbnail) == (1, True)
+    args = NS(eval_data=[f"{os.path.join(folder, 'eval.jsonl')},{folder}"], eval_samples=3, min_tiles=2, max_tiles=2,
+              thumbnail=False, max_length=1024, seed=0, skip_bad_samples=False, batch_size=2, num_workers=0,
+              output_dir=str(tmp_path), eval_steps=1)
+    ev = evaluate.setup(args, config, load_tokenizer(base), 1, 0, 1, lambda *a: None, lambda values: values)
+    tiles = {pid: pv.shape[0] for pid, _, _, _, pv in ev.prompts if pv is not None}
+    assert tiles and set(tiles.values()) == {2}
+    built = {ev.dataset.sample_id(i): ev.dataset.build(i)["pixel_values"].shape[0] for i in range(3)}
+    assert all(built[pid] == n for pid, n in tiles.items())

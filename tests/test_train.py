@@ -414,6 +414,15 @@ def test_tiling_follows_config_json_unless_a_flag_says_otherwise(tiled):
     assert any(r["image_tiles"] for r in rows_a) and any(r["image_tiles"] for r in rows_b)
     assert all(r["image_tiles"] in (0, 2 * r["samples"]) for r in rows_a)  # min = max = 2, no thumbnail
     assert all(r["image_tiles"] in (0, 3 * r["samples"]) for r in rows_b)  # 2 + the thumbnail (--thumbnail)
+    # the export's config.json says how training cut the images, not how the base did
+    import convert
+    for name, (_, meta, run_dir) in tiled.items():
+        out = run_dir.parent / f"{name}-tiling"
+        convert.convert(convert.parse_args([str(run_dir / "iter_2"), str(out), "--no-verify"]), log=lambda *a: None)
+        cfg = json.loads((out / "config.json").read_text())
+        assert {k: cfg[k] for k in ("min_dynamic_patch", "max_dynamic_patch", "use_thumbnail")} == {
+            k: meta["tiling"][k] for k in ("min_dynamic_patch", "max_dynamic_patch", "use_thumbnail")}
+    assert json.loads((run_dir.parent / "b-tiling" / "config.json").read_text())["use_thumbnail"] is True
 
 
 # ------------------------------------------------------------------------------------------------ collectives
