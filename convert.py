@@ -566,7 +566,8 @@ def convert(args, log=print) -> dict:
         write_config(tmp, base, dtype, training_system_message(meta), training_tiling(meta))
         copied = copy_base_files(base, tmp)
         log(f"wrote {n} tensors ({dtype_name(dtype)}) in {shards} shard(s), key set and shapes equal to the "
-            f"base; config.json (LoRA flags reset, system message and tiling of the run); copied {', '.join(copied)}")
+            f"base; config.json (LoRA flags reset, the run's system message and tiling); copied "
+            f"{', '.join(copied)}")
         result = dict(out=out, checkpoint=ckpt_dir, base=base, tensors=n, shards=shards)
         if args.verify:
             device = torch.device(args.verify_device or ("cuda" if torch.cuda.is_available() else "cpu"))
