@@ -320,7 +320,7 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
         checkpoint.truncate_logs(args.output_dir, pos.step)
     metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if master else None
     tb = _tensorboard(args.output_dir) if master else None
-    bar = tqdm(total=total_steps, initial=pos.step, disable=not master, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=total_steps, initial=pos.step, disable=not master, dynamic_ncols=True, bar_format=BAR_FORMAT)
     warn = Warnings(torch.distributed.get_rank())
     engine.train()
     bad_in_a_row, saved = 0, pos.step or None
@@ -354,11 +354,7 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
                     tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
                     tb.add_scalar(tag, row[k], pos.step)
         if pos.step % args.log_interval == 0 or pos.step == total_steps:
-            last_eval = f" eval {evaluator.last:.4f}" if evaluator and evaluator.last else ""
-            bar.set_postfix_str(
-                f"loss {_fmt(row['loss'], '.4f')} lr {row['lr']:.2e} gnorm {_fmt(row['grad_norm'], '.3f')} "
-                f"tok/s {row['tokens_per_s']:.0f} smp/s {row['samples_per_s']:.2f} "
-                f"sup {row['supervised_tokens']} mem {row['peak_mem_gb']:.1f}G{last_eval}", refresh=False)
+            bar.set_postfix_str(progress(row, evaluator and evaluator.last), refresh=False)
         bar.update(1)
         if pos.step % args.save_steps == 0 or pos.step == total_steps:
             data = dict(epoch=pos.epoch, micro_batches_in_epoch=pos.micro_in_epoch, seed=args.seed,
@@ -475,6 +471,16 @@ class Warnings:
             from tqdm import tqdm
             last = f" (the last '{kind}' warning shown; metrics.jsonl counts them all)"
             tqdm.write(self.prefix + message + (last if n == cap and cap > 1 else ""), file=sys.stderr)
+
+
+# The bar fits 100 columns with evaluation on (tested): the rest of each step's figures are in metrics.jsonl.
+BAR_FORMAT = "step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
+
+
+def progress(row, eval_loss=None):
+    """The bar's figures: loss, last eval_loss, lr, tokens/s."""
+    return (f"loss {_fmt(row['loss'], '.4f')}" + (f" eval {eval_loss:.4f}" if eval_loss is not None else "")
+            + f" lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f}")
 
 
 def _fmt(x, spec):

@@ -599,6 +599,21 @@ def test_what_is_changed_as_official_is_counted_named_once_and_summarised(demo, 
     assert f"; eval_loss {last['eval_loss']:.4f}; checkpoint " in proc.stdout
 
 
+def test_progress_bar_fits_100_columns_with_evaluation_on():
+    """Long runs, big figures and an eval_loss: the whole line fits 100 columns, no figure cut, a bar left."""
+    from tqdm import tqdm
+
+    import train
+    row = dict(loss=12.3456, lr=1.96e-3, tokens_per_s=123456.7)
+    figures = train.progress(row, 0.31641)
+    assert figures == "loss 12.3456 eval 0.3164 lr 1.96e-03 tok/s 123457"
+    for n, total, elapsed in [(123, 800, 12.3), (12345, 100000, 3 * 3600 + 1234.5), (99999, 100000, 99 * 3600)]:
+        line = tqdm.format_meter(n, total, elapsed, ncols=100, bar_format=train.BAR_FORMAT, postfix=figures)
+        assert len(line) <= 100 and line.endswith(", " + figures), line
+        assert len(line.split("|")[1]) >= 5, line  # the bar itself
+    assert "eval" not in train.progress(row)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 def _refused(argv, match):
