@@ -207,6 +207,8 @@ def init_distributed():
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
                                       r"is deprecated", FutureWarning)
     import deepspeed
+    if not on_gpu:  # plain gloo: DeepSpeed would JIT-compile its shared-memory allreduce op at the first start
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
     if on_gpu:
@@ -223,6 +225,10 @@ def fill_deepspeed_config(ds_config, args, world, dtype):
     ds_config.setdefault("fp16", {})["enabled"] = False
     ds_config.setdefault("optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8}})
     ds_config["optimizer"]["params"].update(lr=args.lr, weight_decay=args.weight_decay)
+    if ds_config["optimizer"]["type"].lower() in ("adam", "adamw"):  # torch's AdamW: no op JIT-built at start
+        ds_config["optimizer"]["params"].setdefault("torch_adam", True)
+        if ds_config["optimizer"]["params"]["torch_adam"] and torch.cuda.is_available():  # one fused kernel
+            ds_config["optimizer"]["params"].setdefault("fused", True)
     if not torch.cuda.is_available():  # CPU: no overlapping communication streams
         ds_config["zero_optimization"]["overlap_comm"] = False
     left = [k for k, v in _flatten(ds_config).items() if v == "auto"]
