@@ -32,7 +32,7 @@ LETTER_CN = "请直接回答选项字母。"
 @dataclass(frozen=True)
 class Benchmark:
     name: str  # the official dataset key
-    input: str  # input file format: vqa (jsonl), pope (jsonl), scienceqa (jsonl), mmbench (tsv)
+    input: str  # input format: vqa (jsonl), mpdocvqa (json), pope (jsonl), scienceqa (jsonl), mmbench (tsv)
     metric: str | None  # metrics.py key; None: only the benchmark's server scores it (results file only)
     prompt: str  # the official prompt suffix
     max_new_tokens: int
@@ -60,6 +60,8 @@ BENCHMARKS = [
     Benchmark("ocrvqa_val", "vqa", "exact_match_accuracy", SHORT, 100, "doc"),
     Benchmark("ocrvqa_test", "vqa", "exact_match_accuracy", SHORT, 100, "doc"),
     Benchmark("ai2diagram_test", "vqa", "ai2d_exact_match", "", 10, "ai2d"),
+    Benchmark("mpdocvqa_val", "mpdocvqa", "anls", SHORT, 100, "doc", 18),
+    Benchmark("mpdocvqa_test", "mpdocvqa", None, SHORT, 100, "doc_test", 18),
     Benchmark("pope", "pope", "pope", SHORT, 100, "pope", references="annotation"),
     Benchmark("sqa_test", "scienceqa", "scienceqa", LETTER, 100, "scienceqa"),
     Benchmark("m3cot_test", "scienceqa", "scienceqa", LETTER, 100, "scienceqa"),
@@ -98,7 +100,7 @@ class Item:
     """One question: `case` holds the metric's inputs but the prediction; `fields` the results-file fields."""
     id: str
     question: str = ""
-    image: object = None  # a path, or a callable returning a PIL image (MMBench's base64)
+    image: object = None  # a path, a list of page paths (MP-DocVQA), or a callable returning a PIL image
     case: dict = field(default_factory=dict)
     fields: dict = field(default_factory=dict)
     error: str | None = None
@@ -168,6 +170,30 @@ def read_vqa(bench, path, folder, annotation) -> list[Item]:
             item.case["reference_error"] = f"question_id {qid!r} is not in the annotation file {annotation}"
         image_id = str(qid).replace("data/vizwiz/test/", "") if bench.results == "vizwiz_test" else qid
         item.fields = dict(question=question, question_id=qid, questionId=qid, annotation=ann, image=image_id)
+        items.append(item)
+    return items
+
+
+def read_mpdocvqa(bench, path, folder, annotation) -> list[Item]:
+    """MP-DocVQA's JSON {'data': [{questionId, question, page_ids, answers (optional)}]}: pages FOLDER/ID.jpg.
+    The question is completed when the pages are tiled (pages_prompt: the Image-i prefix depends on them)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)["data"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path}: not an MP-DocVQA file {{'data': [...]}} ({type(e).__name__}: {e})")
+    items = []
+    for k, rec in enumerate(data):
+        missing = [f for f in ("questionId", "question", "page_ids")
+                   if not isinstance(rec, dict) or f not in rec]
+        if missing or not rec["page_ids"]:
+            items.append(Item(f"{path}: data[{k}]", error=f"{path}: data[{k}]: no {missing or 'page_ids'}"))
+            continue
+        pages = [_join(folder, p + ".jpg") for p in rec["page_ids"]]
+        item = Item(str(rec["questionId"]), rec["question"], pages)
+        if bench.metric is not None:
+            item.case = {"answers": rec.get("answers")}
+        item.fields = dict(questionId=rec["questionId"], annotation=rec.get("answers"))
         items.append(item)
     return items
 
@@ -282,7 +308,9 @@ def _b64_image(data: str, where: str):
     return load
 
 
-READERS = {"vqa": read_vqa, "pope": read_pope, "scienceqa": read_scienceqa, "mmbench": read_mmbench}
+READERS = {"vqa": read_vqa, "mpdocvqa": read_mpdocvqa, "pope": read_pope, "scienceqa": read_scienceqa,
+           "mmbench": read_mmbench}
+PAGE_TILES = 64  # MP-DocVQA: the official --total-max-num, shared by the pages of a question
 
 
 def read_items(bench: Benchmark, spec: str, annotation: str | None = None) -> list[Item]:
@@ -325,9 +353,14 @@ def answer_items(model, tokenizer, bench: Benchmark, items: list[Item], batch_si
         for k in todo[start:start + step]:
             it = items[k]
             try:
-                image = it.image() if callable(it.image) else load_image(it.image)
-                pv = image_to_pixel_values(image, config, max_num or bench.max_num)
-                _, ids = build_prompt(tokenizer, config, it.question, [], [pv.shape[0]], system_message)
+                if isinstance(it.image, list):
+                    question, pv, patches = pages_prompt(it, config, max_num or bench.max_num, bench.prompt)
+                    rows[k]["question"] = it.fields["question"] = question
+                else:
+                    image = it.image() if callable(it.image) else load_image(it.image)
+                    question, pv = it.question, image_to_pixel_values(image, config, max_num or bench.max_num)
+                    patches = [pv.shape[0]]
+                _, ids = build_prompt(tokenizer, config, question, [], patches, system_message)
                 prompts.append((k, ids, pv))
             except (ImageLoadError, ValueError) as e:
                 rows[k]["error"] = str(e)
@@ -341,6 +374,23 @@ def answer_items(model, tokenizer, bench: Benchmark, items: list[Item], batch_si
     if bar is not None:
         bar.close()
     return rows
+
+
+def pages_prompt(item: Item, config, max_num: int, prompt: str):
+    """MP-DocVQA (its official reader): each page tiled with max(1, min(max_num, 64 // pages)) tiles; when
+    there is more than one tile in all, 'Image-i: <image>\\n' per page in front of the question; then the
+    prompt."""
+    import torch
+
+    from chat import image_to_pixel_values
+    from data.images import load_image
+    cap = max(1, min(max_num, PAGE_TILES // len(item.image)))
+    tiles = [image_to_pixel_values(load_image(p), config, cap) for p in item.image]
+    pv = torch.cat(tiles)
+    question = item.question
+    if pv.shape[0] > 1:
+        question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(tiles))) + question
+    return question + " " + prompt, pv, [t.shape[0] for t in tiles]
 
 
 def score_rows(bench: Benchmark, items: list[Item], rows: list[dict]) -> dict:

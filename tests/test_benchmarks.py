@@ -34,10 +34,10 @@ def short_answers(monkeypatch):
 
 def test_table_is_the_official_one():
     """Prompt suffix, max_new_tokens, metric and --max-num of every row equal the official scripts' (recorded in
-    cases.json), and every official benchmark but the multi-page MP-DocVQA has a row."""
+    cases.json), and every official benchmark has a row."""
     official = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "metrics", "cases.json")))
     official = official["benchmarks"]
-    assert {b.name for b in benchmarks.BENCHMARKS} == set(official) - {"mpdocvqa_val", "mpdocvqa_test"}
+    assert {b.name for b in benchmarks.BENCHMARKS} == set(official)
     for b in benchmarks.BENCHMARKS:
         o = official[b.name]
         assert (b.prompt, b.max_new_tokens, b.metric) == (o["prompt_suffix"], o["max_new_tokens"], o["metric"])
@@ -274,3 +274,35 @@ def test_mmbench_columns_read_as_pandas_does(tmp_path):
     rows = [{"id": "1", "answer": "a"}, {"id": "2", "answer": "a"}]
     assert benchmarks.score_rows(bench, items, rows) == {"accuracy": 1.0}
     assert rows[0]["score"] == 1.0 and "2 is not in the annotation file" in rows[1]["score_error"]
+
+
+def test_mpdocvqa_pages_share_the_tile_budget(demo, tmp_path, capsys):
+    """MP-DocVQA: pages FOLDER/ID.jpg, each tiled with max(1, min(18, 64 // pages)); 'Image-i: <image>\\n' per
+    page in front when there is more than one tile in all; ANLS against the file's answers."""
+    from PIL import Image
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for k, img in enumerate(demo["images"][:3]):
+        Image.open(os.path.join(demo["folder"], img)).convert("RGB").save(pages / f"p{k}.jpg")
+    Image.open(os.path.join(demo["folder"], demo["images"][0])).resize((1800, 450)).convert("RGB").save(
+        pages / "wide.jpg")
+    data = tmp_path / "val.json"
+    data.write_text(json.dumps({"data": [
+        dict(questionId=1, question="What colour?", page_ids=["p0", "p1"], answers=["red"]),
+        dict(questionId=2, question="What shape?", page_ids=["p2"], answers=["circle", "a circle"]),
+        dict(questionId=3, question="Which side?", page_ids=["wide"], answers=["left"]),
+        dict(questionId=4, question="Gone?", page_ids=["nope"], answers=["x"])]}))
+    got = cli(demo, tmp_path, "mpdocvqa_val", f"{data},{pages}")
+    short = "Answer the question using a single word or phrase."
+    from data.images import load_image
+    tiles = [chat.image_to_pixel_values(load_image(str(pages / f"{p}.jpg")), demo["model"].config, 18).shape[0]
+             for p in ("p0", "p2", "wide")]
+    assert tiles[2] > 1  # a wide page is tiled: the prefix appears for a single page too
+    assert got[0]["question"] == f"Image-1: <image>\nImage-2: <image>\nWhat colour? {short}"
+    assert got[1]["question"] == (f"What shape? {short}" if tiles[1] == 1 else
+                                  f"Image-1: <image>\nWhat shape? {short}")
+    assert got[2]["question"] == f"Image-1: <image>\nWhich side? {short}"
+    assert "nope.jpg" in got[3]["error"]
+    for r in got[:3]:
+        assert r["score"] == metrics.anls(r["answer"], r["answers"])
+    assert "Overall ANLS: " in capsys.readouterr().out
