@@ -234,15 +234,18 @@ def read_scienceqa(bench, path, folder, annotation) -> list[Item]:
         try:
             rec = _parse(path, n, line, ("image", "hint", "question", "choices", "answer"))
             options = metrics.scienceqa_options(rec["choices"])
-        except MetricError as e:
-            items.append(Item(f"{path}:{n}", error=f"{path}:{n}: {e}" if str(e)[0].isdigit() else str(e)))
+            letter = metrics.LETTERS[rec["answer"]] if isinstance(rec["answer"], int) else None
+            if letter is None or rec["answer"] < 0:
+                raise MetricError(f"answer {rec['answer']!r} is not an index into the choices")
+        except (MetricError, IndexError) as e:
+            error = str(e) if str(e).startswith(path) else f"{path}:{n}: {e}"
+            items.append(Item(f"{path}:{n}", error=error))
             continue
         question = (rec["hint"] + "\n" if rec["hint"] else "") + rec["question"] + "\n"
         question += "\n".join(f"{k}. {v}" for k, v in options.items()) + "\n" + bench.prompt
         question = question.strip()
         image = _join(folder, rec["image"])
-        item = Item(f"{path}:{n}", question, image, case={"options": options, "answer_letter":
-                                                          metrics.LETTERS[rec["answer"]]})
+        item = Item(f"{path}:{n}", question, image, case={"options": options, "answer_letter": letter})
         item.fields = dict(question=question, gt_answers=item.case["answer_letter"], image_path=rec["image"])
         items.append(item)
     return items
@@ -273,6 +276,7 @@ def _pandas_column(values: list[str]) -> list:
 def read_mmbench(bench, path, folder, annotation) -> list[Item]:
     """The MMBench / CCBench TSV: index, image (base64), question, hint, A..E (NaN when absent), answer (dev
     sets only)."""
+    csv.field_size_limit(sys.maxsize)  # a base64 image is a long field
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t"))
     if not rows or not {"index", "image", "question"} <= set(rows[0]):

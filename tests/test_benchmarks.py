@@ -153,7 +153,7 @@ def test_scienceqa_question_and_letter_extraction(demo, tmp_path, capsys):
     assert got[0]["question"] == ("Which shape is it?\nA. circle\nB. square\nAnswer with the option's letter "
                                   "from the given choices directly.")
     assert got[1]["question"].startswith("Look at the picture.\nWhich shape is it?\nA. circle")
-    assert "6 choices" in got[4]["error"]
+    assert "6 choices" in got[4]["error"] and got[4]["error"].startswith(str(tmp_path / "sqa.jsonl:5: "))
     for r, rec in zip(got[:4], recs):
         options = dict(zip("ABC", rec["choices"]))
         assert r["extracted"] == metrics.choice_letter(r["answer"], options, scienceqa=True)
@@ -261,7 +261,7 @@ def test_mmbench_columns_read_as_pandas_does(tmp_path):
     one int64; the strings 'None' and 'NA' are NaN; a question id missing from a VQA annotation file is a per-item
     score error (the official scorer raises KeyError)."""
     head = "index\tquestion\thint\tA\tB\tC\tanswer\timage"
-    body = ["1\tHow many?\tNone\t3\t4\t\tA\tx", "2\tHow many?\tA hint\t5\t6\t7\tB\tx"]
+    body = ["1\tHow many?\tNone\t3\t4\t\tA\t" + "x" * 300_000, "2\tHow many?\tA hint\t5\t6\t7\tB\tx"]
     (tmp_path / "m.tsv").write_text("\n".join([head] + body) + "\n")
     items = benchmarks.read_items(benchmarks.get_benchmark("mmbench_dev_en_20231003"), str(tmp_path / "m.tsv"))
     assert items[0].question.startswith("How many?\nA. 3\nB. 4\nAnswer")  # hint 'None' is NaN; C absent
