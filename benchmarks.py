@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from xml.sax.saxutils import escape
 
 import metrics
@@ -27,6 +27,12 @@ SHORT = "Answer the question using a single word or phrase."
 VIZWIZ = "When the provided information is insufficient, respond with 'Unanswerable'. " + SHORT
 LETTER = "Answer with the option's letter from the given choices directly."
 LETTER_CN = "请直接回答选项字母。"
+# --cot (POPE, ScienceQA, M3CoT): no prompt suffix, the question wrapped in this, 4096 new tokens, and the
+# answer taken from its "Final answer:" line (metrics.cot_extract_answer)
+COT_INSTRUCTION = ("Your task is to answer the question below. Give step by step reasoning before you "
+                   "answer, and when you're ready to answer, please use the format \"Final answer: ..\"\n\n"
+                   "Question:\n\n{question}")
+COT_MAX_NEW_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,14 @@ class Benchmark:
     results: str  # the layout of the official results file (RESULT_FIELDS)
     max_num: int = 6  # tiles per image: the official README's --max-num (the scripts' default 6)
     references: str = "record"  # where the scored answers come from: record (the input file) or annotation
+    cot: bool = False  # the --cot variant (cot_variant)
+
+
+def cot_variant(bench: Benchmark) -> Benchmark:
+    if bench.input not in ("pope", "scienceqa"):
+        raise ValueError(f"--cot: the official scripts have it for pope, sqa_test and m3cot_test, not "
+                         f"{bench.name}")
+    return replace(bench, prompt="", max_new_tokens=COT_MAX_NEW_TOKENS, cot=True)
 
 
 BENCHMARKS = [
@@ -220,6 +234,7 @@ def read_pope(bench, path, folder, annotation) -> list[Item]:
         k = seen[cat] = seen.get(cat, -1) + 1
         label = labels[cat][k] if annotation and k < len(labels[cat]) else rec.get("label")
         question = rec["text"].replace(SHORT, bench.prompt).strip()
+        question = COT_INSTRUCTION.format(question=question) if bench.cot else question
         item = Item(str(rec["question_id"]), question, _join(folder, rec["image"]))
         item.case = {"label": label, "category": cat} if label is not None else {}
         item.fields = dict(question_id=rec["question_id"], model_id="", metadata={})
@@ -244,6 +259,7 @@ def read_scienceqa(bench, path, folder, annotation) -> list[Item]:
         question = (rec["hint"] + "\n" if rec["hint"] else "") + rec["question"] + "\n"
         question += "\n".join(f"{k}. {v}" for k, v in options.items()) + "\n" + bench.prompt
         question = question.strip()
+        question = COT_INSTRUCTION.format(question=question) if bench.cot else question
         image = _join(folder, rec["image"])
         item = Item(f"{path}:{n}", question, image, case={"options": options, "answer_letter": letter})
         item.fields = dict(question=question, gt_answers=item.case["answer_letter"], image_path=rec["image"])
@@ -404,7 +420,9 @@ def score_rows(bench: Benchmark, items: list[Item], rows: list[dict]) -> dict:
     for it, row in zip(items, rows):
         if "answer" not in row or bench.metric is None:
             continue
-        case = dict(it.case, prediction=row["answer"])
+        if bench.cot:  # the official scripts score the "Final answer:" line
+            row["cot_answer"] = metrics.cot_extract_answer(row["answer"]).strip()
+        case = dict(it.case, prediction=row.get("cot_answer", row["answer"]))
         # the references beside the answer; a gold "answer" (GQA, MMBench) is written as "gt_answer"
         row.update({("gt_answer" if k == "answer" else k): v for k, v in it.case.items()
                     if k not in ("options", "reference_error")})
@@ -472,7 +490,7 @@ def write_results(bench: Benchmark, items: list[Item], rows: list[dict], path: s
     for it, row in zip(items, rows):
         if "answer" not in row:
             continue
-        answer = row.get("extracted", row["answer"])
+        answer = row.get("extracted", row.get("cot_answer", row["answer"]))
         values = dict(it.fields, answer=answer, text=answer, text_orig=row["answer"],
                       answer_orig=row["answer"])
         records.append({k: values.get(k) for k in RESULT_FIELDS[bench.results]})
@@ -583,6 +601,7 @@ def main(args, load) -> int:
     JSON summary. `load(model_dir)` -> (model, tokenizer, system message)."""
     try:
         bench = get_benchmark(args.benchmark)
+        bench = cot_variant(bench) if getattr(args, "cot", False) else bench
     except ValueError as e:
         raise SystemExit(f"error: --benchmark: {e}")
     items = read_items(bench, args.data, args.annotation)

@@ -280,13 +280,16 @@ def parse_args(argv=None):
     p.add_argument("--annotation", help="with --benchmark: the official annotation file of the references "
                    "(VQAv2/OK-VQA/TextVQA/VizWiz: the 10 human answers; DocVQA/InfoVQA: the answers; POPE: "
                    "the folder of coco_pope_*.json labels) (default: the answers in the --data file)")
+    p.add_argument("--cot", action="store_true", help="with --benchmark pope, sqa_test or m3cot_test: the "
+                   "official --cot variant (step-by-step instruction, 4096 new tokens, the 'Final answer:' "
+                   "line scored) (default off)")
     p.add_argument("--compare", metavar="BASE_DIR", help="with --benchmark: also answer with the base model "
                    "(answers to OUTPUT.base.jsonl) and print base, fine-tuned and delta")
     args = p.parse_args(argv)
     if (args.data is None) != (args.output is None):
         p.error("--data and --output go together")
-    if (args.annotation or args.compare) and not args.benchmark:
-        p.error("--annotation and --compare go with --benchmark")
+    if (args.annotation or args.compare or args.cot) and not args.benchmark:
+        p.error("--annotation, --compare and --cot go with --benchmark")
     if args.benchmark and not args.data:
         p.error("--benchmark needs --data FILE[,IMAGE_FOLDER] and --output")
     return args

@@ -306,3 +306,19 @@ def test_mpdocvqa_pages_share_the_tile_budget(demo, tmp_path, capsys):
     for r in got[:3]:
         assert r["score"] == metrics.anls(r["answer"], r["answers"])
     assert "Overall ANLS: " in capsys.readouterr().out
+
+
+def test_cot_variant(demo, tmp_path, monkeypatch):
+    """--cot (ScienceQA): no prompt suffix, the question wrapped in the official instruction, the 'Final answer:'
+    line extracted, then the letter; only where the official scripts have it."""
+    monkeypatch.setattr(benchmarks, "COT_MAX_NEW_TOKENS", 12)
+    recs = [dict(image=img, hint="", question="Which shape is it?", choices=["circle", "square"], answer=1)
+            for img in demo["images"][:2]]
+    got = cli(demo, tmp_path, "sqa_test", write_jsonl(tmp_path / "sqa.jsonl", recs) + f",{demo['folder']}", "--cot")
+    assert got[0]["question"] == benchmarks.COT_INSTRUCTION.format(question="Which shape is it?\nA. circle\nB. square")
+    assert got[0]["question"].startswith("Your task is to answer the question below. Give step by step reasoning")
+    for r in got:
+        assert r["cot_answer"] == metrics.cot_extract_answer(r["answer"]).strip()
+        assert r["extracted"] == metrics.choice_letter(r["cot_answer"], {"A": "circle", "B": "square"}, True)
+    with pytest.raises(SystemExit, match="--cot: the official scripts have it for pope, sqa_test and m3cot_test"):
+        cli(demo, tmp_path, "textvqa_val", write_jsonl(tmp_path / "v.jsonl", []), "--cot")
