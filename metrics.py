@@ -95,6 +95,8 @@ def vqa_normalize(text: str) -> str:
 
 def vqa_score(prediction: str, references: list[str]) -> float:
     """VQA accuracy of one answer against its 10 human answers (TextVQAAccuracyEvaluator)."""
+    if not isinstance(references, (list, tuple)) or not all(isinstance(r, str) for r in references):
+        raise MetricError(f"VQA accuracy needs a list of 10 human answers (strings), got {references!r}")
     if len(references) != 10:
         raise MetricError(f"VQA accuracy needs exactly 10 human answers, got {len(references)} (the official "
                           f"evaluator asserts this)")
@@ -271,9 +273,12 @@ def pope_counts(predictions: list[str], labels: list[str], category: str = "") -
 
 def pope_aggregate(cases: list[dict]) -> dict:
     """Per category (in sorted order) the eval_pope.py figures, and the mean F1 it prints as 'Overall F1'."""
-    categories = sorted({c["category"] for c in cases})
-    per = {cat: pope_counts([c["prediction"] for c in cases if c["category"] == cat],
-                            [c["label"] for c in cases if c["category"] == cat], cat) for cat in categories}
+    category = [c.get("category", "") for c in cases]  # the official layout: one label file per category
+    per = {}
+    for cat in sorted(set(category)):
+        mine = [c for c, k in zip(cases, category) if k == cat]
+        per[cat] = pope_counts([c["prediction"] for c in mine], [c["label"] for c in mine], cat)
+    categories = list(per)
     f1s = [per[cat]["f1"] for cat in categories]
     overall = sum(f1s) / len(f1s)
     return dict(per_category=per, categories_in_order=categories, overall_f1=overall,

@@ -115,3 +115,11 @@ def test_non_text_options_and_bad_answer_index_are_errors():
         metrics.item_score("mmbench", {"prediction": "two", "options": {"A": 1.0, "B": 2.0}, "answer": "B"})
     with pytest.raises(MetricError, match="answer index 5"):
         metrics.item_score("scienceqa", {"prediction": "A", "choices": ["x", "y"], "answer": 5})
+
+
+def test_pope_without_categories_is_one_group_and_bad_references_are_errors():
+    cases = [dict(prediction=p, label=lab) for p, lab in [("Yes", "yes"), ("No.", "no"), ("yes", "no")]]
+    got = metrics.aggregate("pope", cases)
+    assert got["categories_in_order"] == [""] and got["per_category"][""]["TP"] == 1 and got["overall_f1"] == 2 / 3
+    with pytest.raises(MetricError, match="list of 10 human answers"):
+        metrics.item_score("vqa_score", {"prediction": "x", "references": None})
