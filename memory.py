@@ -1,6 +1,6 @@
 """Per-GPU memory of a training run, estimated from the architecture alone (no weights are loaded).
 
-    python train.py --size 26b --mode lora --gpus 8 --estimate-memory      # prints the table, exits
+    python train.py --size InternVL2_5-8B --mode lora --gpus 8 --estimate-memory   # prints the table, exits
 
 The model is built on the meta device with the run's LoRA and freezing, so parameter counts are exact; the
 bytes follow from how DeepSpeed keeps each kind of state (mixed precision, AdamW):
@@ -94,6 +94,18 @@ def estimate(model, config, run: RunShape, on_gpu: bool = True) -> dict[str, flo
     return out
 
 
+def meta_model(config, mode: str, lora_cfg=None, freeze: dict | None = None):
+    """The run's model on the meta device (no memory), set up as training will: LoRA injected, the freeze
+    options applied (and so checked)."""
+    import lora
+    from model import build_model
+    model = build_model(config, "meta")
+    if lora_cfg is not None:
+        lora.inject_lora(model, lora_cfg)
+    lora.mark_trainable(model, "lora" if mode == "qlora" else mode, **(freeze or {}))  # no NF4 on meta
+    return model
+
+
 def for_run(model, config, args, ds_config: dict, zero_stage: int, gpus: int, dtype: torch.dtype):
     """(estimate, printable table) per GPU of a train.py run: its options, DeepSpeed config and meta model."""
     zero = ds_config.get("zero_optimization", {})
@@ -106,7 +118,7 @@ def for_run(model, config, args, ds_config: dict, zero_stage: int, gpus: int, dt
                    + float(zero.get("stage3_prefetch_bucket_size", 5e7)),
                    zero3_persistence=float(zero.get("stage3_param_persistence_threshold", 1e5)))
     est = estimate(model, config, run, on_gpu=True)
-    return est, format_table(est, run, f"InternVL 1.5 {args.size}")
+    return est, format_table(est, run, args.size)
 
 
 def format_table(est: dict[str, float], run: RunShape, title: str) -> str:

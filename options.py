@@ -9,39 +9,76 @@ import sys
 import tempfile
 import time
 
+from dataclasses import dataclass
+
 import torch
 
 import lora
+from model.config import REFUSED, SIZE_ALIASES, identify_release
 
-DESCRIPTION = "Fine-tune InternVL 1.5 (2B / 4B / 26B): full, LoRA or QLoRA, under DeepSpeed ZeRO-1 or ZeRO-3."
-# The official 2nd-stage fine-tune recipes; QLoRA uses the LoRA row.
+DESCRIPTION = ("Fine-tune InternVL 1.5 / 2 / 2.5 (1B to 78B): full, LoRA or QLoRA, under DeepSpeed ZeRO-1 or "
+               "ZeRO-3.")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An official 2nd-stage fine-tune script's settings (internvl_chat/shell/*/2nd_finetune/*_{full,lora}.sh).
+    Accumulation is BATCH_SIZE / PER_DEVICE_BATCH_SIZE / GPUS at the script's default GPUS; QLoRA uses the
+    LoRA script."""
+    lr: float
+    weight_decay: float
+    full: tuple[int, int]  # (per-device batch, accumulation) of the full script
+    lora: tuple[int, int]  # of the LoRA script
+    drop_path_rate: float  # full; the LoRA scripts use 0
+    max_tiles: int | None  # --max_dynamic_patch (None: the checkpoint's; the 1.5 scripts say 12, as it does)
+    max_length: int
+    zero3: bool  # the scripts' ZeRO stage (3 for the 6B-ViT models, else 1)
+
+    def defaults(self, mode: str) -> dict:
+        batch, accum = self.full if mode == "full" else self.lora
+        return dict(lr=self.lr, weight_decay=self.weight_decay, batch_size=batch, grad_accum=accum,
+                    drop_path_rate=self.drop_path_rate if mode == "full" else 0.0, max_length=self.max_length)
+
+
+_SMALL_V15 = dict(full=(4, 4), lora=(4, 2), drop_path_rate=0.1, max_tiles=None, max_length=4096, zero3=False)
+_SMALL = dict(_SMALL_V15, max_tiles=6)  # InternVL 2: 1B-8B
+_BIG = dict(full=(2, 8), lora=(2, 4), drop_path_rate=0.4, max_tiles=6, max_length=4096, zero3=True)  # 26B
+# The one recipe table: a released checkpoint -> its official recipe (the names of model.config.RELEASES).
 RECIPES = {
-    ("2b", "full"): dict(lr=4e-5, weight_decay=0.01, batch_size=4, grad_accum=4, drop_path_rate=0.1),
-    ("2b", "lora"): dict(lr=4e-5, weight_decay=0.01, batch_size=4, grad_accum=2, drop_path_rate=0.0),
-    ("4b", "full"): dict(lr=4e-5, weight_decay=0.05, batch_size=4, grad_accum=4, drop_path_rate=0.1),
-    ("4b", "lora"): dict(lr=4e-5, weight_decay=0.05, batch_size=4, grad_accum=2, drop_path_rate=0.0),
-    ("26b", "full"): dict(lr=2e-5, weight_decay=0.05, batch_size=2, grad_accum=8, drop_path_rate=0.4),
-    ("26b", "lora"): dict(lr=2e-5, weight_decay=0.05, batch_size=2, grad_accum=4, drop_path_rate=0.0),
+    "Mini-InternVL-Chat-2B-V1-5": Recipe(4e-5, 0.01, **_SMALL_V15),
+    "Mini-InternVL-Chat-4B-V1-5": Recipe(4e-5, 0.05, **_SMALL_V15),
+    "InternVL-Chat-V1-5": Recipe(2e-5, 0.05, **dict(_BIG, max_tiles=None)),
+    "InternVL2-1B": Recipe(4e-5, 0.01, **_SMALL),
+    "InternVL2-2B": Recipe(4e-5, 0.01, **_SMALL),
+    "InternVL2-4B": Recipe(4e-5, 0.01, **_SMALL),
+    "InternVL2-8B": Recipe(4e-5, 0.05, **_SMALL),
+    "InternVL2-26B": Recipe(2e-5, 0.05, **_BIG),
+    "InternVL2-40B": Recipe(2e-5, 0.05, **dict(_BIG, full=(2, 4))),  # 16 GPUs
+    "InternVL2_5-1B": Recipe(4e-5, 0.01, **dict(_SMALL, max_length=8192)),
+    "InternVL2_5-2B": Recipe(4e-5, 0.01, **dict(_SMALL, max_length=8192)),
+    "InternVL2_5-4B": Recipe(4e-5, 0.01, **dict(_SMALL, max_length=8192)),
+    "InternVL2_5-8B": Recipe(4e-5, 0.05, **dict(_SMALL, max_length=8192)),
+    "InternVL2_5-26B": Recipe(2e-5, 0.05, **dict(_BIG, max_length=8192)),
+    "InternVL2_5-38B": Recipe(2e-5, 0.05, **dict(_BIG, full=(2, 4), max_length=8192)),  # 16 GPUs
+    "InternVL2_5-78B": Recipe(2e-5, 0.05, **dict(_BIG, full=(1, 4), lora=(1, 2), max_length=8192)),  # 32 / 8
 }
-COMMON = dict(warmup_ratio=0.03, epochs=1, max_length=4096, save_steps=200, log_interval=1,
-              save_total_limit=3)
+COMMON = dict(warmup_ratio=0.03, epochs=1, save_steps=200, log_interval=1, save_total_limit=3)
 # The demo: a tiny random 2B-like model on synthetic shapes (bench/demo_score.py scores its answers).
 DEMO = dict(lr=2e-3, weight_decay=0.0, batch_size=4, grad_accum=1, max_steps=800, warmup_ratio=0.05,
             max_length=512, max_tiles=1, save_steps=200, lora_dropout=0.0, drop_path_rate=0.0, num_workers=0,
             activation_checkpointing=False)
-# What tells the three released architectures apart: (LLM family, ViT norm).
-ARCHITECTURES = {"2b": ("internlm2", "layer_norm"), "4b": ("phi3", "layer_norm"),
-                 "26b": ("internlm2", "rms_norm")}
+SIZES = sorted(RECIPES) + sorted(SIZE_ALIASES)  # --size: a released checkpoint, or a 1.5-era alias
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=lambda prog: (
         argparse.RawDescriptionHelpFormatter(prog, width=100, max_help_position=36)))
     g = p.add_argument_group("model")
-    g.add_argument("--model-path", help="official InternVL 1.5 directory (default: none; with no data "
-                                        "either: the demo)")
-    g.add_argument("--size", choices=["2b", "4b", "26b"], help="picks the recipe; checked against the "
-                                                               "checkpoint (default: the checkpoint's)")
+    g.add_argument("--model-path", help="official InternVL 1.5 / 2 / 2.5 directory (default: none; with no "
+                                        "data either: the demo)")
+    g.add_argument("--size", metavar="NAME", help="the released checkpoint whose recipe to use (e.g. "
+                   "InternVL2_5-8B; 2b / 4b / 26b: the 1.5 ones); checked against the checkpoint (default: the "
+                   "checkpoint's, from its architecture, template and directory name)")
     g.add_argument("--mode", choices=["full", "lora", "qlora"], help="full: LLM + projector; lora / qlora: "
                    "adapters + projector, qlora on an NF4 LLM (default lora)")
     g = p.add_argument_group("data")
@@ -64,9 +101,10 @@ def build_parser():
                                             "(default: config.json's, else the template's)")
     g.add_argument("--skip-bad-samples", action="store_true", help="skip and count bad records instead of "
                                                                    "refusing to start (default off)")
-    g.add_argument("--max-length", type=int, help="max tokens per sample, image ones included (default 4096)")
-    g.add_argument("--max-tiles", type=int, help="max tiles per image, thumbnail aside (default: "
-                                                 "max_dynamic_patch)")
+    g.add_argument("--max-length", type=int, help="max tokens per sample, image ones included (default: the "
+                                                  "recipe's, 4096; 8192 for 2.5)")
+    g.add_argument("--max-tiles", type=int, help="max tiles per image, thumbnail aside (default: the recipe's, "
+                                                 "6 for 2 / 2.5; 1.5: max_dynamic_patch)")
     g.add_argument("--min-tiles", type=int, help="min tiles per image (default: min_dynamic_patch)")
     g.add_argument("--thumbnail", action=argparse.BooleanOptionalAction, help="a thumbnail after "
                    "multi-tile images (default: use_thumbnail)")
@@ -78,8 +116,8 @@ def build_parser():
     g.add_argument("--max-packed-tiles", type=int, default=40, metavar="T", help="with packing: <= T tiles "
                    "per pack (official num_images_expected; default 40)")
     g = p.add_argument_group("optimisation (defaults: the official 2nd-finetune recipe of --size and --mode)")
-    g.add_argument("--deepspeed", help="DeepSpeed config (default ds_zero3.json for 26b full/lora, else "
-                                       "ds_zero1.json)")
+    g.add_argument("--deepspeed", help="DeepSpeed config (default: the recipe's stage, ds_zero3.json for the "
+                                       "6B-ViT models' full/lora, else ds_zero1.json)")
     g.add_argument("--batch-size", type=int, help="micro-batch per device (default: the recipe's)")
     g.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: the recipe's)")
     g.add_argument("--lr", type=float, help="peak LR; AdamW, betas 0.9/0.999, eps 1e-8, clip 1.0 (default: "
@@ -115,7 +153,7 @@ def add_lora_and_output_options(p):
     g.add_argument("--freeze-projector", action="store_true", help="freeze the mlp1 projector (default off)")
     g.add_argument("--freeze-llm", action="store_true", help="full mode: train the projector only (default "
                                                              "off)")
-    g.add_argument("--drop-path-rate", type=float, help="ViT drop path (default: full 0.1, 26b full 0.4, "
+    g.add_argument("--drop-path-rate", type=float, help="ViT drop path (default: full 0.1, 6B-ViT full 0.4, "
                                                         "LoRA 0)")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                    help="per-layer activation checkpointing of ViT and LLM (default on)")
@@ -144,8 +182,8 @@ def fill_defaults(args):
     """Recipe defaults for the options not given: the demo's, then those of (size, mode), then the common
     ones."""
     args.mode = args.mode or "lora"
-    recipe = RECIPES[(args.size, "full" if args.mode == "full" else "lora")]
-    for defaults in (DEMO if args.demo else {}, recipe, COMMON):
+    recipe = RECIPES[args.size]
+    for defaults in (DEMO if args.demo else {}, recipe.defaults(args.mode), COMMON):
         for k, v in defaults.items():
             if getattr(args, k, None) is None:
                 setattr(args, k, v)
@@ -154,7 +192,7 @@ def fill_defaults(args):
         args.num_workers = min(4, max(1, cores))
     args.activation_checkpointing = args.activation_checkpointing is not False
     if args.deepspeed is None:
-        zero3 = args.size == "26b" and args.mode != "qlora"
+        zero3 = recipe.zero3 and args.mode != "qlora"
         args.deepspeed = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                       "ds_zero3.json" if zero3 else "ds_zero1.json")
     return args
@@ -179,24 +217,20 @@ def read_model_config(args):
     """The checkpoint's config.json, its architecture checked against --size; then the options it fills."""
     from model import load_config
     if args.model_path is None:
-        raise ValueError("--model-path is missing: give an official InternVL 1.5 directory (or run `python "
+        raise ValueError("--model-path is missing: give an official InternVL directory (or run `python "
                          "train.py` with no model and no data for the demo)")
     if not args.data and not args.meta_path:
         raise ValueError("no training data: give --data ANNOTATION[,IMAGE_FOLDER[,REPEAT]] or --meta-path")
     if not args.demo and not os.path.isfile(os.path.join(args.model_path, "config.json")):
         raise ValueError(f"--model-path {args.model_path}: no config.json there (expected an official "
-                         f"InternVL 1.5 directory)")
+                         f"InternVL 1.5 / 2 / 2.5 directory)")
     if args.demo:
         config = _wait_for(lambda: load_config(args.model_path))
     else:
         config = load_config(args.model_path)
     from data.templates import resolve_system_message
     config.system_message = resolve_system_message(config, args.system_message)
-    found = checkpoint_size(config)
-    if args.size not in (None, found):
-        raise ValueError(f"--size {args.size} but {args.model_path} has the {found} architecture (LLM "
-                         f"{config.llm.family}, ViT {config.vision.norm_type}); pass --size {found}")
-    args.size = found
+    args.size = checkpoint_size(config, args.size, os.path.basename(os.path.normpath(args.model_path)))
     if args.max_packed_tokens is not None:
         if args.batch_size not in (None, 1):
             raise ValueError(f"--max-packed-tokens packs samples into one row per micro-batch: --batch-size "
@@ -211,19 +245,31 @@ def read_model_config(args):
     return config
 
 
-def checkpoint_size(config) -> str:
-    """The released size whose architecture (LLM class and ViT variant) this checkpoint has."""
-    for size, arch in ARCHITECTURES.items():
-        if arch == (config.llm.family, config.vision.norm_type):
-            return size
-    raise ValueError(f"the checkpoint's architecture (LLM {config.llm.family}, ViT "
-                     f"{config.vision.norm_type}) is none of InternVL 1.5's: {ARCHITECTURES}")
+def checkpoint_size(config, size: str | None = None, hint: str = "") -> str:
+    """The released checkpoint whose recipe a run of this config uses: its architecture (LLM class, ViT,
+    hidden sizes, layers) and template decide (model.config.identify_release; the directory name `hint` tells
+    apart releases of one architecture); a --size `size` must have the same architecture."""
+    if size is not None:
+        size = SIZE_ALIASES.get(size, size)
+        if size in REFUSED:
+            raise ValueError(f"--size {size}: not supported, {REFUSED[size]}")
+        if size not in RECIPES:
+            raise ValueError(f"--size {size}: unknown; choose from {', '.join(SIZES)}")
+    found, _ = identify_release(config, size or hint)
+    if size is not None and size != found:
+        raise ValueError(f"--size {size} but the checkpoint has the {found} architecture (LLM "
+                         f"{config.llm.architecture} {config.llm.num_layers}x{config.llm.hidden_size}, ViT "
+                         f"{config.vision.norm_type} {config.vision.num_layers}x{config.vision.hidden_size}, "
+                         f"template {config.template}); pass --size {found}")
+    return found
 
 
 def resolve_tiling(args, config):
-    """Tiling follows the checkpoint's config.json, as chat.py and convert.py do; flags override it."""
+    """Tiling follows the recipe's tile cap (1.5: the checkpoint's config.json, as chat.py and convert.py do)
+    and the checkpoint's other settings; flags override them."""
     if args.max_tiles is None:  # dynamic_image_size false: one S x S tile, i.e. a cap of 1
-        args.max_tiles = config.max_dynamic_patch if config.dynamic_image_size else 1
+        cap = RECIPES[args.size].max_tiles or config.max_dynamic_patch
+        args.max_tiles = cap if config.dynamic_image_size else 1
     args.min_tiles = config.min_dynamic_patch if args.min_tiles is None else args.min_tiles
     args.thumbnail = config.use_thumbnail if args.thumbnail is None else args.thumbnail
     if not 1 <= args.min_tiles <= args.max_tiles:
@@ -303,20 +349,10 @@ def lora_config(args):
         vit=args.lora_vit, rslora=args.lora_rslora, **{k: v for k, v in given.items() if v is not None})
 
 
-def mark_trainable(model, args, mode):
-    return lora.mark_trainable(model, mode, train_vit=args.train_vit, freeze_projector=args.freeze_projector,
-                               unfreeze_vit_layers=args.unfreeze_vit_layers or 0, freeze_llm=args.freeze_llm)
-
-
-def meta_model(config, args, lora_cfg):
-    """The run's model on the meta device (no memory), set up as training will: the freeze options are
-    checked here."""
-    from model import build_model
-    model = build_model(config, "meta")
-    if lora_cfg is not None:
-        lora.inject_lora(model, lora_cfg)
-    mark_trainable(model, args, "lora" if args.mode == "qlora" else args.mode)  # no 4-bit layers on meta
-    return model
+def freeze_options(args) -> dict:
+    """The freeze flags as lora.mark_trainable's keyword arguments."""
+    return dict(train_vit=args.train_vit, freeze_projector=args.freeze_projector,
+                unfreeze_vit_layers=args.unfreeze_vit_layers or 0, freeze_llm=args.freeze_llm)
 
 
 def print_memory_estimate(args):
@@ -326,12 +362,13 @@ def print_memory_estimate(args):
     if args.model_path is None and args.size is None:
         raise ValueError("--estimate-memory needs --size or --model-path")
     config = load_config(args.model_path) if args.model_path else preset(args.size)
-    args.size, args.demo = args.size or checkpoint_size(config), False
+    hint = os.path.basename(os.path.normpath(args.model_path or ""))
+    args.size, args.demo = checkpoint_size(config, args.size, hint), False
     fill_defaults(args)
     resolve_tiling(args, config)
     ds_config, zero_stage = read_deepspeed_config(args)
     gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "8"))
-    model = meta_model(config, args, lora_config(args))
+    model = memory.meta_model(config, args.mode, lora_config(args), freeze_options(args))
     est, table = memory.for_run(model, config, args, ds_config, zero_stage, gpus,
                                 compute_dtype(args, on_gpu=True))
     print(table)

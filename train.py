@@ -29,6 +29,7 @@ import torch
 
 import checkpoint
 import lora
+import memory
 import options
 
 GRAD_CLIP = 1.0  # official max_grad_norm
@@ -56,11 +57,11 @@ def load_model(args, config, lora_cfg, ds_config, zero_stage, device, dtype):
         torch.manual_seed(args.seed)  # the same adapters on every rank and for every world size
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage == 3):
             lora.inject_lora(model, lora_cfg)
-    report = options.mark_trainable(model, args, args.mode)
+    report = lora.mark_trainable(model, args.mode, **options.freeze_options(args))
     model.vit.set_drop_path_rate(args.drop_path_rate)  # active even in a frozen ViT, as official
     model.set_gradient_checkpointing(vit=args.activation_checkpointing, llm=args.activation_checkpointing)
     llm, vit = config.llm, config.vision
-    log(f"InternVL 1.5 {args.size} ({llm.family} LLM {llm.num_layers}x{llm.hidden_size}, ViT "
+    log(f"{args.size} recipe ({llm.family} LLM {llm.num_layers}x{llm.hidden_size}, ViT "
         f"{vit.num_layers}x{vit.hidden_size}) from {args.model_path}, loaded in {time.time() - t0:.1f}s")
     adapters = lora_cfg and f", LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} dropout={lora_cfg.dropout:g}"
     log(f"mode {args.mode}, ZeRO-{zero_stage}, {str(dtype)[6:]}, {torch.distributed.get_world_size()} "
@@ -405,7 +406,7 @@ def main(argv=None):
         sources = options.read_sources(args)
         ds_config, zero_stage = options.read_deepspeed_config(args)
         lora_cfg = options.lora_config(args)
-        shape = options.meta_model(config, args, lora_cfg)  # the run's model, without memory
+        shape = memory.meta_model(config, args.mode, lora_cfg, options.freeze_options(args))  # no memory
         trainable = [n for n, p in shape.named_parameters() if p.requires_grad]
         world = int(os.environ.get("WORLD_SIZE", "1"))
         run = checkpoint.run_settings(args, sources, world, lora_cfg, trainable, config.system_message)
@@ -430,7 +431,6 @@ def main(argv=None):
     evaluator = evaluate.setup(args, config, tokenizer, world, rank, zero_stage, log,
                                sum_over_ranks=lambda values: all_reduce_sum(values, device))
     if device.type == "cuda":  # before loading anything: refuse a run that cannot fit
-        import memory
         est, table = memory.for_run(shape, config, args, ds_config, zero_stage, world, dtype)
         log(table)
         problem = memory.check_fits(est, [torch.cuda.mem_get_info(device)[0]])

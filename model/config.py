@@ -291,8 +291,90 @@ PRESETS: dict[str, InternVLConfig] = {
 }
 
 
+
+# --- the released checkpoints ---
+# ViT: InternViT-300M-448px (V2_5 in 2.5: same shape) or InternViT-6B-448px-V1-5 / V2_5 (45 layers kept). LLM:
+# the base model's config.json values; vocab = the base tokenizer's length + the 9 InternVL tokens, as the
+# official fine-tune code resizes it. Sources and what could not be checked: README.md's checkpoint table.
+
+
+def _release(vit, template, family, vocab, hidden, layers, heads, kv, inter, theta=1e6, scaling=None,
+             max_pos=32768, ctx=None, **llm) -> InternVLConfig:
+    return InternVLConfig(vision=vit, template=template, img_context_token_id=ctx, llm=LLMConfig(
+        family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv, intermediate_size=inter, rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=max_pos, **llm))
+
+
+_NTK2 = {"type": "dynamic", "factor": 2.0}
+_QWEN2 = dict(family="qwen2", rms_norm_eps=1e-6, pad_token_id=None)  # Qwen2 / Qwen2.5 (vocab 151646 / 151665)
+RELEASES: dict[str, InternVLConfig] = {
+    "Mini-InternVL-Chat-2B-V1-5": PRESETS["2b"],
+    "Mini-InternVL-Chat-4B-V1-5": PRESETS["4b"],
+    "InternVL-Chat-V1-5": PRESETS["26b"],
+    # InternVL 2
+    "InternVL2-1B": _release(_VIT_300M, "Hermes-2", vocab=151655, hidden=896, layers=24, heads=14, kv=2,
+                             inter=4864, ctx=151648, tie_word_embeddings=True, **_QWEN2),  # Qwen2-0.5B
+    "InternVL2-2B": replace(PRESETS["2b"], template="internlm2-chat"),  # internlm2-chat-1_8b
+    "InternVL2-4B": replace(PRESETS["4b"], template="phi3-chat"),  # Phi-3-mini-128k-instruct
+    "InternVL2-8B": _release(_VIT_300M, "internlm2-chat", "internlm2", vocab=92553, hidden=4096, layers=32,
+                             heads=32, kv=8, inter=14336, scaling=_NTK2, ctx=92546),  # internlm2_5-7b-chat
+    "InternVL2-26B": replace(PRESETS["26b"], template="internlm2-chat"),  # internlm2-chat-20b
+    # Nous-Hermes-2-Yi-34B; vocab (64000 + InternVL tokens?) and the <IMG_CONTEXT> id not checked
+    "InternVL2-40B": _release(_VIT_6B, "Hermes-2", "llama", vocab=64000, hidden=7168, layers=60, heads=56,
+                              kv=8, inter=20480, theta=5e6, max_pos=4096, pad_token_id=0, eos_token_id=7),
+    # InternVL 2.5
+    "InternVL2_5-1B": _release(_VIT_300M, "internvl2_5", vocab=151674, hidden=896, layers=24, heads=14, kv=2,
+                               inter=4864, ctx=151667, tie_word_embeddings=True, **_QWEN2),  # Qwen2.5-0.5B
+    "InternVL2_5-2B": replace(PRESETS["2b"], template="internvl2_5"),  # internlm2_5-1_8b-chat
+    "InternVL2_5-4B": _release(_VIT_300M, "internvl2_5", vocab=151674, hidden=2048, layers=36, heads=16, kv=2,
+                               inter=11008, ctx=151667, tie_word_embeddings=True, **_QWEN2),  # Qwen2.5-3B
+    "InternVL2_5-8B": _release(_VIT_300M, "internvl2_5", "internlm2", vocab=92553, hidden=4096, layers=32,
+                               heads=32, kv=8, inter=14336, scaling=_NTK2, ctx=92546),  # internlm2_5-7b-chat
+    # internlm2_5-20b-chat: shapes as internlm2-chat-20b; its rope values not checked (shapes do not use them)
+    "InternVL2_5-26B": replace(PRESETS["26b"], template="internvl2_5"),
+    "InternVL2_5-38B": _release(_VIT_6B, "internvl2_5", vocab=151674, hidden=5120, layers=64, heads=40, kv=8,
+                                inter=27648, ctx=151667, **_QWEN2),  # Qwen2.5-32B-Instruct
+    "InternVL2_5-78B": _release(_VIT_6B, "internvl2_5", vocab=151674, hidden=8192, layers=80, heads=64, kv=8,
+                                inter=29568, ctx=151667, **_QWEN2),  # Qwen2.5-72B-Instruct
+}
+VERSIONS = {name: "1.5" if "V1-5" in name else "2.5" if name.startswith("InternVL2_5") else "2"
+            for name in RELEASES}
+SIZE_ALIASES = {"2b": "Mini-InternVL-Chat-2B-V1-5", "4b": "Mini-InternVL-Chat-4B-V1-5",
+                "26b": "InternVL-Chat-V1-5"}  # the 1.5-era --size names
+REFUSED = {"InternVL2-Llama3-76B": "its Llama-3 tokenizer (tokenizer.json) is not supported"}
+
+
 def preset(name: str, **overrides) -> InternVLConfig:
-    """A fresh copy of a named preset, with top-level fields optionally replaced."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown size preset {name!r}; choose from {sorted(PRESETS)}")
-    return replace(copy.deepcopy(PRESETS[name]), **overrides)
+    """A fresh copy of a named preset or released checkpoint, with top-level fields optionally replaced."""
+    name = SIZE_ALIASES.get(name, name)
+    if name in REFUSED:
+        raise ValueError(f"{name} is not supported: {REFUSED[name]}")
+    if name not in PRESETS and name not in RELEASES:
+        raise ValueError(f"unknown size preset {name!r}; choose from {sorted(PRESETS) + sorted(RELEASES)}")
+    return replace(copy.deepcopy(PRESETS.get(name) or RELEASES[name]), **overrides)
+
+
+def _shape(c: InternVLConfig) -> tuple:
+    v, l = c.vision, c.llm
+    return (l.family, v.norm_type, v.hidden_size, v.num_layers, l.hidden_size, l.num_layers, l.num_heads,
+            l.num_kv_heads, l.intermediate_size)
+
+
+def identify_release(config: InternVLConfig, hint: str = "") -> tuple[str, bool]:
+    """(the released checkpoint this config is, exact): the one of the same architecture (LLM class, ViT
+    variant, hidden sizes, layers) and template. Releases that share all of these (InternVL2-2B and
+    Mini-InternVL-Chat-2B-V1-5) are told apart by `hint` (the directory name), else the first is taken. No
+    exact match (a tiny test model, a custom LLM): the first release of the same LLM class, ViT variant and
+    template, exact False."""
+    same = [n for n, r in RELEASES.items() if _shape(r) == _shape(config) and r.template == config.template]
+    exact = bool(same)
+    if not same:
+        same = [n for n, r in RELEASES.items() if _shape(r)[:2] == _shape(config)[:2]
+                and r.template == config.template]
+    if not same:
+        raise ValueError(f"no released InternVL checkpoint has an {config.llm.architecture} LLM with an "
+                         f"InternViT ({config.vision.norm_type}) and template {config.template!r}; known: "
+                         f"{sorted(RELEASES)}")
+    hinted = [n for n in same if n.lower() in hint.lower()]
+    return (hinted or same)[0], exact

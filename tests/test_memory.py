@@ -67,7 +67,7 @@ def test_cli_reads_config_json_without_loading_weights(monkeypatch, capsys):
     import model
     monkeypatch.setattr(model, "load_pretrained", lambda *a, **k: pytest.fail("--estimate-memory loaded weights"))
     out = run_cli(["--model-path", "tests/fixtures/phi3", "--mode", "lora", "--gpus", "2"], capsys)
-    assert "InternVL 1.5 4b, lora, ZeRO-1, 2 GPU(s)" in out and "verdict: fits" in out
+    assert "Mini-InternVL-Chat-4B-V1-5, lora, ZeRO-1, 2 GPU(s)" in out and "verdict: fits" in out
     for part in ("weights", "gradients", "optimizer", "activations", "overhead", "total"):
         assert part in out
 
@@ -91,3 +91,21 @@ def test_zero3_partitions_and_more_gpus_never_cost_more(capsys):
     assert eight["optimizer"] == pytest.approx(one["optimizer"] / 8)
     assert eight["weights"] < one["weights"] / 4
     assert one["activations"] == eight["activations"]
+
+
+def test_every_released_checkpoint_is_estimated(capsys):
+    """--estimate-memory for every row of the checkpoint table: the official recipe's batch, length and ZeRO
+    stage; bigger models never need less per GPU in the same mode."""
+    import options
+    from model.config import RELEASES
+    totals = {}
+    for name in RELEASES:
+        for mode in ("full", "lora", "qlora"):
+            est = train.main(["--size", name, "--mode", mode, "--estimate-memory"])
+            assert all(v >= 0 for v in est.values()) and est["total"] < 400 * 2**30, (name, mode, est)
+            totals[name, mode] = est
+        out = capsys.readouterr().out
+        assert f"{name}, lora, ZeRO-{3 if options.RECIPES[name].zero3 else 1}" in out
+    one, eight = totals["InternVL2_5-1B", "full"], totals["InternVL2_5-8B", "full"]
+    assert one["weights"] < eight["weights"] and one["optimizer"] < eight["optimizer"]
+    assert totals["InternVL2_5-78B", "qlora"]["weights"] < totals["InternVL2_5-78B", "full"]["weights"] * 8

@@ -287,7 +287,28 @@ def test_wqkv_permutation_matches_official_split(heads, kv):
     assert torch.equal(to_official_state_dict({name: internal}, cfg)[to_official_name(name, "internlm2")], w)
 
 
-@pytest.mark.parametrize("size", ["2b", "4b"])
+def test_every_release_is_identified_from_its_architecture_and_template():
+    """The run's release comes from the checkpoint: InternVL2-8B is never taken for a 2B. Releases of one
+    architecture and template (InternVL2-2B and Mini-InternVL-Chat-2B-V1-5) need the directory name."""
+    from model.config import RELEASES, identify_release
+    for name in RELEASES:
+        assert identify_release(preset(name), "/models/" + name) == (name, True)
+    assert identify_release(preset("InternVL2-8B")) == ("InternVL2-8B", True)
+    assert identify_release(preset("InternVL2_5-8B")) == ("InternVL2_5-8B", True)
+    assert identify_release(preset("InternVL2_5-4B")) == ("InternVL2_5-4B", True)
+    assert identify_release(preset("InternVL2-2B")) == ("Mini-InternVL-Chat-2B-V1-5", True)
+    from model import load_config
+    qwen2, llama = (load_config(os.path.join(FIXTURES, n)) for n in ("qwen2", "llama"))
+    assert identify_release(qwen2) == ("InternVL2_5-1B", False)  # tiny: the family's first release
+    assert identify_release(llama) == ("InternVL2-40B", False)
+    qwen2.template = "phi3-chat"
+    with pytest.raises(ValueError, match="no released InternVL checkpoint has an Qwen2ForCausalLM LLM"):
+        identify_release(qwen2)
+    with pytest.raises(ValueError, match="InternVL2-Llama3-76B is not supported: its Llama-3 tokenizer"):
+        preset("InternVL2-Llama3-76B")
+
+
+@pytest.mark.parametrize("size", ["2b", "4b", "InternVL2_5-1B", "InternVL2-40B"])
 def test_name_table_round_trips(size):
     cfg = preset(size)
     for k in build_model(cfg, "meta").state_dict():

@@ -637,6 +637,28 @@ def test_progress_bar_fits_100_columns_with_evaluation_on():
     assert "eval" not in train.progress(row)
 
 
+def test_recipe_defaults_follow_the_official_scripts():
+    """InternVL2_5-78B full: 8192 tokens, 1 x 4 per device (32 GPUs), lr 2e-5, wd 0.05, drop path 0.4, ZeRO-3,
+    6 tiles; InternVL2-1B LoRA: 4096 tokens, 4 x 2, lr 4e-5, wd 0.01, no drop path, ZeRO-1."""
+    import options
+    from model import preset
+    for size, mode, want in [
+            ("InternVL2_5-78B", "full", dict(max_length=8192, batch_size=1, grad_accum=4, lr=2e-5, weight_decay=0.05,
+                                             drop_path_rate=0.4, max_tiles=6, deepspeed="ds_zero3.json")),
+            ("InternVL2-1B", "lora", dict(max_length=4096, batch_size=4, grad_accum=2, lr=4e-5, weight_decay=0.01,
+                                          drop_path_rate=0.0, max_tiles=6, deepspeed="ds_zero1.json")),
+            ("26b", "lora", dict(max_length=4096, batch_size=2, grad_accum=4, lr=2e-5, max_tiles=12,
+                                 deepspeed="ds_zero3.json"))]:
+        args = options.parse_args(["--size", size, "--mode", mode])
+        args.demo, config = False, preset(size, max_dynamic_patch=12)
+        args.size = options.checkpoint_size(config, args.size)
+        options.fill_defaults(args)
+        options.resolve_tiling(args, config)
+        got = {k: getattr(args, k) for k in want}
+        got["deepspeed"] = os.path.basename(got["deepspeed"])
+        assert got == want, size
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 def _refused(argv, match):
@@ -651,9 +673,12 @@ def test_bad_combinations_are_refused_before_any_heavy_work(demo, tmp_path):
     base, data = demo
     out = ["--output-dir", str(tmp_path)]
     _refused(["--size", "4b", "--model-path", base, "--data", data, *out],
-             r"--size 4b but .* has the 2b architecture \(LLM internlm2, ViT layer_norm\)")
+             r"--size Mini-InternVL-Chat-4B-V1-5 but the checkpoint has the Mini-InternVL-Chat-2B-V1-5 "
+             r"architecture \(LLM InternLM2ForCausalLM 2x128, ViT layer_norm")
     fixture = os.path.join(ROOT, "tests", "fixtures", "internlm2")  # InternViT-6B style: the 26b architecture
-    _refused(["--size", "2b", "--model-path", fixture, "--data", data, *out], r"--size 2b but .* has the 26b")
+    _refused(["--size", "2b", "--model-path", fixture, "--data", data, *out], r"--size Mini-InternVL-Chat-2B-V1-5 but .* has the InternVL-Chat-V1-5")
+    _refused(["--size", "InternVL2-Llama3-76B", "--model-path", fixture, "--data", data, *out],
+             r"InternVL2-Llama3-76B: not supported, its Llama-3 tokenizer")
     _refused(["--data", data, *out], r"--model-path is missing")
     _refused(["--model-path", str(tmp_path / "nowhere"), "--data", data, *out], r"nowhere: no config.json")
     _refused(["--model-path", base, *out], r"no training data")
