@@ -1,8 +1,10 @@
-"""Real-size checks on CPU: random official-format checkpoints at the released 2B / 4B shapes, then load,
-one LoRA and one QLoRA step of train.py, convert, and a 2-process ZeRO-3 load, each measured in its own process.
+"""Real-size checks on CPU: random official-format checkpoints at the released 2B / 4B / InternVL2.5-1B shapes,
+then load, one LoRA and one QLoRA step of train.py, convert, and a 2-process ZeRO-3 load, each measured in its
+own process.
 
     python3 bench/realsize.py --size 2b --out /tmp/realsize            # prints JSON
     python3 bench/realsize.py --size 2b --only write,load,estimate     # a subset
+    python3 bench/realsize.py --size InternVL2_5-1B                    # Qwen2.5-0.5B, 151674 ids, tied head
 
 Checkpoints are written tensor by tensor into bf16 shards (never the whole model in memory) with the tokenizer
 files of the right family (tests/fixtures); steps use float32 compute on CPU (bf16 matmuls are very slow here)
@@ -23,14 +25,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 GIB = 2**30
-FAMILY = {"2b": "internlm2", "4b": "phi3", "26b": "internlm2"}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "generation_config.json")
+SIZES = ("2b", "4b", "InternVL2_5-1B")
+# The fixture whose tokenizer files a size's checkpoint gets (grown to the released ids): its LLM family's.
+FIXTURE = {"internlm2": "internlm2", "phi3": "phi3", "qwen2": "qwen2"}
+TOKENIZER_FILES = {"sentencepiece": ("tokenizer.model",), "bpe": ("vocab.json", "merges.txt")}
+COMMON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
 
 def write_checkpoint(out: str, size: str, shard_bytes: int = 2 * GIB, seed: int = 0) -> dict:
-    """A random official-format InternVL 1.5 directory at the preset's shapes, streamed tensor by tensor into
-    bf16 shards named as the released ones."""
+    """A random official-format InternVL directory at the preset's shapes, streamed tensor by tensor into
+    bf16 shards named as the released ones (a tied Qwen2 head is stored too, as the released files do)."""
     import math
 
     import torch
@@ -40,7 +44,7 @@ def write_checkpoint(out: str, size: str, shard_bytes: int = 2 * GIB, seed: int 
     from model.weights import SafetensorsWriter, to_official_name, to_official_tensor
     config = preset(size)
     os.makedirs(out, exist_ok=True)
-    write_tokenizer(out, FAMILY[size], config.img_context_token_id)
+    write_tokenizer(out, FIXTURE[config.llm.family], config.img_context_token_id)
     tensors = build_model(config, "meta").state_dict()
     plan, nbytes = [[]], 0
     for name, p in tensors.items():
@@ -57,7 +61,10 @@ def write_checkpoint(out: str, size: str, shard_bytes: int = 2 * GIB, seed: int 
         writer = SafetensorsWriter(os.path.join(out, fname), [(o, s, torch.bfloat16) for _, o, s in entries],
                                    metadata={"format": "pt"})
         for name, official, _ in entries:
-            t = random_tensor(name, tensors[name].shape, config, g)
+            tied = config.llm.tie_word_embeddings and name in ("llm.embed.weight", "llm.head.weight")
+            # a tied head is stored with the embedding's values: both drawn from one seed
+            t = random_tensor("llm.embed.weight" if tied else name, tensors[name].shape, config,
+                              torch.Generator().manual_seed(seed + 1) if tied else g)
             writer.write(official, to_official_tensor(name, t, config).to(torch.bfloat16))
             weight_map[official] = fname
             total += 2 * math.prod(t.shape)
@@ -70,22 +77,26 @@ def write_checkpoint(out: str, size: str, shard_bytes: int = 2 * GIB, seed: int 
 
 
 def write_tokenizer(out: str, family: str, img_context_id: int) -> None:
-    """The family's fixture tokenizer grown to the released vocabulary: unused pieces appended to the
-    SentencePiece model until the added tokens (<img>, <IMG_CONTEXT>, ...) sit at their released ids, so every
-    id the model can produce decodes."""
+    """The family's fixture tokenizer grown to the released vocabulary: the added tokens (<img>,
+    <IMG_CONTEXT>, ...) moved to their released ids; SentencePiece: unused pieces appended to the model up to
+    them, so every id the model can produce decodes (Qwen2's BPE has no such filler: ids between its 856
+    pieces and the added tokens are unused)."""
     import shutil
 
     from demo import _piece_message, _varint
+    from model.config import FAMILIES
     fixture = os.path.join(ROOT, "tests", "fixtures", family)
-    for name in TOKENIZER_FILES:
+    kind = FAMILIES[family].tokenizer
+    for name in TOKENIZER_FILES[kind] + COMMON_FILES:
         shutil.copy(os.path.join(fixture, name), out)
     with open(os.path.join(fixture, "added_tokens.json")) as f:
         added = json.load(f)
     first, shift = min(added.values()), img_context_id - added["<IMG_CONTEXT>"]
-    with open(os.path.join(out, "tokenizer.model"), "ab") as f:  # a repeated protobuf field may continue
-        for i in range(shift):
-            piece = _piece_message(f"<unused_{i}>", 0.0, 4)  # USER_DEFINED
-            f.write(b"\x0a" + _varint(len(piece)) + piece)
+    if kind == "sentencepiece":
+        with open(os.path.join(out, "tokenizer.model"), "ab") as f:  # a repeated protobuf field may continue
+            for i in range(shift):
+                piece = _piece_message(f"<unused_{i}>", 0.0, 4)  # USER_DEFINED
+                f.write(b"\x0a" + _varint(len(piece)) + piece)
     with open(os.path.join(out, "added_tokens.json"), "w") as f:
         json.dump({k: v + shift for k, v in added.items()}, f)
     with open(os.path.join(out, "tokenizer_config.json")) as f:
@@ -249,7 +260,7 @@ class Results(dict):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="2b", choices=["2b", "4b"])
+    p.add_argument("--size", default="2b", choices=SIZES)
     p.add_argument("--out", default="/tmp/realsize")
     p.add_argument("--only", default="write,load,qlora_load,estimate,lora_step,qlora_step,convert,zero3")
     p.add_argument("--json", help="also write the results here, after every measurement")

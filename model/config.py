@@ -307,7 +307,8 @@ def _release(vit, template, family, vocab, hidden, layers, heads, kv, inter, the
 
 
 _NTK2 = {"type": "dynamic", "factor": 2.0}
-_QWEN2 = dict(family="qwen2", rms_norm_eps=1e-6, pad_token_id=None)  # Qwen2 / Qwen2.5 (vocab 151646 / 151665)
+# Qwen2 / Qwen2.5 (tokenizers of 151646 / 151665 ids)
+_QWEN2 = dict(family="qwen2", rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, pad_token_id=None)
 RELEASES: dict[str, InternVLConfig] = {
     "Mini-InternVL-Chat-2B-V1-5": PRESETS["2b"],
     "Mini-InternVL-Chat-4B-V1-5": PRESETS["4b"],

@@ -426,3 +426,41 @@ def test_config_records_the_system_message_training_used(tmp_path):
 
 def test_answers_are_logged_readably():
     assert convert.readable("A red\x07 circle\ufffd\n é") == "A red\\x07 circle\\ufffd\\n é"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_export_of_each_new_family_reloads_key_exact(family, tmp_path):
+    """convert.py's writing path on the InternVL 2 / 2.5 fixtures (a LoRA run's adapters merged onto the base):
+    the official names (Qwen2's q/k/v biases, the stored lm_head of a tied Qwen2, Llama's untied head), the
+    base's key set, the llm_config kept, and a strict reload whose logits are the merged model's."""
+    import lora
+    base = str(REPO / "tests" / "fixtures" / family)
+    cfg = lora.LoRAConfig(r=4, alpha=8)
+    model = load_pretrained(base, dtype=torch.float32)
+    lora.inject_lora(model, cfg)
+    lora.mark_trainable(model, "lora")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+    trained = lora.trainable_state_dict(model)
+    out = tmp_path / "export"
+    out.mkdir()
+    merged = lora.merge_checkpoint(base, trained, cfg, dtype=torch.float32)
+    convert.write_weights(str(out), base, merged, load_config(base), torch.float32, max_shard_bytes=200_000)
+    assert convert.check_against_base(str(out), base, torch.float32) == len(read_headers(checkpoint_files(base)))
+    convert.write_config(str(out), base, torch.float32, "SYS")
+    convert.copy_base_files(base, str(out))
+    keys = set(read_headers(checkpoint_files(str(out))))
+    assert "language_model.lm_head.weight" in keys and "language_model.model.layers.1.self_attn.o_proj.weight" in keys
+    assert ("language_model.model.layers.0.self_attn.q_proj.bias" in keys) == (family == "qwen2")
+    llm = json.loads((out / "config.json").read_text())["llm_config"]
+    base_llm = json.loads((Path(base) / "config.json").read_text())["llm_config"]
+    assert {**llm, "torch_dtype": None} == base_llm and llm["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[family]]
+    reloaded = load_pretrained(str(out), dtype=torch.float32)  # strict: a missing or extra key is an error
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        want = model(ids).logits
+        assert (reloaded(ids).logits - want).abs().max() < 1e-4
+        assert (load_pretrained(base, dtype=torch.float32)(ids).logits - want).abs().max() > 1e-3  # adapters merged

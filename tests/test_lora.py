@@ -20,7 +20,8 @@ from model.weights import to_official_state_dict
 
 torch.set_num_threads(2)
 FIXTURES = Path(__file__).parent / "fixtures"
-FAMILIES = ["internlm2", "phi3"]
+FAMILIES = ["internlm2", "phi3", "qwen2", "llama"]
+LINEARS_PER_LAYER = {"internlm2": 5, "phi3": 4, "qwen2": 7, "llama": 7}  # the LLM linears LoRA / QLoRA take
 ROOT = Path(__file__).parent.parent
 
 
@@ -120,7 +121,7 @@ def test_lora_logits_equal_base_at_init(family):
     batch = fixture_batch(family)
     base = logits_of(model, batch)
     wrapped = lora.inject_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05, vit=True))
-    assert len(wrapped) == model.config.llm.num_layers * (5 if family == "internlm2" else 4) + 2 * 4
+    assert len(wrapped) == model.config.llm.num_layers * LINEARS_PER_LAYER[family] + 2 * 4
     lora.mark_trainable(model, "lora")
     model.eval()
     assert torch.equal(logits_of(model, batch), base)
@@ -128,11 +129,13 @@ def test_lora_logits_equal_base_at_init(family):
     assert (logits_of(model, batch) - base).abs().max() > 1e-3
 
 
-def test_qlora_logits_equal_dequantised_base():
-    path = str(FIXTURES / "internlm2")
+@pytest.mark.parametrize("family", ["internlm2", "qwen2"])
+def test_qlora_logits_equal_dequantised_base(family):
+    """Qwen2: the q/k/v biases stay bf16 beside the NF4 weights."""
+    path = str(FIXTURES / family)
     qmodel = load_pretrained(path, dtype=torch.bfloat16, prepare=lora.prepare_qlora)
     quantised = lora.quantizable_names(qmodel)
-    assert len(quantised) == 2 * 5 and "llm.head" not in quantised
+    assert len(quantised) == 2 * LINEARS_PER_LAYER[family] and "llm.head" not in quantised
     assert all(isinstance(qmodel.get_submodule(n), NF4Linear) for n in quantised)
     # ViT, projector and head stay plain bf16 linears
     for name, m in qmodel.named_modules():
@@ -217,7 +220,7 @@ def test_merge_checkpoint_equals_in_memory_merge_and_export(family):
 
     # internal Q|K|V merge, then export  ==  official layout: W_off + s * perm(B) @ A
     config = model.config
-    q = "llm.layers.1.attn.qkv"
+    q = "llm.layers.1.attn.qkv" if config.llm.spec.fused_qkv else "llm.layers.1.attn.k"
     base = dict(load_pretrained(str(path), dtype=torch.float32).named_parameters())[q + ".weight"].detach()
     a, b = trained[q + ".lora_A"], trained[q + ".lora_B"]
     exported = to_official_state_dict({q + ".weight": streamed[q + ".weight"]}, config)
@@ -419,6 +422,13 @@ def test_targets_in_official_names():
     phi3 = build_model(preset("4b"), "meta")
     assert lora.resolve_targets(phi3, LoRAConfig(targets=["gate_up_proj"]))[:1] == ["llm.layers.0.mlp.gate_up"]
     assert len(lora.resolve_targets(phi3, LoRAConfig())) == 32 * 4
+    for name in ("InternVL2_5-1B", "InternVL2-40B"):  # transformers' Qwen2 / Llama names, as official LoRA
+        m = build_model(preset(name), "meta")
+        official = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        assert lora.resolve_targets(m, LoRAConfig(targets=official)) == lora.resolve_targets(m, LoRAConfig())
+        assert lora.resolve_targets(m, LoRAConfig(targets=["self_attn.v_proj"]))[:2] == [
+            "llm.layers.0.attn.v", "llm.layers.1.attn.v"]
+        assert len(lora.resolve_targets(m, LoRAConfig())) == m.config.llm.num_layers * 7
 
 
 
@@ -546,12 +556,17 @@ qlora, stage3 = sys.argv[1] == "qlora", int(sys.argv[3]) == 3
 cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
        "zero_optimization": {"stage": int(sys.argv[3])}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
 deepspeed.init_distributed(dist_backend="gloo")
-load = lambda: load_pretrained("tests/fixtures/internlm2", dtype=torch.bfloat16,
-                               prepare=lora.prepare_qlora if qlora else None)
+fixture = "tests/fixtures/" + sys.argv[4]
+load = lambda: load_pretrained(fixture, dtype=torch.bfloat16, prepare=lora.prepare_qlora if qlora else None)
 reference = load()
 torch.manual_seed(0)
 lora.inject_lora(reference, lora.LoRAConfig(r=8, alpha=16, vit=True))
-model = load()
+model = load_pretrained(fixture, zero3=cfg) if stage3 else load()  # ZeRO-3: partitioned while it is read
+if stage3:
+    plain = {n.replace(".base.", "."): p for n, p in reference.named_parameters()}  # names without adapters
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            assert torch.equal(p, plain[name]), f"partitioned load differs: {name}"
 torch.manual_seed(0)
 with deepspeed.zero.Init(config_dict_or_path=cfg, dtype=torch.bfloat16, enabled=stage3):  # as train.py does
     lora.inject_lora(model, lora.LoRAConfig(r=8, alpha=16, vit=True))
@@ -583,15 +598,16 @@ print("OK")
 """
 
 
-@pytest.mark.parametrize("mode,stage", [("qlora", 1), ("lora", 3)])
-def test_deepspeed_trains(mode, stage, tmp_path):
-    """One process, gloo: DeepSpeed takes the frozen NF4 base (ZeRO-1) and LoRA on partitioned weights (ZeRO-3)."""
+@pytest.mark.parametrize("mode,stage,family", [("qlora", 1, "internlm2"), ("lora", 3, "qwen2")])
+def test_deepspeed_trains(mode, stage, family, tmp_path):
+    """One process, gloo: DeepSpeed takes the frozen NF4 base (ZeRO-1) and LoRA on weights partitioned while they
+    are read (ZeRO-3, Qwen2: its q/k/v biases too)."""
     script = tmp_path / "ds.py"
     script.write_text(DS_SCRIPT)
     with socket.socket() as sock:  # a free port
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    run = subprocess.run([sys.executable, str(script), mode, port, str(stage)], cwd=ROOT, capture_output=True,
+    run = subprocess.run([sys.executable, str(script), mode, port, str(stage), family], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0 and "OK" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     print(run.stdout.strip().splitlines()[-2])

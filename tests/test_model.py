@@ -308,6 +308,20 @@ def test_every_release_is_identified_from_its_architecture_and_template():
         preset("InternVL2-Llama3-76B")
 
 
+@pytest.mark.parametrize("name", ["InternVL2_5-1B", "InternVL2-40B", "InternVL2_5-8B"])
+def test_release_config_json_reads_back(name):
+    """A preset's config.json (bench/realsize.py writes it) reads back to the same model, with the official
+    class's switches (Qwen2 tie_word_embeddings and use_sliding_window, Llama attention_bias / mlp_bias)."""
+    from model.config import InternVLConfig
+    cfg = preset(name)
+    d = cfg.to_official()
+    back = InternVLConfig.from_official(d)
+    assert (back.llm, back.vision, back.template) == (cfg.llm, cfg.vision, cfg.template)
+    assert d["llm_config"]["architectures"] == [cfg.llm.architecture]
+    assert d["llm_config"]["tie_word_embeddings"] == (name == "InternVL2_5-1B")
+    assert all(d["llm_config"][k] == v for k, v in cfg.llm.spec.switches.items())
+
+
 @pytest.mark.parametrize("size", ["2b", "4b", "InternVL2_5-1B", "InternVL2-40B"])
 def test_name_table_round_trips(size):
     cfg = preset(size)
