@@ -21,14 +21,17 @@ def adapter_count_closed_form(config, r: int, llm: bool = True, vit: bool = Fals
 
     InternLM2 per layer: wqkv (D, (H + 2 KV) hd), wo (H hd, D), w1 and w3 (D, I), w2 (I, D).
     Phi-3 per layer: qkv_proj, o_proj as above, gate_up_proj (D, 2 I), down_proj (I, D).
+    Qwen2 / Llama per layer: q_proj (D, H hd), k_proj and v_proj (D, KV hd), o_proj, gate/up/down as InternLM2.
     ViT per layer: qkv (C, 3C), proj (C, C), fc1 (C, Iv), fc2 (Iv, C).
     """
     total = 0
     if llm:
         c = config.llm
         d, hd, i = c.hidden_size, c.head_dim, c.intermediate_size
-        attn = (d + (c.num_heads + 2 * c.num_kv_heads) * hd) + (c.num_heads * hd + d)
-        mlp = (d + 2 * i) + (i + d) if c.family == "phi3" else 2 * (d + i) + (i + d)
+        q, kv = c.num_heads * hd, c.num_kv_heads * hd
+        qkv = (d + q + 2 * kv) if c.spec.fused_qkv else (d + q) + 2 * (d + kv)
+        attn = qkv + (q + d)
+        mlp = (d + 2 * i) + (i + d) if c.spec.fused_gate_up else 2 * (d + i) + (i + d)
         total += r * c.num_layers * (attn + mlp)
     if vit:
         v = config.vision

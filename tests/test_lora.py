@@ -509,7 +509,7 @@ def test_nf4_nbytes_matches_bitsandbytes():
         assert lora.nf4_nbytes(out_f, in_f) == sum(t.numel() * t.element_size() for t in tensors)
 
 
-@pytest.mark.parametrize("size", ["2b", "4b", "26b"])
+@pytest.mark.parametrize("size", ["2b", "4b", "26b", "InternVL2_5-1B"])
 def test_adapter_counts_at_r128_equal_closed_form(size):
     config = preset(size)
     model = build_model(config, "meta")
@@ -522,7 +522,8 @@ def test_adapter_counts_at_r128_equal_closed_form(size):
     print(f"{size}: r=128 adapters LLM {llm:,} (closed form {closed_llm:,}), ViT {vit:,} (closed form {closed_vit:,})")
     assert (llm, vit) == (closed_llm, closed_vit)
     assert rep["adapters"] == (llm + vit, llm + vit)
-    expected_llm = {"2b": 125_829_120, "4b": 201_326_592, "26b": 578_813_952}[size]  # worked out by hand
+    expected_llm = {"2b": 125_829_120, "4b": 201_326_592, "26b": 578_813_952,  # worked out by hand
+                    "InternVL2_5-1B": 70_385_664}[size]  # 24 x 128 x (1792 + 2 x 1024 + 1792 + 3 x 5760)
     assert closed_llm == expected_llm
 
 
