@@ -208,7 +208,7 @@ def init_distributed():
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
                                       r"is deprecated", FutureWarning)
     import deepspeed
-    if not on_gpu:  # plain gloo: DeepSpeed would JIT-compile its shared-memory allreduce op at the first start
+    if not on_gpu:  # plain gloo: DeepSpeed would JIT-compile its shared-memory allreduce op at first start
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
