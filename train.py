@@ -13,6 +13,7 @@ the logged loss whatever the split. (The official trainer averages per-micro-bat
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import json
 import math
@@ -194,8 +195,9 @@ def batches(dataset, sampler, collate_fn, args, pos: Progress, device):
 
 # ------------------------------------------------------------------------------------------------ engine
 
-def init_distributed():
-    """(rank, world, device). Plain `python train.py` is a world of one; CPU: DeepSpeed's CPU accelerator."""
+def init_distributed(timeout_minutes: float):
+    """(rank, world, device). Plain `python train.py` is a world of one; CPU: DeepSpeed's CPU accelerator.
+    `timeout_minutes` bounds every collective, including the wait of ranks 1.. while rank 0 indexes the data."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -210,7 +212,8 @@ def init_distributed():
     import deepspeed
     if not on_gpu:  # plain gloo: DeepSpeed would JIT-compile its shared-memory allreduce op at first start
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False,
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
@@ -331,6 +334,7 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
     warn = Warnings(torch.distributed.get_rank())
     engine.train()
     bad_in_a_row, saved = 0, pos.step or None
+    _peak_memory_gb(device)  # the first step's peak starts here, not at loading
     while pos.step < total_steps:
         t0 = time.time()
         micro = [next(batches) for _ in range(args.grad_accum)]
@@ -414,7 +418,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
 
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(args.dist_timeout_minutes)
     dtype = options.compute_dtype(args, device.type == "cuda")
     fill_deepspeed_config(ds_config, args, world, dtype)
     from data import load_tokenizer
@@ -433,7 +437,7 @@ def main(argv=None):
     if device.type == "cuda":  # before loading anything: refuse a run that cannot fit
         est, table = memory.for_run(shape, config, args, ds_config, zero_stage, world, dtype)
         log(table)
-        problem = memory.check_fits(est, [torch.cuda.mem_get_info(device)[0]])
+        problem = memory.check_fits(est, [smallest_over_ranks(torch.cuda.mem_get_info(device)[0], device)])
         if problem and args.memory_check:
             raise SystemExit(f"error: {problem}. The estimate can be off by about 15%: --no-memory-check "
                              f"tries anyway")
@@ -461,6 +465,13 @@ def all_reduce_sum(values, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def smallest_over_ranks(value, device):
+    """The minimum of a number over the ranks: a decision taken from it is the same on every rank."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t.item()
 
 
 class Warnings:
@@ -509,8 +520,11 @@ def _tensorboard(out_dir):
 
 
 def _peak_memory_gb(device):
+    """GPU: the peak since the previous call (the step's, the counter reset here); CPU: the process's."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 

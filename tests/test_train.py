@@ -438,6 +438,40 @@ COLLECTIVES = {"all_reduce", "broadcast", "all_gather", "all_gather_into_tensor"
 OBJECT_COLLECTIVES = {"broadcast_object_list", "all_gather_object"}
 
 
+def test_the_collective_timeout_covers_a_slow_index(demo, tmp_path):
+    """Ranks 1.. wait for rank 0's index within --dist-timeout-minutes: 3 s is too short for an 8 s index, the
+    default is not; the memory pre-flight's number is the same on every rank."""
+    slow = ["slow-index", "8"]
+    proc, _ = run(common(demo, 1, "--dist-timeout-minutes", "0.05"), tmp_path / "short", nproc=2, worker=slow,
+                  check=False)
+    assert proc.returncode != 0 and re.search(r"[Tt]imed? ?out", proc.stderr), proc.stderr[-3000:]
+    proc, _ = run(common(demo, 1), tmp_path / "default", nproc=2, worker=slow)
+    assert "rank 0: 128 samples, smallest 1000.0" in proc.stdout
+    assert "rank 1: 128 samples, smallest 1000.0" in proc.stdout
+
+
+def test_peak_memory_is_the_steps(monkeypatch):
+    """peak_mem_gb on a GPU: the peak since the previous reading (the counter is reset), not since loading."""
+    import torch
+    import train
+    allocated = {"now": 0, "peak": 0}
+
+    def alloc(n):
+        allocated["now"] += n
+        allocated["peak"] = max(allocated["peak"], allocated["now"])
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: allocated.update(peak=allocated["now"]))
+    cuda = torch.device("cuda", 0)
+    alloc(10 * 2**30), alloc(-8 * 2**30)  # loading: 10 GiB at its peak, 2 GiB kept
+    train._peak_memory_gb(cuda)  # the loop starts
+    alloc(3 * 2**30), alloc(-3 * 2**30)  # step 1: 5 GiB at its peak
+    assert train._peak_memory_gb(cuda) == 5
+    alloc(1 * 2**30), alloc(-1 * 2**30)  # step 2: 3 GiB
+    assert train._peak_memory_gb(cuda) == 3
+
+
 @pytest.mark.parametrize("config", ["ds_zero1.json", "ds_zero3.json"])
 def test_the_optimizer_is_torch_adamw_fused_on_cuda(monkeypatch, config):
     """DeepSpeed builds torch.optim.AdamW (torch_adam) with fused=True on CUDA, so nothing is JIT-compiled."""
@@ -911,12 +945,35 @@ def _kill_in_save(step):
     checkpoint.write_meta = killing_write_meta
 
 
+def _slow_index(seconds):
+    """Rank 0 indexes the data for `seconds` more while the others wait; then each rank prints the smallest of
+    a number that differs per rank (the memory pre-flight's free bytes) and stops before the model loads."""
+    import data
+    import train
+
+    class SlowIndex(data.SupervisedDataset):
+        def __init__(self, *a, index=None, **k):
+            if index is None:
+                time.sleep(seconds)
+            super().__init__(*a, index=index, **k)
+
+    def stop(args, dataset, rank, world):
+        smallest = train.smallest_over_ranks(1000.0 + rank, torch.device("cpu"))
+        print(f"rank {rank}: {len(dataset)} samples, smallest {smallest}", flush=True)
+        torch.distributed.destroy_process_group()
+        sys.exit(0)
+    import torch
+    data.SupervisedDataset, train.plan_batches = SlowIndex, stop
+
+
 if __name__ == "__main__":
     kind, rest = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     import train
     if kind == "mixed":
         import data
         data.LengthGroupedSampler.steps = _mixed_steps
+    elif kind == "slow-index":
+        _slow_index(float(sys.argv[2]))
     elif kind == "kill-in-save":
         _kill_in_save(int(sys.argv[2]))
     elif kind == "faults":
