@@ -165,8 +165,8 @@ def add_lora_and_output_options(p):
                                     "path (default: start at step 0)")
     g.add_argument("--log-interval", type=int, help="progress-bar refresh every N steps (default 1)")
     g.add_argument("--dist-timeout-minutes", type=float, default=120.0,
-                   help="time any collective may wait, e.g. ranks 1.. while rank 0 indexes a large annotation "
-                        "(default 120)")
+                   help="time any collective may wait, e.g. ranks 1.. while rank 0 indexes a large "
+                        "annotation (default 120)")
     g = p.add_argument_group("memory")
     g.add_argument("--estimate-memory", action="store_true", help="print the per-GPU memory estimate, exit "
                                                                   "(default off)")

@@ -197,7 +197,7 @@ def batches(dataset, sampler, collate_fn, args, pos: Progress, device):
 
 def init_distributed(timeout_minutes: float):
     """(rank, world, device). Plain `python train.py` is a world of one; CPU: DeepSpeed's CPU accelerator.
-    `timeout_minutes` bounds every collective, including the wait of ranks 1.. while rank 0 indexes the data."""
+    `timeout_minutes` bounds every collective, including ranks 1.. waiting while rank 0 indexes the data."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
