@@ -22,7 +22,7 @@ DESCRIPTION = ("Fine-tune InternVL 1.5 / 2 / 2.5 (1B to 78B): full, LoRA or QLoR
 
 @dataclass(frozen=True)
 class Recipe:
-    """An official 2nd-stage fine-tune script's settings (internvl_chat/shell/*/2nd_finetune/*_{full,lora}.sh).
+    """An official 2nd-stage fine-tune script's settings (internvl_chat/shell/*/2nd_finetune/*.sh).
     Accumulation is BATCH_SIZE / PER_DEVICE_BATCH_SIZE / GPUS at the script's default GPUS; QLoRA uses the
     LoRA script."""
     lr: float
@@ -77,8 +77,8 @@ def build_parser():
     g.add_argument("--model-path", help="official InternVL 1.5 / 2 / 2.5 directory (default: none; with no "
                                         "data either: the demo)")
     g.add_argument("--size", metavar="NAME", help="the released checkpoint whose recipe to use (e.g. "
-                   "InternVL2_5-8B; 2b / 4b / 26b: the 1.5 ones); checked against the checkpoint (default: the "
-                   "checkpoint's, from its architecture, template and directory name)")
+                   "InternVL2_5-8B; 2b / 4b / 26b: the 1.5 ones); checked against the checkpoint "
+                   "(default: the checkpoint's, from its architecture, template and directory name)")
     g.add_argument("--mode", choices=["full", "lora", "qlora"], help="full: LLM + projector; lora / qlora: "
                    "adapters + projector, qlora on an NF4 LLM (default lora)")
     g = p.add_argument_group("data")
@@ -103,8 +103,8 @@ def build_parser():
                                                                    "refusing to start (default off)")
     g.add_argument("--max-length", type=int, help="max tokens per sample, image ones included (default: the "
                                                   "recipe's, 4096; 8192 for 2.5)")
-    g.add_argument("--max-tiles", type=int, help="max tiles per image, thumbnail aside (default: the recipe's, "
-                                                 "6 for 2 / 2.5; 1.5: max_dynamic_patch)")
+    g.add_argument("--max-tiles", type=int, help="max tiles per image, thumbnail aside (default: the "
+                                                 "recipe's, 6 for 2 / 2.5; 1.5: max_dynamic_patch)")
     g.add_argument("--min-tiles", type=int, help="min tiles per image (default: min_dynamic_patch)")
     g.add_argument("--thumbnail", action=argparse.BooleanOptionalAction, help="a thumbnail after "
                    "multi-tile images (default: use_thumbnail)")
