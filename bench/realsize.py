@@ -97,6 +97,8 @@ def write_tokenizer(out: str, family: str, img_context_id: int) -> None:
             for i in range(shift):
                 piece = _piece_message(f"<unused_{i}>", 0.0, 4)  # USER_DEFINED
                 f.write(b"\x0a" + _varint(len(piece)) + piece)
+    else:
+        grow_bpe(out, shift)
     with open(os.path.join(out, "added_tokens.json"), "w") as f:
         json.dump({k: v + shift for k, v in added.items()}, f)
     with open(os.path.join(out, "tokenizer_config.json")) as f:
@@ -105,6 +107,44 @@ def write_tokenizer(out: str, family: str, img_context_id: int) -> None:
                                    for k, v in cfg["added_tokens_decoder"].items()}
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def grow_bpe(out: str, n: int) -> None:
+    """Append n merges to vocab.json + merges.txt (ids after the last): every byte pair not yet a token, then
+    byte triples split as ranked BPE splits them, so the files stay a valid BPE whose ids have no gap."""
+    from data.bpe import bytes_to_unicode
+    char = bytes_to_unicode()
+    spell = lambda b: "".join(char[x] for x in b)  # noqa: E731
+    with open(os.path.join(out, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    ranks = {bytes(next(k for k, v in char.items() if v == c) for c in tok): i for tok, i in vocab.items()}
+    merges, next_id = [], len(vocab)
+
+    def add(a: bytes, b: bytes) -> None:
+        nonlocal next_id
+        ranks[a + b] = next_id
+        vocab[spell(a + b)] = next_id
+        merges.append(f"{spell(a)} {spell(b)}")
+        next_id += 1
+
+    pairs = (bytes([x, y]) for x in range(256) for y in range(256))
+    for p in pairs:
+        if len(merges) == n:
+            break
+        if p not in ranks:
+            add(p[:1], p[1:])
+    for x in range(256):
+        for y in range(256):
+            for z in range(256):
+                if len(merges) == n:
+                    break
+                t = bytes([x, y, z])
+                if t not in ranks:  # ranked BPE joins the lower-ranked pair first, the left one on a tie
+                    add(*((t[:2], t[2:]) if ranks[t[:2]] <= ranks[t[1:]] else (t[:1], t[1:])))
+    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(out, "merges.txt"), "a", encoding="utf-8") as f:
+        f.write("".join(m + "\n" for m in merges))
 
 
 def write_data(out: str, n: int = 64) -> str:
