@@ -398,6 +398,9 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
 def main(argv=None):
     args = options.parse_args(argv)
     args.demo = not (args.model_path or args.data or args.meta_path or args.estimate_memory)
+    if args.demo and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # the tiny demo gains little from a second thread and loses much beside other
+        # work (bench/demo_threads.py: 2 threads ran 6x slower than 1 on a busy 2-core machine)
     try:  # every check before heavy work: one `error:` line, no traceback
         if args.estimate_memory:
             return options.print_memory_estimate(args)

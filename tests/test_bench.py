@@ -223,3 +223,11 @@ def test_realsize_zero3_load_reports_every_rank(tmp_path):
     assert len(r["rank_peak_rss_gib"]) == 2
     # each rank is a Python with torch and DeepSpeed loaded (> 0.2 GiB), and none exceeds the whole tree's peak
     assert all(0.2 < x <= r["peak_rss_gib"] for x in r["rank_peak_rss_gib"]), r
+
+
+def test_demo_threads_bench_json(tmp_path):
+    from bench import demo_threads
+    r = demo_threads.main(["--steps", "2", "--threads", "1", "--busy", "0", "--repeats", "1", "--json",
+                           str(tmp_path / "t.json")])
+    assert [(x["busy"], x["threads"]) for x in r["runs"]] == [(0, 1)] and r["runs"][0]["median_s"] > 0
+    assert json.loads((tmp_path / "t.json").read_text())["steps"] == 2
