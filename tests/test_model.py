@@ -205,9 +205,12 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(case):
 def _spec_shapes(size):
     """The official keys and shapes of the released models, written out independently of model/weights.py."""
     shapes = {}
-    vit, llm = {"2b": (1024, 24, 4096, False), "4b": (1024, 24, 4096, False), "26b": (3200, 45, 12800, True)}[size], \
+    vit, llm = {"2b": (1024, 24, 4096, False), "4b": (1024, 24, 4096, False), "26b": (3200, 45, 12800, True),
+                "InternVL2_5-1B": (1024, 24, 4096, False), "InternVL2-40B": (3200, 45, 12800, True)}[size], \
         {"2b": ("internlm2", 92553, 2048, 24, 4096, 8192), "4b": ("phi3", 32020, 3072, 32, 9216, 8192),
-         "26b": ("internlm2", 92553, 6144, 48, 8192, 16384)}[size]
+         "26b": ("internlm2", 92553, 6144, 48, 8192, 16384),
+         "InternVL2_5-1B": ("qwen2", 151674, 896, 24, (896, 128), 4864),  # q 14 x 64, k / v 2 x 64
+         "InternVL2-40B": ("llama", 64000, 7168, 60, (7168, 1024), 20480)}[size]  # q 56 x 128, k / v 8 x 128
     c, nl, inter, big = vit
     e = "vision_model.embeddings."
     shapes.update({e + "class_embedding": [1, 1, c], e + "position_embedding": [1, 1025, c],
@@ -235,6 +238,20 @@ def _spec_shapes(size):
                            p + "feed_forward.w1.weight": [i_, d], p + "feed_forward.w3.weight": [i_, d],
                            p + "feed_forward.w2.weight": [d, i_], p + "attention_norm.weight": [d],
                            p + "ffn_norm.weight": [d]})
+    elif fam in ("qwen2", "llama"):  # transformers' classes; a tied Qwen2 head is stored too
+        shapes.update({lm + "embed_tokens.weight": [v, d], lm + "norm.weight": [d],
+                       "language_model.lm_head.weight": [v, d]})
+        q, kv = qkv
+        for i in range(layers):
+            p = f"{lm}layers.{i}."
+            shapes.update({p + "self_attn.q_proj.weight": [q, d], p + "self_attn.k_proj.weight": [kv, d],
+                           p + "self_attn.v_proj.weight": [kv, d], p + "self_attn.o_proj.weight": [d, q],
+                           p + "mlp.gate_proj.weight": [i_, d], p + "mlp.up_proj.weight": [i_, d],
+                           p + "mlp.down_proj.weight": [d, i_], p + "input_layernorm.weight": [d],
+                           p + "post_attention_layernorm.weight": [d]})
+            if fam == "qwen2":
+                shapes.update({p + "self_attn.q_proj.bias": [q], p + "self_attn.k_proj.bias": [kv],
+                               p + "self_attn.v_proj.bias": [kv]})
     else:
         shapes.update({lm + "embed_tokens.weight": [v, d], lm + "norm.weight": [d],
                        "language_model.lm_head.weight": [v, d]})
@@ -246,7 +263,8 @@ def _spec_shapes(size):
     return shapes
 
 
-@pytest.mark.parametrize("size,count,params", [("2b", 517, 2.206e9), ("4b", 541, 4.147e9), ("26b", 934, 25.51e9)])
+@pytest.mark.parametrize("size,count,params", [("2b", 517, 2.206e9), ("4b", 541, 4.147e9), ("26b", 934, 25.51e9),
+                                               ("InternVL2_5-1B", 637, 0.9382e9), ("InternVL2-40B", 1138, 40.07e9)])
 def test_presets_have_released_keys_shapes_and_parameter_counts(size, count, params):
     cfg = preset(size)
     m = build_model(cfg, "meta")
