@@ -280,7 +280,7 @@ def train_step(engine, scheduler, micro, step, counters, device, dtype):
     meta = [b["meta"] for b in micro]
     local = [sum(m[k] for m in meta) for k in ("num_supervised", "num_tokens", "num_samples",
                                                "image_failures")]
-    local += [sum(len(m["skipped"]) for m in meta), sum(m["num_supervised"] == 0 for m in meta),
+    local += [sum(m["replaced"] for m in meta), sum(m["num_supervised"] == 0 for m in meta),
               sum(int(b["image_flags"].sum()) for b in micro), sum(m.get("over_budget", 0) for m in meta)]
     local += [sum(m.get("truncated", 0) for m in meta), sum(m.get("gpt_first", 0) for m in meta),
               sum(len(m.get("wide_images", ())) for m in meta)]
@@ -382,7 +382,7 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
     c, final = pos.counters, saved and os.path.join(args.output_dir, f"iter_{saved}")
     log(f"done: {pos.step} steps; skipped {c['skipped_steps']} (non-finite {c['nonfinite_steps']}, "
         f"all-masked {c['all_masked_steps']}); replaced {c['replaced_samples']} samples "
-        f"({c['image_failures']} unreadable images, the rest too long)"
+        f"({c['image_failures']} unreadable images among the failed attempts, the others too long)"
         + (f"; {c['over_budget_packs']} packs over their budget" if c["over_budget_packs"] else "")
         + f"; changed as the official code does: {c['truncated_samples']} answers cut at --max-length, "
           f"{c['gpt_first_dropped']} leading gpt turns dropped, {c['wide_images']} 16-bit images clipped"

@@ -3,7 +3,8 @@
 input_ids are padded on the right with 0 (the official pad id here, not the tokenizer's), labels with -100.
 attention_mask comes from the lengths rather than `input_ids != 0`, so a genuine id 0 (<unk>) inside a sample
 is still attended to. The keys are the model's forward arguments plus "meta" (pop it before the forward):
-ids ("source:line" per sample), skipped (problems that made the dataset replace a sample), image_failures,
+ids ("source:line" per sample), skipped (problems that made the dataset replace a sample: one per failed
+attempt), replaced (samples replaced), image_failures,
 num_samples, num_tokens, num_supervised (the loss denominator), truncated (samples cut at max_length),
 gpt_first (samples whose leading gpt turn was dropped), wide_images (16-bit images clipped, as official).
 
@@ -56,6 +57,7 @@ def batch_meta(samples, labels):
     return {
         "ids": [m.get("id") for m in metas],
         "skipped": [x for m in metas for x in m.get("skipped", [])],
+        "replaced": sum(1 for m in metas if m.get("skipped")),  # samples that took a replacement
         "num_samples": len(samples),
         "num_tokens": sum(len(s["input_ids"]) for s in samples),
         "num_supervised": int(target_mask(labels).sum()),  # the loss's count

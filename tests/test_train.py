@@ -543,9 +543,10 @@ def test_packs_over_their_budget_are_counted_in_the_metrics(monkeypatch):
     import train
     from data.packing import collate_packed
 
-    def sample(n, tiles):
+    def sample(n, tiles, skipped=()):
         return dict(input_ids=torch.ones(n, dtype=torch.long), labels=torch.full((n,), -100),
-                    pixel_values=torch.zeros(tiles, 3, 4, 4), image_flags=torch.ones(tiles, dtype=torch.long))
+                    pixel_values=torch.zeros(tiles, 3, 4, 4), image_flags=torch.ones(tiles, dtype=torch.long),
+                    meta={"skipped": list(skipped)})
 
     class Schedule:
         def get_last_lr(self):
@@ -556,13 +557,16 @@ def test_packs_over_their_budget_are_counted_in_the_metrics(monkeypatch):
 
     monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: t.mul_(2))  # as if 2 ranks saw the same
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    micro = [collate_packed([sample(5, 1), sample(4, 2)], max_tokens=8, max_tiles=4),  # tokens over
+    # one sample replaced after two failed attempts, one after one: 2 replaced samples per rank
+    micro = [collate_packed([sample(5, 1, ["a:3: unreadable", "a:9: too long"]), sample(4, 2, ["a:4: too long"])],
+                            max_tokens=8, max_tiles=4),  # tokens over
              collate_packed([sample(3, 3), sample(3, 2)], max_tokens=8, max_tiles=4),  # tiles over
              collate_packed([sample(3, 1)], max_tokens=8, max_tiles=4)]
     counters = dict.fromkeys(train.COUNTERS, 0)
     row = train.train_step(None, Schedule(), micro, 0, counters, torch.device("cpu"), torch.float32)
     assert row["loss"] is None and counters["all_masked_steps"] == 1
     assert counters["over_budget_packs"] == 4 and counters["samples_seen"] == 10
+    assert counters["replaced_samples"] == 4  # samples, not the 3 failed attempts per rank
 
 
 def test_workers_fork_frozen_and_the_trainer_unfreezes():
