@@ -10,7 +10,8 @@ with worker processes. Prints the median of several runs as samples/s, images/s 
 Start time and memory at scale (--records N): writes a LLaVA-like annotation of N records (1-5 turns, 10-120
 words per answer, 90% with an image file of its own, hard links to a pool of JPEGs of 64 sizes, so the index
 reads one header per record as for LLaVA-665k; --image-wh F gives a fraction F of them image_wh) and reports, as
-JSON: the dataset build seconds cold and warm (index cache), the main process's RSS and the dataset's own bytes,
+JSON: the dataset build seconds cold and warm (index cache), the seconds to stat() every image file once (what a
+cache keyed by each image file would add to a warm start), the main process's RSS and the dataset's own bytes,
 the RSS and private-memory growth of each DataLoader worker over --worker-samples samples, and the length
 estimates' error against built samples.
 
@@ -284,6 +285,9 @@ def scale(args, tok):
         t0 = time.perf_counter()
         make_scale_annotation(ann, tmp, args.records, args.format, image_wh=args.image_wh)
         write_s = time.perf_counter() - t0
+        for folder in (tmp, os.path.join(tmp, "img")):  # images written a while before the run: a folder
+            past = time.time() - 3600  # changed in the last seconds makes the index cache untrusted
+            os.utime(folder, (past, past))
         size = os.path.getsize(ann)
         cache = os.path.join(tmp, "cache")
         rss0 = _memory_kb()[0]
@@ -294,12 +298,19 @@ def scale(args, tok):
                                    max_length=args.max_length, cache_dir=cache, index_workers=args.index_workers)
             builds.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
+        # what a cache key over every image file would add to each warm start: a stat() per image
+        images = [os.path.join(tmp, "img", name) for name in os.listdir(os.path.join(tmp, "img"))]
+        t0 = time.perf_counter()
+        for p in images:
+            os.stat(p)
+        stat_s = time.perf_counter() - t0
         held = ds.index.nbytes + sum(a.nbytes for a in (ds.lengths, ds.is_image, ds.tiles)) + sum(
             x[c].nbytes for x in ds.source_index for c in ("offset", "nbytes", "line", "length", "tiles", "is_image"))
         row = {"records": args.records, "format": args.format, "image_wh": args.image_wh,
                "file_mb": round(size / 2**20, 1),
                "write_s": round(write_s, 2), "build_cold_s": round(builds[0], 2), "build_warm_s": round(builds[1], 2),
                "build_cold_cpu_s": round(cpu[0], 2), "build_warm_cpu_s": round(cpu[1], 2),
+               "stat_every_image_s": round(stat_s, 3), "images": len(images),
                "main_rss_mb": round(_memory_kb()[0] / 1024, 1),
                "main_rss_growth_mb": round((_memory_kb()[0] - rss0) / 1024, 1),
                "dataset_mb": round(held / 2**20, 2), "dataset_over_file": round(held / size, 3),

@@ -17,6 +17,8 @@ import multiprocessing
 import os
 import random
 import re
+import time
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -347,16 +349,46 @@ def default_cache_dir():
     return os.environ.get("INTERNVL_DATA_CACHE") or home_cache
 
 
+def _read_cached_index(path):
+    """The index cached at path, or None where it is unreadable (truncated, corrupt: rebuilt and rewritten)
+    or stale: an image folder it looked in has changed since (images added or removed)."""
+    try:
+        with np.load(path) as z:
+            x = {c: z[c] for c in _COLUMNS}
+            x.update(json.loads(z["info"].tobytes()))
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        log.warning("index cache %s is unreadable (%s: %s): rebuilding it", path, type(e).__name__, e)
+        return None
+    changed = [f for f, stamp in x["folders"].items() if isinstance(stamp, str) or folder_stamp(f) != stamp]
+    if changed:
+        log.info("index cache %s: %d image folder(s) changed since (first: %s): rebuilding it", path,
+                 len(changed), changed[0])
+        return None
+    return x
+
+
 def _exists(path, listings):
-    """os.path.exists through one directory listing per folder (fast for 100k's of images)."""
+    """os.path.exists through one directory listing per folder (fast for 100k's of images). listings[folder]:
+    (its names, its folder_stamp taken before the listing)."""
     folder, name = os.path.split(path)
-    names = listings.get(folder)
-    if names is None:
+    if folder not in listings:
+        stamp = folder_stamp(folder)
+        if stamp is not None and time.time_ns() - stamp < _RECENT_NS:  # it may change again within the
+            stamp = "recent"  # same timestamp tick, unseen: an index that lists it now is never reused
         try:
-            names = listings[folder] = set(os.listdir(folder or "."))
+            listings[folder] = set(os.listdir(folder or ".")), stamp
         except OSError:
-            names = listings[folder] = set()
-    return name in names
+            listings[folder] = set(), stamp
+    return name in listings[folder][0]
+
+
+def folder_stamp(folder):
+    """What says that a folder's files changed: its mtime (a file added, removed or renamed into it changes
+    it; an existing file rewritten in place does not), or None when it does not exist."""
+    try:
+        return os.stat(os.path.abspath(folder or ".")).st_mtime_ns
+    except OSError:
+        return None
 
 
 def _image_sizes(rec, paths, headers):
@@ -380,7 +412,8 @@ def _image_sizes(rec, paths, headers):
 # 2: tiles read from the image headers where a record has no image_wh (1 charged the cap)
 # 3: literal image tokens in a record's text are bad samples
 # 4: full_length, need and gpt_first: what --max-length cuts or cannot fit, and dropped leading gpt turns
-INDEX_VERSION = 4
+# 5: the stamps of the image folders it looked in (a change makes it stale); keyed by the cwd too
+INDEX_VERSION = 5
 _COLUMNS = {"offset": np.int64, "nbytes": np.int64, "line": np.int64, "length": np.int32, "tiles": np.int32,
             "is_image": np.bool_, "full_length": np.int64, "need": np.int64, "gpt_first": np.bool_}
 _SHOWN = 50  # problems listed in the error; the rest are counted
@@ -391,6 +424,7 @@ _PARALLEL_BYTES = 16 << 20
 _MAX_INDEX_WORKERS = 16
 _SCAN_CHUNK = 2000
 _SCANNING = None  # (dataset, source index, memo) while forked index workers run
+_RECENT_NS = 2 * 10**9  # a folder changed this recently when listed: its mtime does not prove it current
 
 
 def _scan_in_worker(chunk):
@@ -512,8 +546,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if os.path.exists(path):
                 with open(path, "rb") as f:
                     h.update(f.read())
-        key = [INDEX_VERSION, file_fingerprint(s.annotation),
-               s.image_folder and os.path.abspath(s.image_folder), h.hexdigest(), self.template.name,
+        key = [INDEX_VERSION, file_fingerprint(s.annotation),  # image paths resolve against the folder or cwd
+               os.path.abspath(s.image_folder or "."), h.hexdigest(), self.template.name,
                self.system_message, self._max_num(si), self.min_num,
                self.image_size, self.use_thumbnail, self.max_length]
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()
@@ -523,20 +557,22 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if not os.path.exists(s.annotation):
             raise DataError(f"{s.annotation}: annotation file not found (source {s.name})")
         path = cache_dir and os.path.join(cache_dir, f"{self._cache_key(si)}.npz")
-        if path and os.path.exists(path):
-            with np.load(path) as z:
-                x = {c: z[c] for c in _COLUMNS}
-                x.update(json.loads(z["info"].tobytes()))
+        x = path and os.path.exists(path) and _read_cached_index(path)
+        if x:
             log.info("index of %s read from %s", s.annotation, path)
             return x
         x = self._scan(si)
-        if path:  # written whole, then renamed: a reader never sees half a file
-            info = {k: x[k] for k in ("records", "bad", "missing_images", "unread_headers", "problems")}
+        if path:  # written whole and synced, then renamed: a reader never sees half a file
+            info = {k: x[k] for k in ("records", "bad", "missing_images", "unread_headers", "problems",
+                                      "folders")}
             info = np.frombuffer(json.dumps(info).encode(), np.uint8)
             tmp = f"{path}.{os.getpid()}.tmp.npz"
             try:
                 os.makedirs(cache_dir, exist_ok=True)
-                np.savez(tmp, info=info, **{c: x[c] for c in _COLUMNS})
+                with open(tmp, "wb") as f:
+                    np.savez(f, info=info, **{c: x[c] for c in _COLUMNS})
+                    f.flush()
+                    os.fsync(f.fileno())
                 os.replace(tmp, path)
             except OSError as e:  # a read-only or full cache folder costs the next start time, nothing else
                 log.warning("could not cache the index of %s in %s: %s", s.annotation, cache_dir, e)
@@ -565,9 +601,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
             log.warning("%s: %d record(s) with an image whose header cannot be read (first: line %d): their "
                         "tiles are estimated at the cap; the images are reported if they fail to load when "
                         "their samples are built", s.annotation, len(unread), unread[0])
+        folders = {}
+        for p in parts:
+            for f, stamp in p["folders"].items():
+                f = os.path.abspath(f or ".")  # two processes saw it change during the scan: never valid
+                folders[f] = stamp if folders.get(f, stamp) == stamp else "changed"
         return cols | {"records": sum(p["records"] for p in parts), "bad": sum(p["bad"] for p in parts),
                        "missing_images": sum(p["missing"] for p in parts), "unread_headers": len(unread),
-                       "problems": problems}
+                       "problems": problems, "folders": folders}
 
     def _scan_in_workers(self, si, chunks, memo, workers):
         """_scan_records of each chunk in forked processes; the results in order. At most four chunks per
@@ -595,6 +636,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """_scan's work on a list of read_annotation items: index columns and counts of the valid records."""
         s, cols = self.sources[si], {c: [] for c in _COLUMNS}
         problems, bad, missing, unread = [], 0, 0, []  # unread: lines of records with an unreadable header
+        folders = {}  # {image folder: its folder_stamp}
         for line, offset, nbytes, rec in chunk:
             if isinstance(rec, bytes):
                 rec = parse_line(rec)
@@ -604,6 +646,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 conv = parse_record(rec)
                 paths = [os.path.join(s.image_folder or "", p) for p in conv.images]
                 lost = [p for p in paths if not _exists(p, memo["listings"])]
+                folders.update((f, memo["listings"][f][1]) for f in {os.path.dirname(p) for p in paths})
                 if lost:
                     missing += 1
                     raise SampleError(f"image file not found: {lost[0]}"
@@ -623,7 +666,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 cols[c].append(v)
         x = {c: np.array(v, dtype=t) for (c, t), v in zip(_COLUMNS.items(), cols.values())}
         return x | {"records": len(chunk), "bad": bad, "missing": missing, "unread": unread,
-                    "problems": problems}
+                    "problems": problems, "folders": folders}
 
     def _report_problems(self, skip_bad_samples):
         bad = sum(x["bad"] for x in self.source_index)

@@ -2,8 +2,11 @@
 import json
 import os
 import random
+import shutil
+from functools import partial
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -35,7 +38,14 @@ def image_dir(tmp_path):
     d.mkdir()
     for k, wh in enumerate([(640, 480), (300, 900), (448, 448)]):
         Image.new("RGB", wh, (k * 50, 100, 200)).save(d / f"{k}.jpg")
+    _age(d)
     return d
+
+
+def _age(folder, seconds=3600):
+    """Images written a while ago: an index cache stamps a folder changed in the last seconds as never current."""
+    past = os.stat(folder).st_mtime - seconds
+    os.utime(folder, (past, past))
 
 
 @pytest.mark.parametrize("ratio,n", [(0.5, 10), (1, 10), (2.5, 10), (0.3, 10), (1.75, 7)])
@@ -257,6 +267,7 @@ def test_unreadable_image_headers_fall_back_to_the_cap(tmp_path, image_dir, monk
     data = (image_dir / "0.jpg").read_bytes()
     (image_dir / "cut.jpg").write_bytes(data[:100])  # the header is cut
     (image_dir / "text.jpg").write_text("not an image")
+    _age(image_dir)  # written a while ago: the warm build below trusts its cache
     recs = [{"image": "0.jpg", "conversations": conv()}, {"image": "cut.jpg", "conversations": conv()},
             {"image": ["1.jpg", "text.jpg"], "conversations": conv(q="<image><image>")},
             {"image": "0.jpg", "conversations": conv(a="Again.")}]
@@ -404,6 +415,56 @@ def test_index_cache_is_reused_and_rebuilt_when_anything_changes(tmp_path, image
     monkeypatch.setattr(dataset, "INDEX_VERSION", dataset.INDEX_VERSION - 1)  # a cache an older version wrote
     SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache)
     assert len(scans) == 6  # another key: an index built another way is never read back
+
+
+def test_index_cache_follows_the_image_files(tmp_path, image_dir, monkeypatch):
+    """The cache is stale once an image folder it looked in changed (an image added or removed), and keyed by the
+    working directory when the image paths are relative to it: a missing image that appears is found, one that
+    goes is reported; a folder changed moments before it was listed is never trusted."""
+    path = write_jsonl(tmp_path / "a.jsonl", [{"image": f"{k}.jpg", "conversations": conv()} for k in range(4)])
+    cache = str(tmp_path / "cache")
+    build = partial(SupervisedDataset, [Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache)
+    scans = []
+    scan = SupervisedDataset._scan
+    monkeypatch.setattr(SupervisedDataset, "_scan", lambda self, si: scans.append(si) or scan(self, si))
+    assert build(skip_bad_samples=True).source_counts["a"]["valid"] == 3  # 3.jpg is missing
+    assert build(skip_bad_samples=True).source_counts["a"]["valid"] == 3 and len(scans) == 1  # reused
+    shutil.copy(image_dir / "0.jpg", image_dir / "3.jpg")  # added after the run
+    assert build().source_counts["a"]["valid"] == 4 and len(scans) == 2  # no "bad sample": it exists
+    assert build().source_counts["a"]["valid"] == 4 and len(scans) == 3  # listed moments after it changed
+    _age(image_dir)
+    assert build().source_counts["a"]["valid"] == 4 and len(scans) == 4  # stamped now
+    assert build().source_counts["a"]["valid"] == 4 and len(scans) == 4  # reused while nothing changes
+    os.remove(image_dir / "1.jpg")
+    with pytest.raises(DataError, match=r"a.jsonl:2: image file not found: .*1.jpg"):
+        build()
+    # no image folder: the paths resolve against the working directory, which keys the cache
+    rel = write_jsonl(tmp_path / "rel.jsonl", [{"image": "images/0.jpg", "conversations": conv()}])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert SupervisedDataset([Source(rel)], TOK, TEMPLATE, cache_dir=cache).source_counts["rel"]["valid"] == 1
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(DataError, match="image file not found: images/0.jpg"):
+        SupervisedDataset([Source(rel)], TOK, TEMPLATE, cache_dir=cache)
+
+
+def test_a_corrupt_index_cache_is_rebuilt(tmp_path, image_dir, monkeypatch, caplog):
+    """A truncated or corrupt cache file is a miss (rebuilt and rewritten), never a crash; the file is synced
+    before it is renamed into place."""
+    path = _big(tmp_path, 50)
+    cache = tmp_path / "cache"
+    synced, replace = [], os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    monkeypatch.setattr(os, "replace", lambda a, b: synced.append(("replace", str(a))) or replace(a, b))
+    cold = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=str(cache))
+    [npz] = cache.glob("*.npz")
+    assert synced == [synced[0], ("replace", synced[0])] and synced[0].endswith(".tmp.npz")
+    for damage in (lambda b: b[:len(b) // 2], lambda b: b[:100] + b"\0" * 64 + b[164:], lambda b: b""):
+        npz.write_bytes(damage(npz.read_bytes()))
+        again = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=str(cache))
+        assert again.lengths.tolist() == cold.lengths.tolist() and "unreadable" in caplog.text
+        assert np.load(npz)["length"].size == 50  # rewritten whole
 
 
 def test_records_are_read_from_the_file_not_held(tmp_path, image_dir):
