@@ -28,7 +28,7 @@ def test_collate_pads_right_and_concatenates_tiles():
     assert out["image_flags"].tolist() == [1, 1, 0]
     assert out["meta"] == {"ids": ["s:1", "s:2"], "skipped": ["s:9: gone"], "num_samples": 2, "num_tokens": 7,
                            "num_supervised": 4, "image_failures": 0, "truncated": 1, "gpt_first": 1,
-                           "wide_images": ["im/16bit.png"]}
+                           "wide_images": ["im/16bit.png"], "replaced": 1}
 
 
 def test_collate_of_fixture_sample_matches_official_batch():
