@@ -234,11 +234,7 @@ def read_model_config(args):
     from data.templates import resolve_system_message
     config.system_message = resolve_system_message(config, args.system_message)
     args.size = checkpoint_size(config, args.size, os.path.basename(os.path.normpath(args.model_path)))
-    if args.max_packed_tokens is not None:
-        if args.batch_size not in (None, 1):
-            raise ValueError(f"--max-packed-tokens packs samples into one row per micro-batch: --batch-size "
-                             f"must be 1, not {args.batch_size}")
-        args.batch_size = 1
+    packing_batch_rule(args)
     fill_defaults(args)
     resolve_tiling(args, config)
     if args.max_packed_tokens is not None and args.max_packed_tokens < args.max_length:
@@ -358,6 +354,15 @@ def freeze_options(args) -> dict:
                 unfreeze_vit_layers=args.unfreeze_vit_layers or 0, freeze_llm=args.freeze_llm)
 
 
+def packing_batch_rule(args):
+    """A pack is one row per micro-batch: --batch-size 1 (given or not)."""
+    if args.max_packed_tokens is not None:
+        if args.batch_size not in (None, 1):
+            raise ValueError(f"--max-packed-tokens packs samples into one row per micro-batch: --batch-size "
+                             f"must be 1, not {args.batch_size}")
+        args.batch_size = 1
+
+
 def print_memory_estimate(args):
     """--estimate-memory: the table for --model-path's config.json or the --size preset, and a verdict."""
     import memory
@@ -367,6 +372,7 @@ def print_memory_estimate(args):
     config = load_config(args.model_path) if args.model_path else preset(args.size)
     hint = os.path.basename(os.path.normpath(args.model_path or ""))
     args.size, args.demo = checkpoint_size(config, args.size, hint), False
+    packing_batch_rule(args)
     fill_defaults(args)
     resolve_tiling(args, config)
     ds_config, zero_stage = read_deepspeed_config(args)

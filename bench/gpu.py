@@ -160,8 +160,8 @@ def memory_estimate_gib(cfg, mode, tokens, tiles, batch, lora_r) -> float:
     if mode != "full":
         inject_lora(model, LoRAConfig(r=lora_r, alpha=2 * lora_r))
     mark_trainable(model, "full" if mode == "full" else "lora")
-    run = memory.RunShape(mode=mode, zero_stage=1, gpus=1, batch_size=batch, max_length=tokens, tiles=tiles,
-                          reduce_bucket=0)
+    run = memory.RunShape(mode=mode, zero_stage=1, gpus=1, batch_size=batch, max_length=tokens,
+                          tiles=batch * tiles, reduce_bucket=0)
     return gib(memory.estimate(model, cfg, run)["total"])
 
 

@@ -109,3 +109,66 @@ def test_every_released_checkpoint_is_estimated(capsys):
     one, eight = totals["InternVL2_5-1B", "full"], totals["InternVL2_5-8B", "full"]
     assert one["weights"] < eight["weights"] and one["optimizer"] < eight["optimizer"]
     assert totals["InternVL2_5-78B", "qlora"]["weights"] < totals["InternVL2_5-78B", "full"]["weights"] * 8
+
+
+ZERO_CASES = [dict(stage=1, overlap=True, contiguous=True, bucket=30000, dtype="bf16"),
+              dict(stage=1, overlap=False, contiguous=True, bucket=30000, dtype="bf16"),
+              dict(stage=1, overlap=True, contiguous=False, bucket=30000, dtype="bf16"),
+              dict(stage=3, overlap=True, contiguous=True, bucket=20000, dtype="bf16"),
+              dict(stage=1, overlap=True, contiguous=True, bucket=30000, dtype="fp32")]
+
+
+def test_reduce_buckets_are_what_a_real_engine_allocates():
+    """DeepSpeed's gradient buckets, from a real (gloo, CPU) engine: reduce_bucket_size elements each,
+    whatever the trainable count (2112 here), two with ZeRO-1 overlap_comm, one with ZeRO-3."""
+    import json
+    import os
+    import subprocess
+    import sys
+    probe = os.path.join(os.path.dirname(__file__), "zero_buffers_probe.py")
+    out = subprocess.run([sys.executable, probe, *map(json.dumps, ZERO_CASES)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    allocated = json.loads(out.stdout.strip().splitlines()[-1])
+    for case, real in zip(ZERO_CASES, allocated):
+        run = memory.RunShape(mode="lora", zero_stage=case["stage"], gpus=1, batch_size=1, max_length=512,
+                              tiles=1, dtype_bytes=2 if case["dtype"] == "bf16" else 4,
+                              reduce_bucket=case["bucket"], overlap_comm=case["overlap"],
+                              contiguous_gradients=case["contiguous"])
+        assert memory.reduce_buckets(run) == real, (case, real)
+    assert allocated[0] == 2 * 30000 * 2  # not min(bucket, trainable) as before
+
+
+def test_the_trained_head_holds_its_float32_gradient_and_cast():
+    """Full fine-tuning: the fused loss keeps a float32 [vocab, hidden] weight gradient to the backward and
+    casts it to the weight's dtype."""
+    cfg = tiny_config()
+    model = memory.meta_model(cfg, "full")
+    run = memory.RunShape(mode="full", zero_stage=1, gpus=1, batch_size=1, max_length=512, tiles=1)
+    with_head = memory.estimate(model, cfg, run)["activations"]
+    model.llm.head.weight.requires_grad = False
+    assert with_head - memory.estimate(model, cfg, run)["activations"] == cfg.llm.vocab_size * \
+        cfg.llm.hidden_size * (4 + 2)
+
+
+def test_a_micro_batch_carries_the_most_tiles_its_samples_can():
+    """Multi-image samples (the data's tile rule) fit the bound; a pack is one row of --max-packed-tiles."""
+    from data.images import per_image_cap
+    for max_num, max_length in ((12, 8192), (6, 4096), (12, 2048)):
+        bound = memory.tiles_per_micro_batch(max_length, 256, batch_size=1)
+        for n in range(1, 64):
+            cap = per_image_cap(max_num, n)
+            tiles = n * (cap + (1 if cap > 1 else 0))  # each image: its grid and a thumbnail
+            if tiles * 256 <= max_length:
+                assert tiles <= bound, (max_num, max_length, n)
+        assert bound > max_num + 1 or max_length < (max_num + 1) * 256
+    assert memory.tiles_per_micro_batch(8192, 256, batch_size=4) == 4 * 32
+    assert memory.tiles_per_micro_batch(8192, 256, batch_size=1, max_packed_tiles=40) == 32
+    assert memory.tiles_per_micro_batch(16384, 256, batch_size=1, max_packed_tiles=40) == 40
+
+
+def test_estimate_memory_applies_the_batch_one_rule_of_packing(capsys):
+    out = run_cli(["--size", "2b", "--mode", "lora", "--gpus", "1", "--max-packed-tokens", "8192"], capsys)
+    assert "micro-batch 1 x 8192 tokens, 32 tiles" in out
+    with pytest.raises(SystemExit, match="--batch-size must be 1"):
+        run_cli(["--size", "2b", "--mode", "lora", "--max-packed-tokens", "8192", "--batch-size", "4"], capsys)
