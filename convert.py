@@ -1,4 +1,4 @@
-"""A train.py checkpoint -> an official InternVL 1.5 directory: merged, bf16, key-exact, verified.
+"""A train.py checkpoint -> an official InternVL (1.5, 2, 2.5) directory: merged, bf16, key-exact, verified.
 
     python convert.py runs/demo/iter_800 runs/demo/converted   # an iter_* directory
     python convert.py runs/2b_lora exports/2b_lora              # a run directory: its newest checkpoint
@@ -100,7 +100,7 @@ def resolve_base(meta: dict, override: str | None, ckpt_dir: str) -> str:
         base = os.path.abspath(override)
         if not os.path.isfile(os.path.join(base, "config.json")):
             raise ConvertError(f"--base-model {override}: no config.json there (expected the official "
-                               f"InternVL 1.5 directory the run was trained from)")
+                               f"InternVL directory the run was trained from)")
         return base
     base = meta["base_model_path"]
     if not os.path.isfile(os.path.join(base, "config.json")):

@@ -389,7 +389,7 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
         + (f"; eval_loss {evaluator.last:.4f}" if evaluator and evaluator.last is not None else "")
         + f"; checkpoint {final}")
     if final:
-        log(f"convert it to an official InternVL 1.5 directory with:\n  python convert.py {final} "
+        log(f"convert it to an official InternVL directory with:\n  python convert.py {final} "
             f"{os.path.join(args.output_dir, 'converted')}")
 
 

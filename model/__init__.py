@@ -46,7 +46,7 @@ def build_model(config: InternVLConfig, device: str | torch.device = "meta", dty
 def load_pretrained(path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                     prepare: Callable[[InternVL], None] | None = None,
                     replace: dict[str, torch.Tensor] | None = None, zero3: dict | None = None) -> InternVL:
-    """Load an official InternVL 1.5 directory strictly: every tensor present, expected and of the right
+    """Load an official InternVL directory strictly: every tensor present, expected and of the right
     shape.
 
     The model is built on the meta device and filled one tensor at a time, so no second copy is ever held.
