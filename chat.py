@@ -343,8 +343,9 @@ def check_model_dir(path: str) -> None:
     """An official directory with its weights, or one `error:` line saying what the directory is instead."""
     if not os.path.isdir(path):
         raise SystemExit(f"error: {path}: no such directory")
-    if os.path.exists(os.path.join(path, "meta.json")) or any(
-            os.path.exists(os.path.join(path, d, "meta.json")) for d in os.listdir(path) if d.startswith("iter_")):
+    inside = [os.path.join(path, d) for d in os.listdir(path) if d.startswith("iter_")]
+    checkpoints = [d for d in [path, *inside] if os.path.exists(os.path.join(d, "meta.json"))]
+    if checkpoints:
         raise SystemExit(f"error: {path} is a train.py checkpoint or run directory (trained tensors only); "
                          f"convert it first: python convert.py {path} OUT, then chat with OUT")
     if not os.path.isfile(os.path.join(path, "config.json")):

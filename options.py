@@ -284,8 +284,8 @@ def read_sources(args):
     sources += read_meta_file(args.meta_path) if args.meta_path else []
     for s in sources:
         if os.path.isdir(s.annotation):
-            raise ValueError(f"data file {s.annotation} is a directory (source {s.name}): give the annotation "
-                             f"file (.json/.jsonl), then its image folder: --data FILE,IMAGE_FOLDER")
+            raise ValueError(f"data file {s.annotation} is a directory (source {s.name}): give the "
+                             f"annotation file (.json/.jsonl), then its image folder: --data FILE,IMAGE_FOLDER")
         if not os.path.isfile(s.annotation):
             raise ValueError(f"data file {s.annotation} does not exist (source {s.name})")
         if s.image_folder is not None and not os.path.isdir(s.image_folder):

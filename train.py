@@ -111,8 +111,8 @@ def build_dataset(args, config, sources, tokenizer):
             log(f"  {name}: {a['cut']} samples have answers cut at --max-length {args.max_length} (first: "
                 f"{a['first_cut']}); they train on what is left (truncated_samples)")
         if a["gpt_first"]:
-            log(f"  {name}: {a['gpt_first']} conversations start with a gpt turn, dropped as the official code "
-                f"does (first: {a['first_gpt_first']}; gpt_first_dropped)")
+            log(f"  {name}: {a['gpt_first']} conversations start with a gpt turn, dropped as the official "
+                f"code does (first: {a['first_gpt_first']}; gpt_first_dropped)")
     return dataset
 
 
@@ -330,7 +330,8 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
         checkpoint.truncate_logs(args.output_dir, pos.step)
     metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if master else None
     tb = _tensorboard(args.output_dir) if master else None
-    bar = tqdm(total=total_steps, initial=pos.step, disable=not master, dynamic_ncols=True, bar_format=BAR_FORMAT)
+    bar = tqdm(total=total_steps, initial=pos.step, disable=not master, dynamic_ncols=True,
+               bar_format=BAR_FORMAT)
     warn = Warnings(torch.distributed.get_rank())
     engine.train()
     bad_in_a_row, saved = 0, pos.step or None
@@ -399,8 +400,8 @@ def main(argv=None):
     args = options.parse_args(argv)
     args.demo = not (args.model_path or args.data or args.meta_path or args.estimate_memory)
     if args.demo and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # the tiny demo gains little from a second thread and loses much beside other
-        # work (bench/demo_threads.py: 2 threads ran 6x slower than 1 on a busy 2-core machine)
+        torch.set_num_threads(1)  # two threads ran 6x slower than one on a busy 2-core machine
+        # (bench/demo_threads.py): the tiny demo's threads wait for each other beside other work
     try:  # every check before heavy work: one `error:` line, no traceback
         if args.estimate_memory:
             return options.print_memory_estimate(args)
@@ -536,8 +537,9 @@ def interrupted():
     if int(os.environ.get("RANK", "0")) == 0:
         out = RUN["output_dir"]
         found = checkpoint.complete_checkpoints(out) if out and os.path.isdir(out) else []
-        where = (f"; the newest complete checkpoint is {found[-1][1]}: run the same command with --resume auto "
-                 f"to continue exactly from step {found[-1][0]}" if found else "; no checkpoint was written yet")
+        where = (f"; the newest complete checkpoint is {found[-1][1]}: run the same command with --resume "
+                 f"auto to continue exactly from step {found[-1][0]}" if found
+                 else "; no checkpoint was written yet")
         print(f"\ninterrupted{where}", file=sys.stderr)
     sys.exit(130)
 

@@ -2,9 +2,9 @@
 
     python3 bench/demo_threads.py --steps 60 --threads 1 2 --busy 0 1 --repeats 2
 
-Each run is `python train.py --max-steps STEPS` (the embedded demo) with OMP_NUM_THREADS set; the figure is the sum
-of metrics.jsonl's per-step seconds (start-up and evaluation left out). `--busy K` starts K processes that spin
-a core each for the length of the run (a laptop doing something else). Runs are interleaved (repeat, busy,
+Each run is `python train.py --max-steps STEPS` (the embedded demo) with OMP_NUM_THREADS set; the figure is
+the sum of metrics.jsonl's per-step seconds (start-up and evaluation left out). `--busy K` starts K processes
+that spin a core each for the length of the run (a laptop doing something else). Runs are interleaved (repeat, busy,
 threads), so a change in the machine's load between them touches every setting alike: on a shared machine
 read the ratios, not the seconds. Prints JSON (and writes it with --json PATH).
 """

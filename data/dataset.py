@@ -500,7 +500,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             too_long = x["need"] > self.max_length if self.max_length else np.zeros(len(x["line"]), bool)
             cut = (x["full_length"] > x["length"]) & ~too_long
             counts = self.adjusted[s.name] = {}
-            counts.update(too_long=int(too_long.sum()), cut=int(cut.sum()), gpt_first=int(x["gpt_first"].sum()))
+            counts.update(too_long=int(too_long.sum()), cut=int(cut.sum()),
+                          gpt_first=int(x["gpt_first"].sum()))
             for name, mask in (("first_cut", cut), ("first_gpt_first", x["gpt_first"])):
                 counts[name] = f"{s.annotation}:{x['line'][mask.argmax()]}" if mask.any() else None
             unfit += [(f"{s.annotation}:{x['line'][k]}", int(x["need"][k])) for k in np.flatnonzero(too_long)]
@@ -510,8 +511,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return fits
         n, (where, need) = len(unfit), unfit[0]
         message = (f"{n} of {valid} samples cannot fit --max-length {self.max_length} even cut: their image "
-                   f"tokens or their first answer end past it (first: {where}, which needs {need}); --max-length "
-                   f"{max(k for _, k in unfit)} fits them all, fewer tiles (--max-tiles) shorten image samples")
+                   f"tokens or their first answer end past it (first: {where}, which needs {need}); "
+                   f"--max-length {max(k for _, k in unfit)} fits them all, fewer tiles (--max-tiles) "
+                   f"shorten image samples")
         if n > max(10, 0.01 * valid) and not skip_bad_samples:
             raise DataError(f"{message}. Up to max(10, 1%) of the samples are left out and counted; "
                             f"--skip-bad-samples leaves out any number")
@@ -519,7 +521,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return fits
 
     def _repeat(self):
-        """The epoch's samples: each source's records that fit, under its repeat ratio, seeded by source name."""
+        """The epoch's samples: each source's records that fit, under its repeat ratio, seeded by its name."""
         picks = []
         for si, s in enumerate(self.sources):
             fits = self._fits[si]
@@ -687,9 +689,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
 
     def _estimate(self, si, conv, sizes):
-        """(tokens capped at max_length, tiles, tokens, need): the exact token count of the text + 256 per tile,
-        where `sizes` holds each image's (width, height), or None where its header could not be read. need
-        (0 when the sample fits): the smallest max_length that keeps its images whole and one answer token."""
+        """(tokens capped at max_length, tiles, tokens, need): the exact token count of the text + 256 per
+        tile, where `sizes` holds each image's (width, height), or None where its header could not be read.
+        need (0 when the sample fits): the smallest max_length that keeps its images whole and one answer
+        token."""
         per_image = []
         cap = per_image_cap(self._max_num(si), len(sizes))
         for wh in sizes:
