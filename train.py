@@ -472,10 +472,11 @@ def all_reduce_sum(values, device):
 
 
 def smallest_over_ranks(value, device):
-    """The minimum of a number over the ranks: a decision taken from it is the same on every rank."""
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return t.item()
+    """The minimum of a number over the ranks (each rank's value in its own slot, summed), so that a decision
+    taken from it is the same on every rank."""
+    slots = [0.0] * torch.distributed.get_world_size()
+    slots[torch.distributed.get_rank()] = float(value)
+    return min(all_reduce_sum(slots, device))
 
 
 class Warnings:
