@@ -127,8 +127,9 @@ def build_parser():
     g.add_argument("--epochs", type=float, help="epochs (default 1); ignored when --max-steps is given")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs); 0 = a dry run: "
                                                  "load, build the engine, print the summary, exit")
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto = bf16 on GPU, fp32 on CPU (default auto)")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto = bf16 on GPU, fp32 on CPU; fp16 (GPUs without bf16: V100, T4) trains with "
+                        "DeepSpeed's dynamic loss scaling (default auto)")
     g.add_argument("--seed", type=int, default=42, help="data order, sampling, LoRA init, dropout (default "
                                                         "42)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="abort after N NaN/inf steps in a row, each "
@@ -388,6 +389,10 @@ def print_memory_estimate(args):
 
 
 def compute_dtype(args, on_gpu):
+    if args.dtype == "fp16":
+        if not on_gpu:
+            raise ValueError("--dtype fp16 needs a CUDA GPU (DeepSpeed has no fp16 training on CPU)")
+        return torch.float16
     return torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and on_gpu) else torch.float32
 
 

@@ -35,7 +35,7 @@ import options
 
 GRAD_CLIP = 1.0  # official max_grad_norm
 RUN = {"output_dir": None}  # the run in progress, for the Ctrl-C message
-COUNTERS = ("skipped_steps", "nonfinite_steps", "all_masked_steps", "all_masked_micro_batches",
+COUNTERS = ("skipped_steps", "nonfinite_steps", "overflow_steps", "all_masked_steps", "all_masked_micro_batches",
             "samples_seen", "replaced_samples", "image_failures", "over_budget_packs",
             "truncated_samples", "gpt_first_dropped", "wide_images")  # the last three: changed, as official
 
@@ -226,7 +226,7 @@ def fill_deepspeed_config(ds_config, args, world, dtype):
                      gradient_accumulation_steps=args.grad_accum,
                      train_batch_size=args.batch_size * args.grad_accum * world)
     ds_config.setdefault("bf16", {})["enabled"] = dtype == torch.bfloat16
-    ds_config.setdefault("fp16", {})["enabled"] = False
+    ds_config.setdefault("fp16", {})["enabled"] = dtype == torch.float16  # the config's dynamic loss scaling
     ds_config.setdefault("optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8}})
     ds_config["optimizer"]["params"].update(lr=args.lr, weight_decay=args.weight_decay)
     if ds_config["optimizer"]["type"].lower() in ("adam", "adamw"):  # torch's AdamW: no op JIT-built at start
@@ -312,6 +312,11 @@ def train_step(engine, scheduler, micro, step, counters, device, dtype):
             raise RuntimeError(f"step {step + 1}: the loss is not finite but DeepSpeed applied the update; "
                                f"this DeepSpeed version does not skip non-finite steps")
         counters["nonfinite_steps"] += int(nonfinite > 0)
+        # A finite loss whose update DeepSpeed skipped: the gradient overflowed (fp16: the loss scale was too
+        # high for it, and DeepSpeed lowers it)
+        counters["overflow_steps"] += int(not nonfinite and not applied)
+        if dtype == torch.float16:
+            out["loss_scale"] = float(engine.optimizer.loss_scale)
         grad_norm = engine.get_global_grad_norm()
         out.update(loss=loss_total / n_step, grad_norm=float(grad_norm) if grad_norm is not None
                    and math.isfinite(float(grad_norm)) else None)
@@ -381,8 +386,8 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
         if f is not None:
             f.close()
     c, final = pos.counters, saved and os.path.join(args.output_dir, f"iter_{saved}")
-    log(f"done: {pos.step} steps; skipped {c['skipped_steps']} (non-finite {c['nonfinite_steps']}, "
-        f"all-masked {c['all_masked_steps']}); replaced {c['replaced_samples']} samples "
+    log(f"done: {pos.step} steps; skipped {c['skipped_steps']} (non-finite {c['nonfinite_steps']}, overflow "
+        f"{c['overflow_steps']}, all-masked {c['all_masked_steps']}); replaced {c['replaced_samples']} samples "
         f"({c['image_failures']} unreadable images among the failed attempts, the others too long)"
         + (f"; {c['over_budget_packs']} packs over their budget" if c["over_budget_packs"] else "")
         + f"; changed as the official code does: {c['truncated_samples']} answers cut at --max-length, "
@@ -413,6 +418,7 @@ def main(argv=None):
         RUN["output_dir"] = args.output_dir
         sources = options.read_sources(args)
         ds_config, zero_stage = options.read_deepspeed_config(args)
+        options.compute_dtype(args, torch.cuda.is_available())  # refuses fp16 without a GPU, before loading
         lora_cfg = options.lora_config(args)
         shape = memory.meta_model(config, args.mode, lora_cfg, options.freeze_options(args))  # no memory
         trainable = [n for n, p in shape.named_parameters() if p.requires_grad]

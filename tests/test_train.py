@@ -491,6 +491,58 @@ def test_the_optimizer_is_torch_adamw_fused_on_cuda(monkeypatch, config):
     assert ds["optimizer"]["params"]["torch_adam"] is False and "fused" not in ds["optimizer"]["params"]
 
 
+def test_fp16_plumbing(monkeypatch, demo):
+    """--dtype fp16 (GPUs without bf16): DeepSpeed's fp16 with dynamic loss scaling; a step DeepSpeed skips
+    with a finite loss is counted as an overflow step, and the loss scale is reported. (DeepSpeed cannot run an
+    fp16 step on CPU: the step itself runs under `pytest -m gpu` on a GPU.)"""
+    import types
+    import torch
+    import options
+    import train
+    args = types.SimpleNamespace(batch_size=1, grad_accum=1, lr=1e-4, weight_decay=0.0, deepspeed="ds_zero1.json",
+                                 dtype="fp16")
+    assert options.compute_dtype(args, on_gpu=True) == torch.float16
+    ds = json.load(open(os.path.join(ROOT, "ds_zero1.json")))
+    train.fill_deepspeed_config(ds, args, 1, torch.float16)
+    assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
+    assert ds["fp16"]["loss_scale"] == 0  # 0 = dynamic
+    if not torch.cuda.is_available():
+        _refused(common(demo, 1, "--dtype", "fp16"), "--dtype fp16 needs a CUDA GPU")
+
+    class Engine:  # one fp16 step that overflows, then one that is applied
+        optimizer = types.SimpleNamespace(loss_scale=2.0 ** 32)
+        applied = [False, True]
+
+        def __call__(self, **batch):
+            return types.SimpleNamespace(loss=torch.tensor(2.5), n_supervised=4)
+
+        def backward(self, loss, scale_wrt_gas=True):
+            pass
+
+        def step(self):
+            pass
+
+        def was_step_applied(self):
+            return self.applied.pop(0)
+
+        def get_global_grad_norm(self):
+            return 1.0
+
+    scheduler = types.SimpleNamespace(get_last_lr=lambda: [1e-4], step=lambda: None)
+    monkeypatch.setattr(train, "all_reduce_sum", lambda values, device: values)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
+    meta = dict(num_supervised=4, num_tokens=10, num_samples=1, image_failures=0, replaced=0)
+    micro = [{"meta": meta, "image_flags": torch.ones(1), "pixel_values": torch.zeros(1, 3, 2, 2),
+              "input_ids": torch.zeros(1, 10, dtype=torch.long)}]
+    counters = dict.fromkeys(train.COUNTERS, 0)
+    engine = Engine()
+    first = train.train_step(engine, scheduler, micro, 0, counters, torch.device("cpu"), torch.float16)
+    assert first["loss_scale"] == 2.0 ** 32 and first["loss"] == 2.5
+    assert counters["skipped_steps"] == counters["overflow_steps"] == 1 and counters["nonfinite_steps"] == 0
+    train.train_step(engine, scheduler, micro, 1, counters, torch.device("cpu"), torch.float16)
+    assert counters["skipped_steps"] == counters["overflow_steps"] == 1
+
+
 def test_every_collective_has_its_tensor_on_the_training_device(monkeypatch):
     """On GPU the process group is NCCL only, which refuses CPU tensors: every collective of train.py goes
     through all_reduce_sum, which puts its tensor on the device it is given, and every call gives `device`
