@@ -1,9 +1,11 @@
-"""SentencePiece tokenizer with the semantics of the official *slow* HF tokenizers.
-
-Two behaviours are reproduced, chosen by `tokenizer_class` in tokenizer_config.json:
+"""Tokenizers with the semantics of the official *slow* HF tokenizers, chosen by `tokenizer_class` in
+tokenizer_config.json: sentencepiece ones here, Qwen2's byte-level BPE in data/bpe.py.
 
 - InternLM2Tokenizer (remote code): every text chunk between added tokens is encoded by the
-  sentencepiece model as shipped (its own add_dummy_prefix), BOS in front.
+  sentencepiece model as shipped (its own add_dummy_prefix), BOS in front. Its decoding always applies
+  transformers' clean_up_tokenization (no space before . ? ! , and English contractions).
+- LlamaTokenizer with legacy=True (InternVL2-40B's Nous-Hermes-2-Yi): encoded as InternLM2's, so every
+  chunk after an added token gets the dummy prefix ('<|im_start|>user' -> '<|im_start|>', '▁user').
 - LlamaTokenizer with legacy=False (Phi-3): the model is loaded with add_dummy_prefix switched off,
   the whole text gets one leading '▁' (add_prefix_space), a chunk that starts with a space is
   encoded behind '<unk>' and the '<unk>' pieces are dropped, and the leading '▁' is removed only
@@ -11,9 +13,11 @@ Two behaviours are reproduced, chosen by `tokenizer_class` in tokenizer_config.j
   Phi-3's chat tokens are added but not "special" in that sense, so a prompt that starts with
   `<|system|>` keeps a lone '▁' after BOS.
 
-Shared by both (transformers' PreTrainedTokenizer.tokenize): the text is first split on every added
-token (leftmost, longest match), an added token with rstrip/lstrip eats the whitespace on that side,
-and added tokens map to their ids whole.
+Shared by all (transformers' PreTrainedTokenizer.tokenize and _decode, class `Tokenizer`): the text is first
+split on every added token (leftmost, longest match), an added token with rstrip/lstrip eats the whitespace
+on that side, and added tokens map to their ids whole; decoding converts the runs between verbatim added
+tokens separately and applies clean_up_tokenization to the whole text where tokenizer_config.json's
+clean_up_tokenization_spaces says so (transformers' default: yes).
 """
 import itertools
 import os
@@ -77,38 +81,45 @@ class _Runs(dict):
         return self[match]
 
 
+def clean_up_tokenization(text):
+    """transformers' PreTrainedTokenizerBase.clean_up_tokenization: no space before . ? ! , and English
+    contractions, in this order."""
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
+
+
+_CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
+
+
 class Tokenizer:
-    """Load with `load_tokenizer(dir)`. Ids the toolkit needs: bos_id, eos_id, pad_id, unk_id, img_start_id,
-    img_end_id, img_context_id."""
+    """What every slow tokenizer shares: added and special tokens, the split on them, ids, and the decoding
+    frame. Load with `load_tokenizer(dir)`. Ids the toolkit needs: bos_id (None without BOS), eos_id, pad_id,
+    img_start_id, img_end_id, img_context_id. A subclass loads its model in _load_model (setting
+    base_vocab_size) and gives _base_id, _base_token and _ids_to_string."""
+
+    unk_default = None  # the class's unk_token when the files name none
 
     def __init__(self, path):
         self.path = path
-        model_file = os.path.join(path, "tokenizer.model")
-        if not os.path.exists(model_file):
-            raise FileNotFoundError(f"{model_file}: no sentencepiece model (tokenizer.model) in {path}")
         config = _read_json(os.path.join(path, "tokenizer_config.json"))
-        cls = config.get("tokenizer_class", "")
-        if cls.startswith("InternLM2Tokenizer"):
-            self.style, self.legacy = "internlm2", True
-        elif cls.startswith("LlamaTokenizer"):
-            self.style, self.legacy = "llama", bool(config.get("legacy", True))
-        else:
-            raise ValueError(f"{path}/tokenizer_config.json: tokenizer_class {cls!r} is not supported "
-                             "(expected InternLM2Tokenizer or LlamaTokenizer)")
-        self.prefix_space = self.style == "llama" and not self.legacy  # Phi-3's way, see the module docstring
         self.add_bos = bool(config.get("add_bos_token", True))
-        self.add_prefix_space = bool(config.get("add_prefix_space", True))
-        self.spaces_between_special_tokens = bool(config.get("spaces_between_special_tokens", True))
-        self._load_sentencepiece(model_file)
+        # transformers' slow _decode joins with " " unless the call says otherwise (4.44 does not read the
+        # config's spaces_between_special_tokens); Qwen2Tokenizer's own _decode says no.
+        self.spaces_between_special_tokens = True
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", True))
+        self._load_model(path, config)
         self.added = read_added_tokens(path)
         self._read_special_tokens(config, _read_json(os.path.join(path, "special_tokens_map.json")))
         self.id_to_added = {tok.id: tok for tok in self.added.values()}
         split_tokens = sorted(self.added, key=len, reverse=True)
         self._split_re, self._runs = _split_pattern(split_tokens), _Runs(split_tokens)
-        self.vocab_size = max([self.sp_vocab_size] + [t.id + 1 for t in self.added.values()])
-        self.bos_id = self.convert_tokens_to_ids(self.bos_token)
+        self.vocab_size = max([self.base_vocab_size] + [t.id + 1 for t in self.added.values()])
+        self.bos_id = self.convert_tokens_to_ids(self.bos_token) if self.bos_token else None
+        self.add_bos = self.add_bos and self.bos_id is not None
         self.eos_id = self.convert_tokens_to_ids(self.eos_token)
-        self.unk_id = self.convert_tokens_to_ids(self.unk_token)
+        self.unk_id = self.convert_tokens_to_ids(self.unk_token) if self.unk_token else None
         self.pad_id = self.convert_tokens_to_ids(self.pad_token) if self.pad_token else self.eos_id
         for name in (IMG_START, IMG_END, IMG_CONTEXT):
             if name not in self.added:
@@ -116,31 +127,21 @@ class Tokenizer:
         self.img_start_id = self.added[IMG_START].id
         self.img_end_id = self.added[IMG_END].id
         self.img_context_id = self.added[IMG_CONTEXT].id
-
-    def _load_sentencepiece(self, model_file):
-        with open(model_file, "rb") as f:
-            proto = f.read()
-        if self.prefix_space:
-            proto += _NO_DUMMY_PREFIX
-        self.sp = spm.SentencePieceProcessor(model_proto=proto)
-        self.sp_vocab_size = self.sp.get_piece_size()
-        # count_tokens: when no piece joins a character to a following '▁', the pieces of a text are those of
-        # its '▁'-led words taken one at a time, so each distinct word needs encoding only once.
-        self._dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith(SPIECE_UNDERLINE)
-        joins = re.compile(f"[^{SPIECE_UNDERLINE}]{SPIECE_UNDERLINE}")
-        self._separable = not any(joins.search(self.sp.id_to_piece(i)) for i in range(self.sp_vocab_size))
-        raw = spm.SentencePieceProcessor(model_proto=proto + _NO_DUMMY_PREFIX) if self._dummy_prefix else None
-        self._piece_counts = _PieceCounts(raw or self.sp)
+        # transformers' _decode emits these whole, between separately converted runs: added tokens that are
+        # not special, and additional special tokens past the model's own vocabulary.
+        self._verbatim = {t for t in self.added if t not in self.all_special_tokens}
+        self._verbatim |= {t for t in self.additional_special_tokens
+                           if self.added[t].id >= self.base_vocab_size}
 
     def _read_special_tokens(self, config, special_map):
         """bos/eos/unk/pad and the additional special tokens (tokenizer_config wins over special_tokens_map);
-        a special token that is a sentencepiece piece (e.g. <s>) but not listed as added is added here."""
+        a special token that is a piece of the model (e.g. <s>) but not listed as added is added here."""
         def special(name):
             tok = config.get(name, special_map.get(name))
             return None if tok is None else _content(tok)
 
         self.bos_token, self.eos_token = special("bos_token"), special("eos_token")
-        self.unk_token, self.pad_token = special("unk_token") or "<unk>", special("pad_token")
+        self.unk_token, self.pad_token = special("unk_token") or self.unk_default, special("pad_token")
         extra = config.get("additional_special_tokens", special_map.get("additional_special_tokens", []))
         self.additional_special_tokens = [_content(t) for t in extra]
         named = [self.bos_token, self.eos_token, self.unk_token, self.pad_token]
@@ -148,14 +149,12 @@ class Tokenizer:
         self.all_special_tokens = list(dict.fromkeys(t for t in named if t is not None))
         for t in self.all_special_tokens:
             if t not in self.added:
-                pid = self.sp.piece_to_id(t)
-                if self.sp.id_to_piece(pid) != t:
+                pid = self._base_id(t)
+                if pid is None or self._base_token(pid) != t:
                     raise ValueError(f"{self.path}: special token {t!r} is neither an added token nor a "
-                                     "sentencepiece piece")
+                                     "token of the model")
                 self.added[t] = AddedToken(t, pid)
         self.all_special_ids = {self.convert_tokens_to_ids(t) for t in self.all_special_tokens}
-        if self.prefix_space:
-            self._unk_len = len(self.sp.encode(self.unk_token, out_type=str))
 
     # ---- ids <-> tokens
     def convert_tokens_to_ids(self, token):
@@ -163,14 +162,13 @@ class Tokenizer:
             return [self.convert_tokens_to_ids(t) for t in token]
         if token in self.added:
             return self.added[token].id
-        return self.sp.piece_to_id(token)
+        return self._base_id(token)
 
     def convert_ids_to_tokens(self, ids):
         if isinstance(ids, int):
-            return self.id_to_added[ids].content if ids in self.id_to_added else self.sp.id_to_piece(ids)
+            return self.id_to_added[ids].content if ids in self.id_to_added else self._base_token(ids)
         return [self.convert_ids_to_tokens(int(i)) for i in ids]
 
-    # ---- encoding
     def _split(self, text):
         """Split on added tokens and apply their strip flags: (chunks, starts, runs). chunks[i], starting at
         char starts[i] (possibly empty), is the text before runs[i] = (token, repeats, start): one token or a
@@ -187,6 +185,69 @@ class Tokenizer:
             if self.added[tok].lstrip:
                 chunks[i] = chunks[i].rstrip()
         return chunks, starts, runs
+
+    # ---- decoding (transformers' _decode; the class's convert_tokens_to_string is _ids_to_string)
+    def decode(self, ids, skip_special_tokens=True):
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.all_special_ids)]
+        texts, run = [], []
+        for i in ids + [None]:
+            tok = self.id_to_added.get(i)
+            if i is not None and (tok is None or tok.content not in self._verbatim):
+                run.append(i)
+                continue
+            if run:
+                text = self._ids_to_string(run)
+                if text or i is None:
+                    texts.append(text)
+                run = []
+            if i is not None:
+                texts.append(tok.content)
+        text = (" " if self.spaces_between_special_tokens else "").join(texts)
+        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """InternLM2Tokenizer and LlamaTokenizer (legacy or not) on a sentencepiece tokenizer.model."""
+
+    unk_default = "<unk>"
+
+    def _load_model(self, path, config):
+        model_file = os.path.join(path, "tokenizer.model")
+        if not os.path.exists(model_file):
+            raise FileNotFoundError(f"{model_file}: no sentencepiece model (tokenizer.model) in {path}")
+        cls = config.get("tokenizer_class", "")
+        if cls.startswith("InternLM2Tokenizer"):
+            self.style, self.legacy = "internlm2", True
+        else:
+            self.style, self.legacy = "llama", bool(config.get("legacy", True))
+        self.prefix_space = self.style == "llama" and not self.legacy  # Phi-3's way, see the module docstring
+        self.add_prefix_space = bool(config.get("add_prefix_space", True))
+        with open(model_file, "rb") as f:
+            proto = f.read()
+        if self.prefix_space:
+            proto += _NO_DUMMY_PREFIX
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.base_vocab_size = self.sp_vocab_size = self.sp.get_piece_size()
+        # count_tokens: when no piece joins a character to a following '▁', the pieces of a text are those
+        # of its '▁'-led words taken one at a time, so each distinct word needs encoding only once.
+        self._dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith(SPIECE_UNDERLINE)
+        joins = re.compile(f"[^{SPIECE_UNDERLINE}]{SPIECE_UNDERLINE}")
+        self._separable = not any(joins.search(self.sp.id_to_piece(i)) for i in range(self.sp_vocab_size))
+        raw = spm.SentencePieceProcessor(model_proto=proto + _NO_DUMMY_PREFIX) if self._dummy_prefix else None
+        self._piece_counts = _PieceCounts(raw or self.sp)
+
+    def _read_special_tokens(self, config, special_map):
+        super()._read_special_tokens(config, special_map)
+        if self.prefix_space:
+            self._unk_len = len(self.sp.encode(self.unk_token, out_type=str))
+
+    def _base_id(self, token):
+        return self.sp.piece_to_id(token)
+
+    def _base_token(self, i):
+        return self.sp.id_to_piece(i)
 
     def _with_prefix_space(self, text):
         text = text.replace(SPIECE_UNDERLINE, " ")  # a '▁' in the text is a space to the Llama tokenizer
@@ -271,35 +332,13 @@ class Tokenizer:
             return [self.bos_id] + ids, [-1] + starts
         return ids, starts
 
-    # ---- decoding (transformers' _decode + the class's convert_tokens_to_string)
-    def decode(self, ids, skip_special_tokens=True):
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        tokens = [self.convert_ids_to_tokens(int(i)) for i in ids
-                  if not (skip_special_tokens and int(i) in self.all_special_ids)]
-        # Added tokens that are not special, and special ones past the sp vocab, are emitted verbatim.
-        verbatim = {t for t in self.added if t not in self.all_special_tokens}
-        verbatim |= {t for t in self.additional_special_tokens if self.added[t].id >= self.sp_vocab_size}
-        texts, run = [], []
-        for tok in tokens + [None]:
-            if tok is not None and tok not in verbatim:
-                run.append(tok)
-                continue
-            if run:
-                text = self._tokens_to_string(run)
-                if text or tok is None:
-                    texts.append(text)
-                run = []
-            if tok is not None:
-                texts.append(tok)
-        return (" " if self.spaces_between_special_tokens else "").join(texts)
-
-    def _tokens_to_string(self, tokens):
-        """sentencepiece decodes the runs between special tokens; the spaces around those follow each class.
-        (InternLM2's _maybe_add_prefix_space always prepends " ", comparing a string to a set of ints, and its
-        convert_tokens_to_string returns out_string[1:]: the two cancel.)"""
-        llama, tokens = self.style == "llama", list(tokens)
-        if self.prefix_space and self.add_prefix_space and tokens[0].startswith(SPIECE_UNDERLINE):
+    def _ids_to_string(self, ids):
+        """The class's convert_tokens_to_string: sentencepiece decodes the runs between special tokens; the
+        spaces around those follow each class. InternLM2's then applies clean_up_tokenization, always (its
+        _maybe_add_prefix_space always prepends " ", comparing a string to a set of ints, and it returns
+        out_string[1:]: the two cancel). Llama's drops the '▁' of the first token where add_prefix_space."""
+        llama, tokens = self.style == "llama", self.convert_ids_to_tokens(ids)
+        if llama and self.add_prefix_space and tokens[0].startswith(SPIECE_UNDERLINE):
             tokens[0] = tokens[0][1:]
         out, run, prev_special = "", [], False
         for i, tok in enumerate(tokens):
@@ -314,10 +353,25 @@ class Tokenizer:
                     out += " "
                 run.append(tok)
                 prev_special = False
-        return out + self.sp.decode(run)
+        out += self.sp.decode(run)
+        return out if llama else clean_up_tokenization(out)
 
 
 def load_tokenizer(path):
-    """Tokenizer from a checkpoint directory (tokenizer.model, tokenizer_config.json, added_tokens.json,
-    special_tokens_map.json)."""
-    return Tokenizer(path)
+    """The tokenizer of a checkpoint directory, by tokenizer_config.json's tokenizer_class: tokenizer.model
+    (InternLM2Tokenizer, LlamaTokenizer) or vocab.json + merges.txt (Qwen2Tokenizer), with added_tokens.json
+    and special_tokens_map.json."""
+    config_file = os.path.join(path, "tokenizer_config.json")
+    if not os.path.exists(config_file):
+        raise FileNotFoundError(f"{config_file}: no tokenizer_config.json in {path}")
+    cls = _read_json(config_file).get("tokenizer_class") or ""
+    if cls.startswith(("InternLM2Tokenizer", "LlamaTokenizer")):
+        return SentencePieceTokenizer(path)
+    if cls.startswith("Qwen2Tokenizer"):
+        from .bpe import Qwen2Tokenizer  # data/bpe.py builds on this module
+        return Qwen2Tokenizer(path)
+    if cls.startswith("PreTrainedTokenizerFast"):
+        raise ValueError(f"{config_file}: tokenizer_class {cls!r}: a tokenizer.json-only tokenizer (such as "
+                         "InternVL2-Llama3-76B's Llama-3 one) is not supported")
+    raise ValueError(f"{config_file}: tokenizer_class {cls!r} is not supported (expected InternLM2Tokenizer, "
+                     "LlamaTokenizer or Qwen2Tokenizer)")

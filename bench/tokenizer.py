@@ -1,0 +1,86 @@
+"""Tokenizer throughput on LLaVA-like conversations: Qwen2's byte-level BPE (tiktoken) against the sentencepiece
+tokenizers, on the texts of bench/data.py's scale records (1-5 turns, 10-120 words per answer, a long tail of
+rare words), each rendered with its tokenizer's template as the dataset renders it (no image tokens).
+
+    python3 bench/tokenizer.py                       # 20000 records, the four fixture tokenizers
+    python3 bench/tokenizer.py --records 665000      # LLaVA-665k's size
+
+Times, per tokenizer, the two calls the data pipeline makes: encode_with_offsets (build_sample, every sample
+every epoch) and count_tokens (the index's length estimates, once per record), each over all records, best of
+--runs. Prints tokens/s and characters/s, and each tokenizer's rate over the InternLM2 sentencepiece one's. The
+fixture tokenizers are tiny (512-868 tokens), so they make more, shorter tokens per word than released ones.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.data import WORDS  # noqa: E402
+from data import load_tokenizer  # noqa: E402
+from data.dataset import Conversation, conversation_text  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+TOKENIZERS = {"internlm2": "internlm2-chat", "phi3": "phi3-chat", "llama": "Hermes-2", "qwen2": "internvl2_5"}
+
+
+def conversations(n, seed=0):
+    """The turns of bench/data.py make_scale_annotation's records (same generator, same seed)."""
+    rng = random.Random(seed)
+    words = WORDS + [f"w{k}" for k in range(3000)]
+    out = []
+    for _ in range(n):
+        turns = []
+        for _ in range(rng.randint(1, 5)):
+            q = " ".join(rng.choices(words, k=rng.randint(4, 25))).capitalize() + "?"
+            a = " ".join(rng.choices(words, k=rng.randint(10, 120))).capitalize() + "."
+            turns.append((q, a))
+        out.append(Conversation([], turns))
+    return out
+
+
+def best_rate(fn, texts, runs):
+    """(tokens/s, chars/s, tokens) of the fastest of `runs` passes of fn over all texts."""
+    best, tokens = float("inf"), 0
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        tokens = sum(fn(t) for t in texts)
+        best = min(best, time.perf_counter() - t0)
+    return tokens / best, sum(map(len, texts)) / best, tokens
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", type=int, default=20000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args(argv)
+    convs = conversations(args.records)
+    rows = {}
+    for name, template in TOKENIZERS.items():
+        tok = load_tokenizer(os.path.join(FIXTURES, name))
+        texts = [conversation_text(c, template, [], None)[0] for c in convs]
+        enc = best_rate(lambda t: len(tok.encode_with_offsets(t)[0]), texts, args.runs)
+        cnt = best_rate(tok.count_tokens, texts, args.runs)
+        rows[name] = {"template": template, "tokens": enc[2], "encode_tokens_per_s": round(enc[0]),
+                      "encode_chars_per_s": round(enc[1]), "count_tokens_per_s": round(cnt[0]),
+                      "count_chars_per_s": round(cnt[1])}
+    base = rows["internlm2"]
+    for row in rows.values():
+        row["encode_vs_internlm2"] = round(row["encode_tokens_per_s"] / base["encode_tokens_per_s"], 2)
+        row["count_vs_internlm2"] = round(row["count_tokens_per_s"] / base["count_tokens_per_s"], 2)
+    for name, row in rows.items():
+        print(f"{name:10s} {row['tokens']:>11,d} tokens  encode_with_offsets {row['encode_tokens_per_s']:>10,d} tok/s "
+              f"(x{row['encode_vs_internlm2']:.2f})  count_tokens {row['count_tokens_per_s']:>10,d} tok/s "
+              f"(x{row['count_vs_internlm2']:.2f})")
+    result = {"records": args.records, "runs": args.runs, "load_avg_1m": os.getloadavg()[0], "tokenizers": rows}
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
