@@ -357,7 +357,7 @@ def answer_items(model, tokenizer, bench: Benchmark, items: list[Item], batch_si
     from data.images import ImageLoadError, load_image
     from data.templates import get_template, resolve_system_message
     config = model.config
-    sep = get_template(config.template).sep
+    sep = get_template(config.template).stop
     eos_id = tokenizer.convert_tokens_to_ids(sep)
     system_message = resolve_system_message(config, system_message)
     rows = [dict(id=it.id, question=it.question) if it.error is None else dict(id=it.id, error=it.error)

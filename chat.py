@@ -43,7 +43,8 @@ def image_to_pixel_values(image, config: InternVLConfig, max_num: int | None = N
 
 def build_prompt(tokenizer, config: InternVLConfig, question: str, history=(), num_patches_list=(),
                  system_message: str | None = None) -> tuple[str, list[int]]:
-    """(question as kept in the history, prompt ids with BOS) exactly as the official chat builds them.
+    """(question as kept in the history, prompt ids, BOS first where the tokenizer adds one) exactly as the
+    official chat builds them.
     `system_message` None: config.json's, else the template default (see resolve_system_message)."""
     if not history and num_patches_list and IMAGE_TAG not in question:
         question = IMAGE_TAG + "\n" + question
@@ -102,7 +103,7 @@ def chat(model, tokenizer, pixel_values: torch.Tensor | None, question: str, his
     history = list(history or [])
     num_patches = [pixel_values.shape[0]] if pixel_values is not None else []
     question, ids = build_prompt(tokenizer, config, question, history, num_patches, system_message)
-    sep = get_template(config.template).sep
+    sep = get_template(config.template).stop
     eos_id = tokenizer.convert_tokens_to_ids(sep)
     device = next(model.parameters()).device
     dtype = model.llm.embed.weight.dtype
@@ -186,7 +187,7 @@ def answer_test_set(model, tokenizer, records, output, batch_size=8, max_new_tok
     reference and no error."""
     from tqdm import tqdm
     config = model.config
-    sep = get_template(config.template).sep
+    sep = get_template(config.template).stop
     eos_id = tokenizer.convert_tokens_to_ids(sep)
     system_message = system_message if system_message is not None else resolve_system_message(config)
     rows, ready = [], []
@@ -300,7 +301,7 @@ def converse(model, tokenizer, args, system_message: str, device) -> int:
     pixel_values = None
     if args.image:
         pixel_values = image_to_pixel_values(load_image(args.image), model.config, args.max_num)
-    sep = get_template(model.config.template).sep
+    sep = get_template(model.config.template).stop
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.do_sample else None
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                     temperature=args.temperature, top_p=args.top_p, system_message=system_message,

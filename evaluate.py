@@ -91,8 +91,8 @@ def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks)
             continue
         prompts.append((dataset.sample_id(i), question, reference, ids, pv))
     ev = Evaluator(dataset, eval_plan(dataset, args.batch_size, world, rank), args.num_workers, prompts,
-                   tokenizer.convert_tokens_to_ids(template.sep), zero_stage != 3, args.output_dir, rank == 0,
-                   template.sep, sum_over_ranks, benchmark=benchmark)
+                   tokenizer.convert_tokens_to_ids(template.stop), zero_stage != 3, args.output_dir,
+                   rank == 0, template.stop, sum_over_ranks, benchmark=benchmark)
     n_sup, n_samples, n_skipped, skipped = ev.count()
     for s in skipped:
         log(f"held-out sample left out: {s}")

@@ -32,7 +32,7 @@ from model.weights import sampled_sha1
 from .images import (IMAGE_SIZE, ImageLoadError, dummy_pixel_values, header_size, images_to_pixel_values,
                      jpeg_degrade, load_image, num_tiles, per_image_cap)
 from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
-from .templates import (NUM_IMAGE_TOKENS, get_template, image_tokens, net_labels, render,
+from .templates import (NUM_IMAGE_TOKENS, get_template, image_tokens, make_labels, render,
                         resolve_system_message)
 
 log = logging.getLogger("data")
@@ -141,9 +141,10 @@ def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max
     else:
         pixel_values, tiles = dummy_pixel_values(image_size), []
         image_flags = torch.zeros(1, dtype=torch.long)
-    text, spans = conversation_text(conv, template, tiles, resolve_system_message(override=system_message))
+    system_message = resolve_system_message(override=system_message, template=get_template(template).name)
+    text, spans = conversation_text(conv, template, tiles, system_message)
     ids, starts = tokenizer.encode_with_offsets(text)
-    labels = net_labels(template, tokenizer, ids, starts, spans)
+    labels = make_labels(template, tokenizer, ids, starts, spans)
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         image_end = max((i + 1 for i, t in enumerate(ids) if t == tokenizer.img_end_id), default=0)
@@ -467,7 +468,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.sources = list(sources)
         self.tokenizer = tokenizer
         self.template = get_template(template)
-        self.system_message = resolve_system_message(override=system_message)
+        self.system_message = resolve_system_message(override=system_message, template=self.template.name)
         self.max_num, self.max_length, self.min_num = max_num, max_length, min_num
         self.use_thumbnail, self.image_size, self.seed = use_thumbnail, image_size, seed
         self.max_image_failure_rate, self.image_failure_grace = max_image_failure_rate, image_failure_grace
@@ -542,8 +543,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def _cache_key(self, si):
         s, h = self.sources[si], hashlib.sha1()
-        for name in ("tokenizer.model", "tokenizer_config.json", "added_tokens.json",
-                     "special_tokens_map.json"):
+        for name in ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
+                     "added_tokens.json", "special_tokens_map.json"):
             path = os.path.join(self.tokenizer.path, name)
             if os.path.exists(path):
                 with open(path, "rb") as f:

@@ -1,10 +1,16 @@
-"""Chat templates `internlm2-chat` and `phi3-chat` (the official MPT style), the system message, and labels.
+"""Chat templates `internlm2-chat`, `phi3-chat`, `Hermes-2` and `internvl2_5` (the official MPT style), the
+system message, and labels.
 
-A prompt is system block + sep, then per turn role + message + sep, no newline between turns:
+A prompt is system block + sep, then per turn role + message + sep (`internvl2_5`'s sep ends in a newline):
   <|im_start|>system\\n{SYS}<|im_end|><|im_start|>user\\n{Q}<|im_end|><|im_start|>assistant\\n{A}<|im_end|>
   <|system|>\\n{SYS}<|end|><|user|>\\n{Q}<|end|><|assistant|>\\n{A}<|end|>
+  <|im_start|>system\\n{SYS}<|im_end|>\\n<|im_start|>user\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n{A}
+  <|im_end|>\\n (one line)
+`internlm2-chat` and `Hermes-2` render alike; they differ in training (preprocess_internlm strips the
+messages, preprocess_mpt does not). Chat stops at the stripped sep's token.
 """
 import ast
+import bisect
 import os
 from dataclasses import dataclass
 
@@ -13,10 +19,13 @@ from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 IGNORE_INDEX = -100
 NUM_IMAGE_TOKENS = 256  # per 448px tile after pixel shuffle (downsample 0.5)
 
-# Official default since InternVL 2.0 (commit 0dc48a2, 2024-07-19, through 2410d1d) for both templates;
-# the fixtures' reference.json `system_message`. `config.json`'s system_message wins over it.
+# Official default since InternVL 2.0 (commit 0dc48a2, 2024-07-19, through 2410d1d) of internlm2-chat,
+# phi3-chat and Hermes-2; internvl2_5 has its own. The fixtures' reference.json `system_message`.
+# `config.json`'s system_message wins over them.
 DEFAULT_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
                           "是一个有用无害的人工智能助手。")
+INTERNVL2_5_SYSTEM_MESSAGE = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位"
+                              "联合开发的多模态大语言模型。")
 # Release-era defaults (the checkpoints' own conversation.py, XTuner); pass them explicitly to use them.
 RELEASE_SYSTEM_MESSAGES = {
     "internlm2-chat": "You are an AI assistant whose name is InternLM (书生·浦语).",
@@ -31,15 +40,28 @@ class Template:
     user: str
     assistant: str
     sep: str  # the terminator of every turn; its token is supervised after each answer
-    strip_messages: bool  # preprocess_internlm strip()s every value, preprocess_phi3 does not
+    strip_messages: bool  # preprocess_internlm strip()s every value, the others do not
     never_supervised: tuple = ()  # tokens always -100 (Phi-3: <|endoftext|>)
+    system_message: str = DEFAULT_SYSTEM_MESSAGE  # the official default
+    # How labels are made: "spans" (net_labels: every token that starts in an answer or its terminator) or
+    # "turns" (preprocess_internvl2_5: turn_labels)
+    labels: str = "spans"
+
+    @property
+    def stop(self):
+        """The token chat stops at and cuts the answer at (the official template.sep.strip())."""
+        return self.sep.strip()
 
 
+_CHATML = dict(system_template="<|im_start|>system\n{system_message}", user="<|im_start|>user\n",
+               assistant="<|im_start|>assistant\n")
 TEMPLATES = {
-    "internlm2-chat": Template("internlm2-chat", "<|im_start|>system\n{system_message}", "<|im_start|>user\n",
-                               "<|im_start|>assistant\n", "<|im_end|>", strip_messages=True),
+    "internlm2-chat": Template("internlm2-chat", **_CHATML, sep="<|im_end|>", strip_messages=True),
     "phi3-chat": Template("phi3-chat", "<|system|>\n{system_message}", "<|user|>\n", "<|assistant|>\n",
                           "<|end|>", strip_messages=False, never_supervised=("<|endoftext|>",)),
+    "Hermes-2": Template("Hermes-2", **_CHATML, sep="<|im_end|>", strip_messages=False),
+    "internvl2_5": Template("internvl2_5", **_CHATML, sep="<|im_end|>\n", strip_messages=False,
+                            system_message=INTERNVL2_5_SYSTEM_MESSAGE, labels="turns"),
 }
 
 
@@ -76,23 +98,29 @@ def directory_system_message(model_dir, template):
     return None
 
 
-def resolve_system_message(config=None, override=None, model_dir=None):
+def resolve_system_message(config=None, override=None, model_dir=None, template=None):
     """As the official chat: `override`, else config.json's system_message, else the template default of the
-    directory's conversation.py, else DEFAULT_SYSTEM_MESSAGE."""
+    directory's conversation.py, else the official default of the template (config's, else `template`; else
+    DEFAULT_SYSTEM_MESSAGE)."""
     if override is not None:
         return override
     if config is not None and config.system_message is not None:
         return config.system_message
-    found = directory_system_message(model_dir, config.template) if model_dir and config is not None else None
-    return found if found is not None else DEFAULT_SYSTEM_MESSAGE
+    template = config.template if config is not None else template
+    found = directory_system_message(model_dir, template) if model_dir and template else None
+    if found is not None:
+        return found
+    return get_template(template).system_message if template else DEFAULT_SYSTEM_MESSAGE
 
 
-def render(template, turns, system_message=DEFAULT_SYSTEM_MESSAGE):
-    """Training prompt for [(question, answer), ...] and the char spans of every answer + sep.
+def render(template, turns, system_message=None):
+    """Training prompt for [(question, answer), ...] and the char spans of every answer + sep. system_message
+    None: the template's default.
 
     An empty message renders as the bare role (official get_prompt); callers reject empty turns
     before training, so here only a final answer of None gives a generation prompt."""
     t = get_template(template)
+    system_message = t.system_message if system_message is None else system_message
     text = t.system_template.format(system_message=system_message) + t.sep
     spans = []
     for question, answer in turns:
@@ -104,10 +132,33 @@ def render(template, turns, system_message=DEFAULT_SYSTEM_MESSAGE):
     return text, spans
 
 
-def generation_prompt(template, question, history=(), system_message=DEFAULT_SYSTEM_MESSAGE):
+def generation_prompt(template, question, history=(), system_message=None):
     """Prompt that chat() feeds to generate: history turns, then the question and the bare assistant role."""
     text, _ = render(template, list(history) + [(question, None)], system_message)
     return text
+
+
+def make_labels(template, tokenizer, ids, starts, spans):
+    """The labels of a rendered sample: the template's rule (net_labels or turn_labels)."""
+    rule = net_labels if get_template(template).labels == "spans" else turn_labels
+    return rule(template, tokenizer, ids, starts, spans)
+
+
+def turn_labels(template, tokenizer, ids, starts, spans):
+    """preprocess_internvl2_5: every turn is tokenised on its own and the ids concatenated (the same ids as
+    the whole text: each turn starts with an added token); an assistant turn keeps its ids but its first
+    len(tokenize(role)) (the role) and its last (the newline after <|im_end|>); all else is IGNORE_INDEX.
+    Where a newline after a special token is two ids (a dummy-prefix sentencepiece: '▁', <0x0A>), the first
+    stays supervised, as officially."""
+    t = get_template(template)
+    never = {tokenizer.convert_tokens_to_ids(x) for x in t.never_supervised}
+    role_len = len(tokenizer.encode(t.assistant, add_bos=False))
+    labels = [IGNORE_INDEX] * len(ids)
+    for answer_start, end in spans:
+        first = bisect.bisect_left(starts, answer_start - len(t.assistant))  # the role's <|im_start|>
+        for i in range(first + role_len, bisect.bisect_left(starts, end) - 1):
+            labels[i] = IGNORE_INDEX if ids[i] in never else ids[i]
+    return labels
 
 
 def net_labels(template, tokenizer, ids, starts, spans):

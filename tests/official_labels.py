@@ -1,16 +1,19 @@
 """The official fragment-count label procedure, for the parity tests only.
 
-The official preprocess_internlm / preprocess_phi3 (commit 2410d1d) derive labels from the lengths of
-separately tokenized prompt fragments. Training uses the net rule (data.templates.net_labels); the tests check
-that the two agree wherever the official code is self-consistent, and show where it is not.
+The official preprocess_internlm / preprocess_phi3 / preprocess_mpt (commit 2410d1d) derive labels from the
+lengths of separately tokenized prompt fragments. Training uses the net rule (data.templates.net_labels); the
+tests check that the two agree wherever the official code is self-consistent, and show where it is not.
+preprocess_internvl2_5 tokenises every turn on its own and concatenates the ids; training uses its rule as it is
+(data.templates.turn_labels).
 """
 from data.dataset import conversation_text, parse_record
-from data.templates import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, get_template
+from data.templates import IGNORE_INDEX, get_template
 
 
-def official_labels(template, tokenizer, text, ids):
+def official_labels(template, tokenizer, text, ids, bos_per_round=True):
     """(labels, consistent) as the official code computes them; consistent is False where it prints
-    'tokenization mismatch' and masks the whole sample."""
+    'tokenization mismatch' and masks the whole sample. bos_per_round=False: preprocess_mpt as meant, not
+    counting a BOS for every round after the first (the sequence has one BOS)."""
     t = get_template(template)
     labels = list(ids)
     total = sum(1 for i in ids if i != tokenizer.pad_id)
@@ -59,6 +62,27 @@ def official_labels(template, tokenizer, text, ids):
             mask(cur, cur + instr_len)
             cur += turn_len
         mask(cur, len(labels))
+    elif t.name == "Hermes-2":  # preprocess_mpt
+        cur = 0
+        sep = t.sep + t.assistant
+        turns = text.split(t.sep)
+        re_turns = [t.sep.join(turns[:3])]
+        for i in range(3, len(turns), 2):
+            re_turns.append(t.sep.join(turns[i:i + 2]))
+        for i, turn in enumerate(re_turns):
+            if turn == "":
+                break
+            extra = 1 if i > 0 and not bos_per_round and tokenizer.add_bos else 0
+            turn_len = tlen(turn) + 1 - extra
+            parts = turn.split(sep)
+            if len(parts) != 2:
+                break
+            instr_len = tlen(parts[0] + sep) - extra
+            mask(cur, cur + instr_len)
+            cur += turn_len
+        mask(cur, len(labels))
+    elif t.name == "internvl2_5":
+        return internvl2_5_labels(tokenizer, text, ids)
     else:
         raise ValueError(f"no official label procedure for template {t.name!r}")
     if cur != total:
@@ -66,15 +90,37 @@ def official_labels(template, tokenizer, text, ids):
     return labels, True
 
 
-def sample_official_labels(record, sample, tokenizer, template, system_message=DEFAULT_SYSTEM_MESSAGE):
-    """(labels, consistent) of the official procedure for build_sample's output for `record` (<= 1 image)."""
+def internvl2_5_labels(tokenizer, text, ids):
+    """preprocess_internvl2_5: (labels, consistent), consistent = the concatenated ids of the separately
+    tokenised turns are `ids`."""
+    parts = ["<|im_start|>" + p for p in text.split("<|im_start|>")[1:]]
+    assert "".join(parts) == text
+    add_bos = tokenizer.add_bos
+    pieces = [tokenizer.encode((tokenizer.bos_token if add_bos and k == 0 else "") + p) for k, p in enumerate(parts)]
+    if add_bos:
+        pieces = [p[1:] for p in pieces]
+    role_len = len(tokenizer.encode("<|im_start|>assistant\n")) - (1 if add_bos else 0)
+    labels = []
+    for part, piece in zip(parts, pieces):
+        if part.startswith("<|im_start|>assistant\n"):
+            labels += [IGNORE_INDEX] * role_len + piece[role_len:-1] + [IGNORE_INDEX]
+        else:
+            labels += [IGNORE_INDEX] * len(piece)
+    return labels, [i for p in pieces for i in p] == list(ids)
+
+
+def sample_official_labels(record, sample, tokenizer, template, system_message=None, bos_per_round=True):
+    """(labels, consistent) of the official procedure for build_sample's output for `record` (<= 1 image);
+    system_message None: the template's default."""
     conv = parse_record(record)
     tiles = [len(sample["pixel_values"])] if conv.images else []
+    system_message = get_template(template).system_message if system_message is None else system_message
     text, _ = conversation_text(conv, template, tiles, system_message)
-    return official_labels(template, tokenizer, text, sample["input_ids"].tolist())
+    return official_labels(template, tokenizer, text, sample["input_ids"].tolist(), bos_per_round)
 
 
-def matches_official(record, sample, tokenizer, template, system_message=DEFAULT_SYSTEM_MESSAGE):
-    """Whether the sample's net-rule labels are exactly the official ones."""
-    official, consistent = sample_official_labels(record, sample, tokenizer, template, system_message)
+def matches_official(record, sample, tokenizer, template, system_message=None, bos_per_round=True):
+    """Whether the sample's labels are exactly the official ones."""
+    official, consistent = sample_official_labels(record, sample, tokenizer, template, system_message,
+                                                  bos_per_round)
     return consistent and official == sample["labels"].tolist()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import chat
-from data import load_tokenizer
+from data import get_template, load_tokenizer
 from data.images import load_image
 from model import load_pretrained
 from tests.fixture_inputs import FIXTURES, fixture_pixels
@@ -16,7 +16,7 @@ from tests.fixture_inputs import FIXTURES, fixture_pixels
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="module", params=["internlm2", "phi3"])
+@pytest.fixture(scope="module", params=["internlm2", "phi3", "qwen2", "llama"])
 def case(request):
     d = os.path.join(FIXTURES, request.param)
     with open(os.path.join(d, "reference.json")) as f:
@@ -48,7 +48,7 @@ def test_chat_answer_equals_official(case):
     m, tok, ref, info = case["model"], case["tokenizer"], case["ref"], case["info"]["chat"]
     pv = chat.image_to_pixel_values(load_image(os.path.join(case["dir"], "image.png")), m.config)
     out = io.StringIO()
-    printer = chat.StreamPrinter(tok, "<|im_end|>" if "internlm2" in case["dir"] else "<|end|>", out)
+    printer = chat.StreamPrinter(tok, get_template(m.config.template).stop, out)
     response, history, ids = chat.chat(m, tok, pv, info["question"], max_new_tokens=8, streamer=printer)
     printer.finish(response)
     assert ids.tolist() == ref["chat_output_ids"][0].tolist()
@@ -57,14 +57,24 @@ def test_chat_answer_equals_official(case):
     assert history == [("<image>\n" + info["question"], response)]
 
 
+def test_greedy_from_our_prompt_equals_official(case):
+    """The 8 greedy ids of the official generate (no eos) from the prompt our chat builds, token for token."""
+    m, tok, ref = case["model"], case["tokenizer"], case["ref"]
+    pv = chat.image_to_pixel_values(load_image(os.path.join(case["dir"], "image.png")), m.config)
+    _, ids = chat.build_prompt(tok, m.config, case["info"]["chat"]["question"], [], [pv.shape[0]])
+    out = m.generate(torch.tensor([ids]), pv, max_new_tokens=8)
+    assert out.tolist() == ref["greedy_ids"].tolist()
+
+
 def test_second_turn_replays_history(case):
     m, tok = case["model"], case["tokenizer"]
     q1 = case["info"]["chat"]["question"]
     _, ids = chat.build_prompt(tok, m.config, "And the colours?", [("<image>\n" + q1, "A1")], [7])
     text = tok.decode(ids, skip_special_tokens=False)
     assert ids.count(tok.img_context_id) == 7 * 256 and ids.count(tok.img_start_id) == 1
-    assert text.rstrip().endswith(("And the colours?<|im_end|><|im_start|>assistant",
-                                   "And the colours?<|end|><|assistant|>"))
+    text = text.replace(" ", "").rstrip()  # the slow tokenizers' decoding puts spaces around special tokens
+    assert text.endswith(("colours?<|im_end|><|im_start|>assistant", "colours?<|end|><|assistant|>",
+                          "colours?<|im_end|>\n<|im_start|>assistant"))
     assert "A1" in text
 
 
@@ -165,13 +175,12 @@ def test_batched_answers_equal_one_by_one(case, tmp_path):
     assert "test.jsonl:6" in rows1[5]["error"] and "malformed JSON" in rows1[5]["error"]
     assert one["answered"] == three["answered"] == 4 and one["errors"] == 2 and one["scored"] == 4
     # token for token: re-generate the ids one by one and in one batch of 4
-    sep = "<|im_end|>" if "internlm2" in case["dir"] else "<|end|>"
-    eos = tok.convert_tokens_to_ids(sep)
+    eos = tok.convert_tokens_to_ids(get_template(m.config.template).stop)
     prompts = [chat.record_prompt(r, f, tok, m.config)[2:] for _, r, f in records
                if not isinstance(r, Exception) and r["id"] != "gone"]
     alone = [chat.generate_batch(m, [p], eos, 8)[0] for p in prompts]
     mixed = chat.generate_batch(m, prompts, eos, 8)
-    if "internlm2" in case["dir"]:
+    if "phi3" not in case["dir"]:
         assert mixed == alone
     else:  # Phi-3 'su' RoPE: the image prompt (> 1024 tokens) switches the whole batch to the long factors;
         assert mixed != alone  # this is why plan_batches never mixes the two sides (rows above are equal)

@@ -9,14 +9,15 @@ from safetensors.torch import load_file
 
 from data import DEFAULT_SYSTEM_MESSAGE, SampleError, SampleTooLong, build_sample, load_tokenizer
 from data.images import dummy_pixel_values
-from data.templates import RELEASE_SYSTEM_MESSAGES, render
+from data.templates import INTERNVL2_5_SYSTEM_MESSAGE, RELEASE_SYSTEM_MESSAGES, get_template, render
 from model.config import TEMPLATES
-from tests.official_labels import matches_official, official_labels
+from tests.official_labels import matches_official, official_labels, sample_official_labels
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
-CASES = ["internlm2", "phi3"]
+CASES = ["internlm2", "phi3", "qwen2", "llama"]
+V15 = ["internlm2", "phi3"]  # the InternVL 1.5 templates' own tests
 TOK = {c: load_tokenizer(os.path.join(FIX, c)) for c in CASES}
-TERM = {"internlm2": "<|im_end|>", "phi3": "<|end|>"}
+TERM = {"internlm2": "<|im_end|>", "phi3": "<|end|>", "qwen2": "<|im_end|>", "llama": "<|im_end|>"}
 
 
 def human(v):
@@ -39,7 +40,8 @@ def test_fixture_sample_is_official(case):
     t = load_file(os.path.join(FIX, case, "reference.safetensors"))
     record = json.load(open(os.path.join(FIX, case, "conversation.json"), encoding="utf-8"))
     s = build_sample(record, tok, ref["template"], os.path.join(FIX, case), max_num=6)  # default system message
-    assert ref["system_message"] == DEFAULT_SYSTEM_MESSAGE
+    assert ref["system_message"] == get_template(ref["template"]).system_message
+    assert ref["system_message"] == (INTERNVL2_5_SYSTEM_MESSAGE if case == "qwen2" else DEFAULT_SYSTEM_MESSAGE)
     assert torch.equal(s["input_ids"], t["input_ids"][0])
     assert torch.equal(s["labels"], t["labels"][0])
     assert int((s["labels"] != -100).sum()) == ref["samples"][0]["num_supervised_labels"]
@@ -62,15 +64,15 @@ def test_multi_turn_chinese_special_characters(case):
     term = TERM[case]
     assert supervised_text(tok, s).replace(" ", "") == (
         f"A gradient.{term}ok 中文回答！\n第二行 <tag> & 100%{term}A smooth gradient.{term}").replace(" ", "")
-    # the official fragment-count procedure gives the same labels for these answers
-    assert matches_official(rec, s, tok, TEMPLATES[case])
+    # the official procedure gives the same labels for these answers (preprocess_mpt once it counts one BOS)
+    assert matches_official(rec, s, tok, TEMPLATES[case], bos_per_round=case != "llama")
     # exactly the answers + terminators are supervised: three terminators, no role tokens
     lab = s["labels"][s["labels"] != -100].tolist()
     assert lab.count(tok.convert_tokens_to_ids(term)) == 3 and tok.img_context_id not in lab
     assert int((s["input_ids"] == tok.img_context_id).sum()) == 256 * 7
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", V15)
 def test_prompt_layout_is_official_mpt(case):
     tok = TOK[case]
     rec = {"conversations": [human("Q1"), gpt("A1"), human("Q2"), gpt("A2")]}
@@ -100,7 +102,7 @@ def test_internlm2_strips_values_phi3_does_not():
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
     tok = TOK["phi3"]
     c = build_sample(rec, tok, "phi3-chat")  # trailing spaces stay (leading ones are eaten by <|user|>/<|assistant|> rstrip)
-    assert supervised_text(tok, c) == "A gradient.  <|end|>"
+    assert supervised_text(tok, c) == "A gradient.   <|end|>"  # + the " " decoding puts before <|end|>
 
 
 def test_internlm2_official_mismatch_keeps_the_net_labels():
@@ -123,7 +125,7 @@ def test_text_only_sample(case):
     assert s["image_flags"].tolist() == [0]
     assert torch.equal(s["pixel_values"], dummy_pixel_values())
     assert not any(i in s["input_ids"].tolist() for i in (tok.img_start_id, tok.img_end_id, tok.img_context_id))
-    assert supervised_text(tok, s).strip() == f"A gradient.{TERM[case]}"
+    assert supervised_text(tok, s).replace(" ", "") == f"A gradient.{TERM[case]}".replace(" ", "")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -153,7 +155,7 @@ def test_multi_image_sample(case):
     assert all(i == tok.img_context_id for i in ids[starts[0] + 1:ends[0]])
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", V15)
 def test_system_message_override_and_release_default(case):
     tok = TOK[case]
     rec = {"conversations": [human("Q"), gpt("A gradient.")]}
@@ -198,3 +200,77 @@ def test_max_length_never_cuts_an_image_span(case):
 def test_bad_records(record, message):
     with pytest.raises(SampleError, match=message):
         build_sample(record, TOK["phi3"], "phi3-chat")
+
+
+# ---- InternVL 2 / 2.5 templates: Hermes-2 (preprocess_mpt) and internvl2_5 (preprocess_internvl2_5)
+
+def test_hermes2_multi_round_with_a_bos_tokenizer_supervises_every_answer():
+    """preprocess_mpt counts a BOS in every round's own tokenisation; with a BOS-adding tokenizer (InternVL2-40B's)
+    a sample of two or more rounds then fails the official length check and ALL its labels become -100. We give
+    the labels the procedure means: every answer and its <|im_end|>, the same as the official count with one BOS."""
+    tok = TOK["llama"]
+    rec = {"conversations": [human("Q1"), gpt("First answer."), human("Q2"), gpt("Second answer.")]}
+    s = build_sample(rec, tok, "Hermes-2")
+    official, consistent = sample_official_labels(rec, s, tok, "Hermes-2")
+    assert not consistent and official == [-100] * len(official)  # the official labels leave nothing to learn
+    assert matches_official(rec, s, tok, "Hermes-2", bos_per_round=False)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    lab = s["labels"][s["labels"] != -100].tolist()
+    assert lab.count(end) == 2 and supervised_text(tok, s).replace(" ", "") == \
+        "Firstanswer.<|im_end|>Secondanswer.<|im_end|>"
+    one = {"conversations": rec["conversations"][:2]}  # one round: official and ours agree as they are
+    assert matches_official(one, build_sample(one, tok, "Hermes-2"), tok, "Hermes-2")
+
+
+def test_hermes2_with_qwen2_tokenizer_is_official():
+    """InternVL2-1B: Hermes-2 with Qwen2's tokenizer (no BOS): the official count holds for every round."""
+    tok = TOK["qwen2"]
+    rec = {"conversations": [human("Q1 !"), gpt("\nA1!\n"), human(" Q2"), gpt(" A2  ")]}
+    s = build_sample(rec, tok, "Hermes-2")
+    assert s["input_ids"].tolist() == tok.encode(
+        f"<|im_start|>system\n{DEFAULT_SYSTEM_MESSAGE}<|im_end|><|im_start|>user\nQ1 !<|im_end|><|im_start|>assistant"
+        "\n\nA1!\n<|im_end|><|im_start|>user\n Q2<|im_end|><|im_start|>assistant\n A2  <|im_end|>")
+    assert matches_official(rec, s, tok, "Hermes-2")
+
+
+@pytest.mark.parametrize("case", ["qwen2", "internlm2"])
+def test_internvl2_5_labels_are_the_official_per_turn_ones(case):
+    """preprocess_internvl2_5 (InternVL2.5-1B/4B/38B/78B with Qwen2, 2B/8B/26B with InternLM2): turns tokenised
+    alone and concatenated, the role and the last id (the newline after <|im_end|>) of each answer -100. Values are
+    not stripped; answers that start or end in whitespace or newlines keep the official counts."""
+    tok = TOK[case]
+    rec = {"image": "image.png", "conversations": [
+        human("<image>\nDescribe!"), gpt("\nA gradient !\n"), human("  more?  "), gpt(" 中文回答！ "),
+        human("again"), gpt("Done.")]}
+    s = build_sample(rec, tok, "internvl2_5", os.path.join(FIX, case), max_num=6)
+    assert matches_official(rec, s, tok, "internvl2_5")
+    text = supervised_text(tok, s)
+    assert "Done." in text and "中文回答" in text and "assistant" not in text and "user" not in text
+    ids = s["input_ids"].tolist()
+    if case == "qwen2":  # each turn ends <|im_end|> (supervised), '\n' (not)
+        ends = [k for k, i in enumerate(ids) if i == tok.convert_tokens_to_ids("<|im_end|>")]
+        assert [s["labels"][k].item() != -100 for k in ends] == [False, False, True, False, True, False, True]
+        assert all(s["labels"][k + 1].item() == -100 and ids[k + 1] == 198 for k in ends)
+    else:  # InternLM2 encodes that '\n' as '▁', <0x0A>: officially the '▁' stays supervised
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+        ends = [k for k, i in enumerate(ids) if i == tok.convert_tokens_to_ids("<|im_end|>")]
+        assert tok.convert_ids_to_tokens(ids[ends[-1] + 1:]) == ["\u2581", "<0x0A>"]
+        assert s["labels"][-2].item() == ids[-2] and s["labels"][-1].item() == -100
+
+
+def test_qwen2_exclamation_marks_are_attended():
+    """The official collator's attention_mask = input_ids != 0 would mask every '!' of a Qwen2 sample (id 0); ours
+    masks padding only, by length, in padded batches and in packs."""
+    from data import collate
+    from data.packing import collate_packed
+    tok = TOK["qwen2"]
+    a = build_sample({"conversations": [human("Hi!"), gpt("Hello!! Nice!")]}, tok, "internvl2_5")
+    b = build_sample({"conversations": [human("Q"), gpt("A")]}, tok, "internvl2_5")
+    assert (a["input_ids"] == 0).sum() == 4 and (a["labels"] == 0).sum() == 3  # the '!' of the answer are learnt
+    batch = collate([b, a])
+    n_a, n_b = len(a["input_ids"]), len(b["input_ids"])
+    assert batch["attention_mask"][1].tolist() == [1] * n_a
+    assert batch["attention_mask"][0].tolist() == [1] * n_b + [0] * (n_a - n_b)
+    assert (batch["input_ids"][1] == 0).sum() == 4
+    packed = collate_packed([a, b])
+    assert packed["attention_mask"][0].tolist() == [1] * n_a + [2] * n_b
