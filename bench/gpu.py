@@ -152,8 +152,9 @@ def build(cfg, mode, device, dtype, lora_r):
     return model.train()
 
 
-def memory_estimate_gib(cfg, mode, tokens, tiles, batch, lora_r) -> float:
-    """train.py --estimate-memory's figure for this one-GPU step (no DeepSpeed bucket: MasterAdamW)."""
+def memory_estimate_gib(cfg, mode, tokens, tiles, batch, lora_r) -> tuple[float, float]:
+    """train.py --estimate-memory's figure for this one-GPU step (no DeepSpeed bucket: MasterAdamW): the total,
+    and the total less the CUDA context and allocator slack (what torch.cuda.max_memory_allocated sees)."""
     import memory
     from lora import LoRAConfig, inject_lora, mark_trainable
     model = build_model(cfg, "meta")
@@ -162,7 +163,8 @@ def memory_estimate_gib(cfg, mode, tokens, tiles, batch, lora_r) -> float:
     mark_trainable(model, "full" if mode == "full" else "lora")
     run = memory.RunShape(mode=mode, zero_stage=1, gpus=1, batch_size=batch, max_length=tokens,
                           tiles=batch * tiles, reduce_bucket=0)
-    return gib(memory.estimate(model, cfg, run)["total"])
+    est = memory.estimate(model, cfg, run)
+    return gib(est["total"]), gib(est["total"] - est["overhead"])
 
 
 # ---------------------------------------------------------------- one configuration
@@ -186,7 +188,7 @@ def run_config(args, size, mode, device, dtype, total_gib) -> dict:
     if cfg.img_context_token_id is None:  # the tiny preset: the 3rd of the 9 added tokens at the end
         cfg.img_context_token_id = cfg.llm.vocab_size - 7
     row = {"size": size, "mode": mode}
-    need = memory_estimate_gib(cfg, mode, args.tokens, args.tiles, args.batch, args.lora_r)
+    need, need_allocated = memory_estimate_gib(cfg, mode, args.tokens, args.tiles, args.batch, args.lora_r)
     if total_gib is not None and need > total_gib:
         row["skipped"] = (f"{size} {mode} needs about {need:.0f} GiB (bf16 weights and grads, fp32 master weights "
                           f"and AdamW states) but this GPU has {total_gib:.0f} GiB: train it with ZeRO-3 over "
@@ -232,7 +234,7 @@ def run_config(args, size, mode, device, dtype, total_gib) -> dict:
         row["mfu"] = row["achieved_tflops"] / args.peak_tflops
     if device.type == "cuda":
         row["peak_memory_gib"] = gib(torch.cuda.max_memory_allocated())
-    row["memory_estimate_gib"] = need
+    row["memory_estimate_gib"], row["memory_estimate_allocated_gib"] = need, need_allocated
     del model, opt, batch
     gc.collect()
     if device.type == "cuda":
