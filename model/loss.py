@@ -99,11 +99,10 @@ class OutputHead(nn.Linear):
 def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead):
     """(mean loss over supervised tokens, number of supervised tokens).
 
-    With no supervised token the loss is an explicit 0 that keeps the graph connected (a 0/0 mean would be
-    NaN); the caller sees n = 0 and counts it.
+    With no supervised token the head still runs, on zero rows: under ZeRO-3 every rank must join the head
+    weight's all-gather, whatever its batch (a padding batch of the evaluation has nothing supervised). The
+    loss is then an explicit 0 with zero gradients (a 0/0 mean would be NaN); the caller sees n = 0.
     """
     h, t = supervised_positions(hidden, labels)
     n = t.numel()
-    if n == 0:
-        return hidden.sum() * 0.0, 0
-    return head(h, t) / n, n
+    return head(h, t) / max(n, 1), n

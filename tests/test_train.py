@@ -45,12 +45,41 @@ def run(args, out, nproc=1, worker=None, env=None, check=True, timeout=300):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(29500 + os.getpid() % 1000), *script]
-    proc = subprocess.run(cmd + list(args) + ["--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    # a session of its own: a run that hangs (a collective one rank never joins) is killed whole at the timeout
+    with subprocess.Popen(cmd + list(args) + ["--output-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                          start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [p.pid, *_descendants(p.pid)]:  # torchrun starts each rank in a session of its own
+                os.kill(pid, signal.SIGKILL)
+            stdout, stderr = p.communicate()
+            raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s (a hang?), killed:\n"
+                                 f"{stdout[-3000:]}\n{stderr[-3000:]}") from None
+    proc = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
     return proc, metrics(out)
+
+
+def _descendants(pid):
+    """The processes below pid (from /proc)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def metrics(out):
