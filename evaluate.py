@@ -54,9 +54,10 @@ def eval_collate(indices, dataset):
     return batch
 
 
-def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks):
+def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks, build):
     """The Evaluator of --eval-data, or None. The held-out data gets the training data's checks before the
-    first step, and must have a supervised token. `sum_over_ranks(numbers)`: train.py's all_reduce_sum."""
+    first step, and must have a supervised token. `sum_over_ranks(numbers)`: train.py's all_reduce_sum;
+    `build(sources)`: train.py's shared_dataset (built as the training set: once, on rank 0, cached)."""
     benchmark = read_benchmark(args.eval_benchmark) if getattr(args, "eval_benchmark", None) else None
     if benchmark and not args.eval_data:
         raise SystemExit("error: --eval-benchmark is scored at each evaluation of --eval-data: pass "
@@ -70,13 +71,9 @@ def setup(args, config, tokenizer, world, rank, zero_stage, log, sum_over_ranks)
         for s in sources:
             if s.image_folder is not None and not os.path.isdir(s.image_folder):
                 raise DataError(f"image folder {s.image_folder} does not exist (source {s.name})")
-        dataset = SupervisedDataset(sources, tokenizer, config.template, config.system_message,
-                                    max_num=args.max_tiles, min_num=args.min_tiles,
-                                    use_thumbnail=args.thumbnail, image_size=config.force_image_size,
-                                    max_length=args.max_length, seed=args.seed,
-                                    skip_bad_samples=args.skip_bad_samples)
     except (ValueError, DataError) as e:
         raise SystemExit(f"error: held-out data (--eval-data): {e}")
+    dataset = build(sources)
     template = get_template(config.template)
     tiled = replace(config, min_dynamic_patch=args.min_tiles, max_dynamic_patch=args.max_tiles,
                     use_thumbnail=args.thumbnail)  # the prompts' images cut as the run cuts its samples

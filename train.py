@@ -73,9 +73,10 @@ def load_model(args, config, lora_cfg, ds_config, zero_stage, device, dtype):
 
 # ------------------------------------------------------------------------------------------------ data
 
-def build_dataset(args, config, sources, tokenizer):
-    """The training set, indexed and checked (every record, every image file) on rank 0 before the model
-    loads, and handed to the other ranks. A data problem is one `error:` message."""
+def shared_dataset(args, config, tokenizer, sources, what=""):
+    """A data set of the run's settings, indexed and checked (every record, every image file; the index cache)
+    on rank 0 before the model loads, and handed to the other ranks. A data problem is one `error:` message
+    (`what` in front)."""
     import torch.distributed as dist
     from data import DataError, SupervisedDataset
     from data.dataset import default_cache_dir
@@ -94,9 +95,13 @@ def build_dataset(args, config, sources, tokenizer):
     dist.broadcast_object_list(payload, src=0)
     if isinstance(payload[0], str):
         dist.destroy_process_group()
-        raise SystemExit(f"error: {payload[0]}" if master else 1)  # the other ranks exit quietly
-    if not master:
-        dataset = make(index=payload[0])
+        raise SystemExit(f"error: {what}{payload[0]}" if master else 1)  # the other ranks exit quietly
+    return dataset if master else make(index=payload[0])
+
+
+def build_dataset(args, config, sources, tokenizer):
+    """The training set (shared_dataset), its counts logged."""
+    dataset = shared_dataset(args, config, tokenizer, sources)
     dataset.log_problems = False  # the loop reports them from each batch's meta, capped per run
     log("data (after repeat ratios):")
     for name, c in dataset.source_counts.items():
@@ -443,7 +448,9 @@ def main(argv=None):
     import evaluate
     args.eval_steps = args.eval_steps or args.save_steps
     evaluator = evaluate.setup(args, config, tokenizer, world, rank, zero_stage, log,
-                               sum_over_ranks=lambda values: all_reduce_sum(values, device))
+                               sum_over_ranks=lambda values: all_reduce_sum(values, device),
+                               build=partial(shared_dataset, args, config, tokenizer,
+                                             what="held-out data (--eval-data): "))
     if device.type == "cuda":  # before loading anything: refuse a run that cannot fit
         est, table = memory.for_run(shape, config, args, ds_config, zero_stage, world, dtype)
         log(table)

@@ -53,7 +53,10 @@ def test_eval_loss_same_for_one_and_two_processes_zero3(demo, held_out, tmp_path
     args = ["--deepspeed", str(tmp_path / "ds.json"), "--max-steps", "2", "--mode", "full",
             "--drop-path-rate", "0", "--eval-data", held_out, "--eval-steps", "1", "--eval-samples", "2"]
     _, one = run(common(demo, 4, *args), tmp_path / "one")
-    _, two = run(common(demo, 2, *args), tmp_path / "two", nproc=2, timeout=600)
+    cache = tmp_path / "index_cache"  # the held-out set is indexed as the training set: on rank 0, cached
+    _, two = run(common(demo, 2, *args), tmp_path / "two", nproc=2, timeout=600,
+                 env={"INTERNVL_DATA_CACHE": str(cache)})
+    assert len(list(cache.glob("*.npz"))) == 2
     ev1, ev2 = [r["eval_loss"] for r in one], [r["eval_loss"] for r in two]
     print(f"eval_loss 1 process {ev1}, 2 processes {ev2}")
     assert ev1 == pytest.approx(ev2, rel=1e-5) and ev1[1] < ev1[0]
@@ -143,7 +146,7 @@ def test_eval_sample_prompts_are_tiled_as_the_run(demo, tmp_path):  # noqa: F811
     from types import SimpleNamespace as NS
 
     import evaluate
-    from data import load_tokenizer
+    from data import SupervisedDataset, load_tokenizer
     from model import load_config
     base, data = demo
     folder = data.split(",")[1]
@@ -152,7 +155,12 @@ def test_eval_sample_prompts_are_tiled_as_the_run(demo, tmp_path):  # noqa: F811
     args = NS(eval_data=[f"{os.path.join(folder, 'eval.jsonl')},{folder}"], eval_samples=3, min_tiles=2, max_tiles=2,
               thumbnail=False, max_length=1024, seed=0, skip_bad_samples=False, batch_size=2, num_workers=0,
               output_dir=str(tmp_path), eval_steps=1)
-    ev = evaluate.setup(args, config, load_tokenizer(base), 1, 0, 1, lambda *a: None, lambda values: values)
+    tokenizer = load_tokenizer(base)
+
+    def build(sources):  # train.py's shared_dataset, in one process
+        return SupervisedDataset(sources, tokenizer, config.template, config.system_message, max_num=2, min_num=2,
+                                 use_thumbnail=False, max_length=1024)
+    ev = evaluate.setup(args, config, tokenizer, 1, 0, 1, lambda *a: None, lambda values: values, build)
     tiles = {pid: pv.shape[0] for pid, _, _, _, pv in ev.prompts if pv is not None}
     assert tiles and set(tiles.values()) == {2}
     built = {ev.dataset.sample_id(i): ev.dataset.build(i)["pixel_values"].shape[0] for i in range(3)}
