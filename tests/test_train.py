@@ -336,7 +336,7 @@ def test_packing_trains_one_epoch_with_an_exact_schedule(demo, tmp_path):
 def test_a_sample_over_the_pack_tile_budget_is_an_error_line(demo, tmp_path):
     """2 tiles per image (no thumbnail) cannot fit --max-packed-tiles 1: one `error:` line naming a sample."""
     proc, _ = run(common(demo, 1, "--max-packed-tokens", "1024", "--max-packed-tiles", "1", "--min-tiles", "2",
-                         "--max-tiles", "2", "--no-thumbnail"), tmp_path / "out", check=False)
+                         "--max-tiles", "2", "--no-thumbnail", "--max-length", "1024"), tmp_path / "out", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(r"^error: --max-packed-tiles 1 is below the 2 image tiles of sample train:\d+ \(96 "
                      r"sample\(s\) over it\)", proc.stderr, re.M), proc.stderr[-3000:]
