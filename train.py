@@ -35,8 +35,9 @@ import options
 
 GRAD_CLIP = 1.0  # official max_grad_norm
 RUN = {"output_dir": None}  # the run in progress, for the Ctrl-C message
-COUNTERS = ("skipped_steps", "nonfinite_steps", "overflow_steps", "all_masked_steps", "all_masked_micro_batches",
-            "samples_seen", "replaced_samples", "image_failures", "over_budget_packs",
+COUNTERS = ("skipped_steps", "nonfinite_steps", "overflow_steps", "all_masked_steps",
+            "all_masked_micro_batches", "samples_seen", "replaced_samples", "image_failures",
+            "over_budget_packs",
             "truncated_samples", "gpt_first_dropped", "wide_images")  # the last three: changed, as official
 
 
@@ -392,8 +393,8 @@ def train(args, engine, scheduler, sampler, batches, pos, total_steps, evaluator
             f.close()
     c, final = pos.counters, saved and os.path.join(args.output_dir, f"iter_{saved}")
     log(f"done: {pos.step} steps; skipped {c['skipped_steps']} (non-finite {c['nonfinite_steps']}, overflow "
-        f"{c['overflow_steps']}, all-masked {c['all_masked_steps']}); replaced {c['replaced_samples']} samples "
-        f"({c['image_failures']} unreadable images among the failed attempts, the others too long)"
+        f"{c['overflow_steps']}, all-masked {c['all_masked_steps']}); replaced {c['replaced_samples']} "
+        f"samples ({c['image_failures']} unreadable images among the failed attempts, the others too long)"
         + (f"; {c['over_budget_packs']} packs over their budget" if c["over_budget_packs"] else "")
         + f"; changed as the official code does: {c['truncated_samples']} answers cut at --max-length, "
           f"{c['gpt_first_dropped']} leading gpt turns dropped, {c['wide_images']} 16-bit images clipped"
