@@ -7,7 +7,7 @@ With CUDA, at the released 2B shape with random weights, each a real train.py ru
     1e-3 absolute; convert (its self-check: the reloaded export's logits equal the trained model's), then the
     export's batched chat answers must equal its one-by-one answers;
   * QLoRA, ZeRO-1, then convert (self-check); full fine-tuning, ZeRO-3 (one checkpoint: 26 GB at 2B);
-  * a packed run; an fp16 run (DeepSpeed's dynamic loss scaling: its only skipped steps are counted overflows);
+  * a packed run; an fp16 run, 32 steps (dynamic loss scaling: its only skipped steps are counted overflows);
   * no skipped step anywhere else; varlen flash attention equal to masked SDPA; bench/gpu.py's peak memory per
     mode within 15% of the estimate, tokens/s and MFU printed.
 The whole run has its own timeout (BUDGET_S, 8 minutes with CUDA) and writes one JSON report,
@@ -196,11 +196,11 @@ def test_packed(request, base_and_data, tmp_path):
 
 @needs_cuda
 def test_fp16(request, base_and_data, tmp_path):
-    """fp16 from the shipped config's dynamic loss scale (2^32): the first steps overflow and are skipped
-    (counted) until the scale fits; then steps apply."""
+    """fp16 from the shipped config's dynamic loss scale (2^32, hysteresis 2): the first steps overflow and are
+    skipped (counted), about 20 of them at a loss near ln(vocab), until the scale fits; then steps apply."""
     rep = section(request, mode="lora", zero=1, dtype="fp16")
     base, data, _ = base_and_data
-    steps = 24
+    steps = 32
     rows = train(base, data, str(tmp_path / "fp16"), "lora", "--dtype", "fp16", "--batch-size", "2", steps=steps)
     check_trained(rows, steps=steps, overflow_allowed=True)
     rep.update(figures(rows), loss_scales=[r["loss_scale"] for r in rows])
