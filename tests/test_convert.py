@@ -464,3 +464,29 @@ def test_export_of_each_new_family_reloads_key_exact(family, tmp_path):
         want = model(ids).logits
         assert (reloaded(ids).logits - want).abs().max() < 1e-4
         assert (load_pretrained(base, dtype=torch.float32)(ids).logits - want).abs().max() > 1e-3  # adapters merged
+
+
+def test_a_qwen2_lora_run_converts_end_to_end(tmp_path):
+    """train.py (2 LoRA steps on the qwen2 fixture: InternVL2.5 recipe, BPE tokenizer, internvl2_5 template) then
+    convert.py: the export reloads strictly, its key set is the base's, and the self-check passes."""
+    base = REPO / "tests" / "fixtures" / "qwen2"
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(base / "image.png", data / "image.png")
+    with open(data / "train.jsonl", "w") as f:
+        for i in range(2):
+            f.write(json.dumps({"image": "image.png", "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the picture."},
+                {"from": "gpt", "value": f"A gradient {i}!"}]}) + "\n")
+    cmd = [sys.executable, "train.py", "--model-path", str(base), "--data", f"{data / 'train.jsonl'},{data}",
+           "--max-steps", "2", "--save-steps", "2", "--batch-size", "1", "--grad-accum", "1", "--max-tiles", "1",
+           "--num-workers", "0", "--output-dir", str(tmp_path / "run")]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "InternVL2_5-1B recipe (qwen2 LLM" in r.stdout + r.stderr
+    lines = []
+    convert.convert(convert.parse_args([str(tmp_path / "run" / "iter_2"), str(tmp_path / "out")]), log=lines.append)
+    assert any(line.startswith("self-check:") and line.endswith("-> OK") for line in lines), lines
+    assert set(read_headers(checkpoint_files(str(tmp_path / "out")))) == set(read_headers(checkpoint_files(str(base))))
+    load_pretrained(str(tmp_path / "out"), dtype=torch.float32)  # strict
