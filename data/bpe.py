@@ -26,6 +26,23 @@ from .tokenizer import Tokenizer
 PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 _ASCII_LED = re.compile(r"[\x00-\x7f][^\x00-\x7f]*|[^\x00-\x7f]+")
+# A space before a non-space character always starts a pre-token of PRETOKENIZE: no pattern ends in a space
+# that a non-space follows, and none holds one in its middle. The pieces between such spaces tokenise alone.
+_SPACE_WORDS = re.compile(r"(?= \S)")
+
+
+class _WordCounts(dict):
+    """piece -> its number of tokens, each distinct piece encoded once."""
+
+    def __init__(self, enc):
+        super().__init__()
+        self.enc = enc
+
+    def __missing__(self, piece):
+        if len(self) > 2_000_000:  # unbounded vocabularies (text without spaces): start over
+            self.clear()
+        n = self[piece] = len(self.enc.encode_ordinary(piece))
+        return n
 
 
 def bytes_to_unicode():
@@ -107,6 +124,7 @@ class Qwen2Tokenizer(Tokenizer):
         self._token_len = {i: len(b) for b, i in ranks.items()}
         self.enc = tiktoken.Encoding(f"qwen2:{os.path.abspath(path)}", pat_str=PRETOKENIZE,
                                      mergeable_ranks=ranks, special_tokens={})
+        self._word_counts = _WordCounts(self.enc)
 
     @staticmethod
     def _check_merges(merges_file, merges, ranks, vocab_file):
@@ -153,7 +171,13 @@ class Qwen2Tokenizer(Tokenizer):
         return self._encode(text, False)[0]
 
     def count_tokens(self, text, add_bos=True):
-        return len(self._encode(text, False)[0])
+        """len(self.encode(text)), exactly, from cached counts of its space-led pieces (dataset lengths)."""
+        chunks, _, runs = self._split(unicodedata.normalize("NFC", text))
+        n = sum(repeats for _, repeats, _ in runs)
+        for chunk in chunks:
+            if chunk:
+                n += sum(map(self._word_counts.__getitem__, _SPACE_WORDS.split(chunk)))
+        return n
 
     def encode_with_offsets(self, text, add_bos=True):
         """(ids, starts): starts[k] is the char offset in `text` where token k begins."""

@@ -231,3 +231,14 @@ def test_demo_threads_bench_json(tmp_path):
                            str(tmp_path / "t.json")])
     assert [(x["busy"], x["threads"]) for x in r["runs"]] == [(0, 1)] and r["runs"][0]["median_s"] > 0
     assert json.loads((tmp_path / "t.json").read_text())["steps"] == 2
+
+
+def test_tokenizer_bench_json(tmp_path):
+    from bench import tokenizer as tokenizer_bench
+    out = tmp_path / "tok.json"
+    tokenizer_bench.main(["--records", "5", "--runs", "1", "--json", str(out)])
+    r = json.loads(out.read_text())["tokenizers"]
+    assert set(r) == {"internlm2", "phi3", "llama", "qwen2"} and r["internlm2"]["encode_vs_internlm2"] == 1.0
+    for row in r.values():
+        assert row["tokens"] > 0 and all(real(row[k]) and row[k] > 0 for k in (
+            "encode_tokens_per_s", "count_tokens_per_s", "encode_vs_internlm2", "count_vs_internlm2"))

@@ -286,3 +286,18 @@ def test_sentencepiece_decoding_puts_spaces_around_verbatim_added_tokens(case):
     text = {"phi3": "yes<|end|><|assistant|>no", "llama": "yes<|im_end|><img>no"}[case]
     assert tok.decode(tok.encode(text, add_bos=False), skip_special_tokens=False) == text.replace("><", "> <") \
         .replace("s<", "s <").replace(">n", "> n")
+
+
+def test_qwen2_count_tokens_is_the_length_of_encode():
+    """Qwen2's count_tokens adds cached counts of the pieces that start at a space before a non-space; it must
+    agree with encode on any text: spaces before whitespace of every kind (Python's \\s and Unicode's differ on
+    \\x1c-\\x1f), contractions, digits, punctuation, combining marks (NFC), CJK, added tokens."""
+    import random
+    tok = load_tokenizer(os.path.join(FIX, "qwen2"))
+    rng = random.Random(0)
+    pieces = ["hello", " world", "  ", " ", "\n", "\n\n", " \n", "\t", " \t", "你好", " 你好", "\U0001f600", " 12", "3",
+              " .", ".", "'s", " 's", " '", "'", "e\u0301", " \u0301", "\x1c", " \x1c", "\x85", " \x85", "\u00a0",
+              " \u00a0", "\u3000", " \u3000", " \u2028", "!", " !", "\r\n", " \r", "<|im_end|>", "<IMG_CONTEXT>" * 3]
+    for n in range(3000):
+        text = "".join(rng.choices(pieces, k=rng.randint(0, 14)))
+        assert tok.count_tokens(text) == len(tok.encode(text)), text
