@@ -242,3 +242,21 @@ def test_tokenizer_bench_json(tmp_path):
     for row in r.values():
         assert row["tokens"] > 0 and all(real(row[k]) and row[k] > 0 for k in (
             "encode_tokens_per_s", "count_tokens_per_s", "encode_vs_internlm2", "count_vs_internlm2"))
+
+
+def test_realsize_grows_the_qwen2_tokenizer_without_a_gap(tmp_path):
+    """bench/realsize.py's InternVL2.5-1B tokenizer: the fixture's BPE grown by byte pairs, then byte triples, up to
+    the added tokens, so every id below <IMG_CONTEXT> + 7 decodes (convert's self-check decodes a random model's
+    answers); data/bpe.py accepts the files as ranked BPE (it refuses merges tiktoken would not reproduce)."""
+    from bench.realsize import write_tokenizer
+    from data import load_tokenizer
+    write_tokenizer(str(tmp_path), "qwen2", 861 + 66_000)  # past the 65,536 - 600 free byte pairs: triples too
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    added = json.loads((tmp_path / "added_tokens.json").read_text())
+    assert sorted(vocab.values()) == list(range(856 + 66_000)) and min(added.values()) == 856 + 66_000
+    assert added["<IMG_CONTEXT>"] == 861 + 66_000
+    tok = load_tokenizer(str(tmp_path))
+    assert all(len(k) == 3 for k in list(vocab)[-100:])  # the last fillers are byte triples
+    ids = torch.randint(0, 856 + 66_009, (2000,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert isinstance(tok.decode(ids), str)
+    assert tok.encode("<|im_start|>user\nHi<|im_end|><IMG_CONTEXT>")[-1] == added["<IMG_CONTEXT>"]
