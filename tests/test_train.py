@@ -204,7 +204,7 @@ def test_kill_during_training_then_resume_auto(demo, uninterrupted, tmp_path):
 def test_ctrl_c_prints_one_line_and_resume_auto_continues_exactly(demo, uninterrupted, tmp_path):
     """SIGINT in the middle of training: no traceback, exit 130, one line naming the newest complete checkpoint
     and --resume auto; resuming gives the uninterrupted run's losses."""
-    _, rows_a = uninterrupted
+    _, rows_a, _ = uninterrupted
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common(demo, 4, *RESUME_ARGS),
                              "--output-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
