@@ -515,6 +515,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                    f"tokens or their first answer end past it (first: {where}, which needs {need}); "
                    f"--max-length {max(k for _, k in unfit)} fits them all, fewer tiles (--max-tiles) "
                    f"shorten image samples")
+        if n == valid:
+            raise DataError(f"{message}: no sample would be left")
         if n > max(10, 0.01 * valid) and not skip_bad_samples:
             raise DataError(f"{message}. Up to max(10, 1%) of the samples are left out and counted; "
                             f"--skip-bad-samples leaves out any number")

@@ -185,16 +185,20 @@ def test_samples_that_cannot_fit_are_left_out_before_training_and_counted(tmp_pa
 
 
 def test_many_samples_that_cannot_fit_are_an_error_saying_what_to_change(tmp_path, image_dir):
-    recs = [{"image": "0.jpg", "conversations": conv(a=f"A{i}")} for i in range(12)]
+    recs = [{"image": "0.jpg", "conversations": conv(a=f"A{i}")} for i in range(12)] + [{"conversations": conv()}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
-    with pytest.raises(DataError, match=r"12 of 12 samples cannot fit --max-length 400 even cut.*first: .*a.jsonl:1, "
+    with pytest.raises(DataError, match=r"12 of 13 samples cannot fit --max-length 400 even cut.*first: .*a.jsonl:1, "
                                         r"which needs (\d+)\); --max-length \1 fits them all, fewer tiles "
                                         r"\(--max-tiles\).*--skip-bad-samples leaves out any number") as e:
         SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_length=400, max_num=6)
     need = int(re.search(r"which needs (\d+)", str(e.value)).group(1))
-    SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_length=need, max_num=6)  # now they fit
-    with pytest.raises(DataError, match="no samples"):  # skipped, all of them: nothing left
-        SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_length=400, max_num=6,
+    assert len(SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_length=need, max_num=6)) == 13
+    skipped = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, max_length=400, max_num=6,
+                                skip_bad_samples=True)
+    assert len(skipped) == 1 and skipped.adjusted["a"]["too_long"] == 12
+    only_long = write_jsonl(tmp_path / "b.jsonl", recs[:12])
+    with pytest.raises(DataError, match="12 of 12 samples cannot fit .*: no sample would be left"):
+        SupervisedDataset([Source(only_long, str(image_dir))], TOK, TEMPLATE, max_length=400, max_num=6,
                           skip_bad_samples=True)
 
 

@@ -78,11 +78,13 @@ def test_bad_held_out_data_is_refused_at_start(demo, held_out, tmp_path):  # noq
     bad.write_text("\n".join([lines[0], '{"conversations": []}', lines[1]]) + "\n")
     _refused(common(demo, 4, "--eval-data", f"{bad},{folder}"), tmp_path / "a",
              f"{bad}:2: 'conversations' must be a non-empty list")
-    # every answer is cut by --max-length: nothing supervised is an error, not a division by zero
+    # every answer is cut by --max-length: found in the index, an error at start naming the --max-length that fits
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"conversations": [{"from": "human", "value": "red blue " * 400},
                                                   {"from": "gpt", "value": "Purple."}]}) + "\n")
-    _refused(common(demo, 4, "--eval-data", str(long)), tmp_path / "b", "no supervised token in the held-out set")
+    _refused(common(demo, 4, "--eval-data", str(long)), tmp_path / "b",
+             f"held-out data (--eval-data): 1 of 1 samples cannot fit --max-length 512 even cut: their image tokens "
+             f"or their first answer end past it (first: {long}:1, which needs ")
 
 
 def test_eval_plan_gives_every_rank_the_same_number_of_batches():
