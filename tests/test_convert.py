@@ -130,7 +130,9 @@ def test_config_and_every_other_file(run):
     base_cfg = json.loads(Path(run["base"], "config.json").read_text())
     out_cfg = json.loads(Path(run["out"], "config.json").read_text())
     assert base_cfg["use_llm_lora"] == 16 and out_cfg["use_llm_lora"] == 0 and out_cfg["use_backbone_lora"] == 0
-    strip = ("use_llm_lora", "use_backbone_lora", "torch_dtype")
+    tiling = convert.training_tiling(run["meta"])  # the run's tiling wins over the base's
+    assert tiling and all(out_cfg[k] == v for k, v in tiling.items())
+    strip = ("use_llm_lora", "use_backbone_lora", "torch_dtype", *tiling)
     assert {k: v for k, v in out_cfg.items() if k not in strip} == {k: v for k, v in base_cfg.items() if k not in strip}
     assert out_cfg["torch_dtype"] == "bfloat16"
     assert out_cfg["system_message"] == base_cfg["system_message"] == run["meta"]["system_message"]
@@ -450,7 +452,7 @@ def test_export_of_each_new_family_reloads_key_exact(family, tmp_path):
     merged = lora.merge_checkpoint(base, trained, cfg, dtype=torch.float32)
     convert.write_weights(str(out), base, merged, load_config(base), torch.float32, max_shard_bytes=200_000)
     assert convert.check_against_base(str(out), base, torch.float32) == len(read_headers(checkpoint_files(base)))
-    convert.write_config(str(out), base, torch.float32, "SYS")
+    convert.write_config(str(out), base, torch.float32, "SYS", {})
     convert.copy_base_files(base, str(out))
     keys = set(read_headers(checkpoint_files(str(out))))
     assert "language_model.lm_head.weight" in keys and "language_model.model.layers.1.self_attn.o_proj.weight" in keys

@@ -967,7 +967,7 @@ def test_worker_default_follows_the_cores(monkeypatch):
     import options
 
     def workers():
-        args = options.parse_args(["--size", "2b"])
+        args = options.parse_args(["--size", "Mini-InternVL-Chat-2B-V1-5"])
         args.demo = False
         return options.fill_defaults(args).num_workers
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
