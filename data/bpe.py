@@ -13,6 +13,7 @@ can be split into two vocabulary tokens in more than one way, tiktoken's own way
 its own) ends in the listed merge. Then the two agree on every text: inside the span of a token, the merges
 before it are those of encoding the token alone.
 """
+import functools
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import unicodedata
 
 import tiktoken
 
-from .tokenizer import Tokenizer
+from .tokenizer import CountCache, Tokenizer
 
 # transformers' Qwen2Tokenizer PRETOKENIZE_REGEX (the pattern of Qwen's own tiktoken tokenizer)
 PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -31,18 +32,8 @@ _ASCII_LED = re.compile(r"[\x00-\x7f][^\x00-\x7f]*|[^\x00-\x7f]+")
 _SPACE_WORDS = re.compile(r"(?= \S)")
 
 
-class _WordCounts(dict):
-    """piece -> its number of tokens, each distinct piece encoded once."""
-
-    def __init__(self, enc):
-        super().__init__()
-        self.enc = enc
-
-    def __missing__(self, piece):
-        if len(self) > 2_000_000:  # unbounded vocabularies (text without spaces): start over
-            self.clear()
-        n = self[piece] = len(self.enc.encode_ordinary(piece))
-        return n
+def _piece_length(enc, piece):
+    return len(enc.encode_ordinary(piece))
 
 
 def bytes_to_unicode():
@@ -124,7 +115,7 @@ class Qwen2Tokenizer(Tokenizer):
         self._token_len = {i: len(b) for b, i in ranks.items()}
         self.enc = tiktoken.Encoding(f"qwen2:{os.path.abspath(path)}", pat_str=PRETOKENIZE,
                                      mergeable_ranks=ranks, special_tokens={})
-        self._word_counts = _WordCounts(self.enc)
+        self._word_counts = CountCache(functools.partial(_piece_length, self.enc))  # picklable
 
     @staticmethod
     def _check_merges(merges_file, merges, ranks, vocab_file):

@@ -19,6 +19,7 @@ on that side, and added tokens map to their ids whole; decoding converts the run
 tokens separately and applies clean_up_tokenization to the whole text where tokenizer_config.json's
 clean_up_tokenization_spaces says so (transformers' default: yes).
 """
+import functools
 import itertools
 import os
 import re
@@ -37,18 +38,24 @@ _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 
 
 
-class _PieceCounts(dict):
-    """word -> sentencepiece pieces, each distinct word encoded once (by a processor without dummy prefix)."""
+class CountCache(dict):
+    """text -> count(text), each distinct text counted once: the token counts of words (sentencepiece) or
+    space-led pieces (Qwen2 BPE), which repeat across a data set."""
 
-    def __init__(self, sp):
+    def __init__(self, count):
         super().__init__()
-        self.sp = sp
+        self.count = count
 
-    def __missing__(self, word):
+    def __missing__(self, text):
         if len(self) > 2_000_000:  # unbounded vocabularies (text without spaces): start over
             self.clear()
-        n = self[word] = len(self.sp.encode(word.replace(SPIECE_UNDERLINE, " ")))
+        n = self[text] = self.count(text)
         return n
+
+
+def _word_length(sp, word):
+    """Pieces of one '▁'-led word, by a processor without dummy prefix."""
+    return len(sp.encode(word.replace(SPIECE_UNDERLINE, " ")))
 
 
 def _content(tok):
@@ -236,7 +243,7 @@ class SentencePieceTokenizer(Tokenizer):
         joins = re.compile(f"[^{SPIECE_UNDERLINE}]{SPIECE_UNDERLINE}")
         self._separable = not any(joins.search(self.sp.id_to_piece(i)) for i in range(self.sp_vocab_size))
         raw = spm.SentencePieceProcessor(model_proto=proto + _NO_DUMMY_PREFIX) if self._dummy_prefix else None
-        self._piece_counts = _PieceCounts(raw or self.sp)
+        self._piece_counts = CountCache(functools.partial(_word_length, raw or self.sp))  # picklable
 
     def _read_special_tokens(self, config, special_map):
         super()._read_special_tokens(config, special_map)
