@@ -84,7 +84,7 @@ class LLMConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int | None = 2
-    # Qwen2.5-0.5B / 1.5B / 3B tie the head to the embeddings. The official InternVLChatConfig unties them on
+    # The base LLM's value (Qwen2-0.5B, Qwen2.5-0.5B / 3B: tied). The official InternVLChatConfig unties it on
     # load and the released files store both, so the model always has its own head; this is only recorded.
     tie_word_embeddings: bool = False
 
@@ -294,8 +294,9 @@ PRESETS: dict[str, InternVLConfig] = {
 
 # --- the released checkpoints ---
 # ViT: InternViT-300M-448px (V2_5 in 2.5: same shape) or InternViT-6B-448px-V1-5 / V2_5 (45 layers kept). LLM:
-# the base model's config.json values; vocab = the base tokenizer's length + the 9 InternVL tokens, as the
-# official fine-tune code resizes it. Sources and what could not be checked: README.md's checkpoint table.
+# the base model's config.json values; vocab = the base tokenizer's length + the InternVL tokens (the official
+# fine-tune code resizes to len(tokenizer)), <IMG_CONTEXT> the 3rd of them. Checked against the released
+# added_tokens.json and file sizes; sources and what stayed unverified: README.md's checkpoint table.
 
 
 def _release(vit, template, family, vocab, hidden, layers, heads, kv, inter, theta=1e6, scaling=None,
@@ -321,9 +322,10 @@ RELEASES: dict[str, InternVLConfig] = {
     "InternVL2-8B": _release(_VIT_300M, "internlm2-chat", "internlm2", vocab=92553, hidden=4096, layers=32,
                              heads=32, kv=8, inter=14336, scaling=_NTK2, ctx=92546),  # internlm2_5-7b-chat
     "InternVL2-26B": replace(PRESETS["26b"], template="internlm2-chat"),  # internlm2-chat-20b
-    # Nous-Hermes-2-Yi-34B; vocab (64000 + InternVL tokens?) and the <IMG_CONTEXT> id not checked
-    "InternVL2-40B": _release(_VIT_6B, "Hermes-2", "llama", vocab=64000, hidden=7168, layers=60, heads=56,
-                              kv=8, inter=20480, theta=5e6, max_pos=4096, pad_token_id=0, eos_token_id=7),
+    # Nous-Hermes-2-Yi-34B; added_tokens.json: 7 tokens at 64000..64006 (<img>, </img> are Yi pieces)
+    "InternVL2-40B": _release(_VIT_6B, "Hermes-2", "llama", vocab=64007, hidden=7168, layers=60, heads=56,
+                              kv=8, inter=20480, theta=5e6, max_pos=4096, ctx=64000, pad_token_id=0,
+                              eos_token_id=7),
     # InternVL 2.5
     "InternVL2_5-1B": _release(_VIT_300M, "internvl2_5", vocab=151674, hidden=896, layers=24, heads=14, kv=2,
                                inter=4864, ctx=151667, tie_word_embeddings=True, **_QWEN2),  # Qwen2.5-0.5B
@@ -332,8 +334,9 @@ RELEASES: dict[str, InternVLConfig] = {
                                inter=11008, ctx=151667, tie_word_embeddings=True, **_QWEN2),  # Qwen2.5-3B
     "InternVL2_5-8B": _release(_VIT_300M, "internvl2_5", "internlm2", vocab=92553, hidden=4096, layers=32,
                                heads=32, kv=8, inter=14336, scaling=_NTK2, ctx=92546),  # internlm2_5-7b-chat
-    # internlm2_5-20b-chat: shapes as internlm2-chat-20b; its rope values not checked (shapes do not use them)
-    "InternVL2_5-26B": replace(PRESETS["26b"], template="internvl2_5"),
+    "InternVL2_5-26B": _release(_VIT_6B, "internvl2_5", "internlm2", vocab=92553, hidden=6144, layers=48,
+                                heads=48, kv=8, inter=16384, theta=5e7, scaling={"type": "dynamic", "factor": 2.5},
+                                ctx=92546),  # internlm2_5-20b-chat
     "InternVL2_5-38B": _release(_VIT_6B, "internvl2_5", vocab=151674, hidden=5120, layers=64, heads=40, kv=8,
                                 inter=27648, ctx=151667, **_QWEN2),  # Qwen2.5-32B-Instruct
     "InternVL2_5-78B": _release(_VIT_6B, "internvl2_5", vocab=151674, hidden=8192, layers=80, heads=64, kv=8,

@@ -210,7 +210,7 @@ def _spec_shapes(size):
         {"2b": ("internlm2", 92553, 2048, 24, 4096, 8192), "4b": ("phi3", 32020, 3072, 32, 9216, 8192),
          "26b": ("internlm2", 92553, 6144, 48, 8192, 16384),
          "InternVL2_5-1B": ("qwen2", 151674, 896, 24, (896, 128), 4864),  # q 14 x 64, k / v 2 x 64
-         "InternVL2-40B": ("llama", 64000, 7168, 60, (7168, 1024), 20480)}[size]  # q 56 x 128, k / v 8 x 128
+         "InternVL2-40B": ("llama", 64007, 7168, 60, (7168, 1024), 20480)}[size]  # q 56 x 128, k / v 8 x 128
     c, nl, inter, big = vit
     e = "vision_model.embeddings."
     shapes.update({e + "class_embedding": [1, 1, c], e + "position_embedding": [1, 1025, c],
@@ -324,6 +324,19 @@ def test_every_release_is_identified_from_its_architecture_and_template():
         identify_release(qwen2)
     with pytest.raises(ValueError, match="InternVL2-Llama3-76B is not supported: its Llama-3 tokenizer"):
         preset("InternVL2-Llama3-76B")
+
+
+def test_release_tokens_and_rope_follow_the_published_files():
+    """Each release's <IMG_CONTEXT> is the 3rd InternVL token, 6 more follow, and the vocabulary ends there: the
+    official fine-tune code adds them and resizes to len(tokenizer) (the released added_tokens.json: 92546 / 92553,
+    32013 / 32020, 151648 / 151655, 151667 / 151674; InternVL2-40B 64000..64006, <img> and </img> being Yi's own
+    pieces). InternVL2.5-26B's RoPE is internlm2_5-20b-chat's config.json (theta 5e7, dynamic x2.5)."""
+    from model.config import RELEASES
+    for name, c in RELEASES.items():
+        assert c.img_context_token_id is not None and c.llm.vocab_size == c.img_context_token_id + 7, name
+    llm = RELEASES["InternVL2_5-26B"].llm
+    assert (llm.rope_theta, llm.rope_scaling) == (5e7, {"type": "dynamic", "factor": 2.5})
+    assert RELEASES["InternVL2-26B"].llm.rope_scaling == {"type": "dynamic", "factor": 3.0}  # internlm2-chat-20b
 
 
 @pytest.mark.parametrize("name", ["InternVL2_5-1B", "InternVL2-40B", "InternVL2_5-8B"])
