@@ -126,8 +126,8 @@ def decode_answer(tokenizer, ids, sep: str) -> str:
 def record_prompt(record, image_folder, tokenizer, config: InternVLConfig, system_message=None, max_num=None):
     """A LLaVA record -> (question, reference, prompt ids, pixel values or None): the first human turn and the
     first gpt turn (a leading gpt turn is dropped), the image tag in front of the question when it has none,
-    and several images sharing the tile cap, all as in training. Raises SampleError, ImageLoadError or
-    ValueError."""
+    several images sharing the tile cap, and a leading system turn as the system message, all as in training.
+    Raises SampleError, ImageLoadError or ValueError."""
     conv = parse_record(record)
     question, reference = conv.turns[0]
     pixel_values, patches = None, []
@@ -137,6 +137,7 @@ def record_prompt(record, image_folder, tokenizer, config: InternVLConfig, syste
         paths = [p if image_folder is None else os.path.join(image_folder, p) for p in conv.images]
         tiles = [image_to_pixel_values(load_image(p), config, cap) for p in paths]
         pixel_values, patches = torch.cat(tiles), [t.shape[0] for t in tiles]
+    system_message = system_message if conv.system is None else conv.system
     _, ids = build_prompt(tokenizer, config, question, [], patches, system_message)
     return question, reference, ids, pixel_values
 

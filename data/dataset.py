@@ -57,6 +57,8 @@ class DataError(ValueError):
 class Conversation:
     images: list  # image paths as written in the record; [] for text-only
     turns: list  # [(human value, gpt value)], a leading gpt turn dropped
+    system: str = None  # a leading system turn's value: the sample's system message; None: the run's
+    gpt_first: bool = False  # a leading gpt turn (after the system turn) was dropped
 
 
 def parse_record(record):
@@ -80,18 +82,25 @@ def parse_record(record):
     for k, turn in enumerate(convs):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise SampleError(f"conversations[{k}] must be an object with 'from' and 'value'")
-        if turn["from"] not in ROLES:
+        if turn["from"] == "system" and k:
+            raise SampleError(f"conversations[{k}]: a 'system' turn may only come first")
+        if turn["from"] not in ROLES + ("system",):
             raise SampleError(f"conversations[{k}]: unknown role {turn['from']!r} "
-                              "(expected 'human' or 'gpt')")
+                              "(expected 'human' or 'gpt', or 'system' first)")
         if not isinstance(turn["value"], str):
             raise SampleError(f"conversations[{k}]: 'value' must be a string")
-        if not turn["value"].strip():
+        if not turn["value"].strip() and turn["from"] != "system":  # an empty system message is one
             raise SampleError(f"conversations[{k}] ({turn['from']}) is empty")
+        if turn["from"] == "system" and IMAGE_TAG in turn["value"]:
+            raise SampleError(f"conversations[{k}] (system) holds {IMAGE_TAG}: images go in human turns")
         for token in (IMG_CONTEXT, IMG_START, IMG_END):  # the tokenizer would make it the image token itself
             if token in turn["value"]:
                 raise SampleError(f"conversations[{k}] ({turn['from']}) holds {token} literally: only the "
                                   f"image's own tokens may be {token} (write {IMAGE_TAG} for an image)")
-    first = 1 if convs[0]["from"] == "gpt" else 0  # official: skip one leading gpt turn
+    system = convs[0]["value"] if convs[0]["from"] == "system" else None
+    first = 0 if system is None else 1
+    gpt_first = first < len(convs) and convs[first]["from"] == "gpt"
+    first += gpt_first  # official: skip one leading gpt turn
     rest = convs[first:]
     for k, turn in enumerate(rest):
         if turn["from"] != ROLES[k % 2]:
@@ -108,15 +117,22 @@ def parse_record(record):
     if len(images) > 1 and tags != len(images):
         raise SampleError(f"{len(images)} images but {tags} {IMAGE_TAG} tags "
                           "(multi-image samples need one each)")
-    return Conversation(images, turns)
+    return Conversation(images, turns, system, gpt_first)
 
 
 def conversation_text(conv, template, tiles_per_image, system_message):
-    """Rendered prompt with image tokens, and the char spans of the supervised answers."""
+    """Rendered prompt with image tokens, and the char spans of the supervised answers. The record's system
+    turn, where it has one, replaces system_message (as preprocess_internvl2_5 does; for the other templates
+    as their official code would with that system message set: it stops at the unknown role)."""
     t = get_template(template)
     turns = [list(pair) for pair in conv.turns]
     if len(conv.images) == 1 and not any(IMAGE_TAG in v for pair in turns for v in pair):
-        turns[0][0] = IMAGE_TAG + "\n" + turns[0][0]  # official: image in front of the first human turn
+        # official: in front of conversations[0]; where that is a system turn, the official tag becomes
+        # literal system text (or, with no tag in a human turn, fails an assertion): here it goes before the
+        # question
+        turns[0][0] = IMAGE_TAG + "\n" + turns[0][0]
+    if conv.system is not None:
+        system_message = conv.system.strip() if t.strip_messages else conv.system
     if t.strip_messages:
         turns = [[v.strip() for v in pair] for pair in turns]
     k = 0
@@ -157,7 +173,7 @@ def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max
     wide = [p for p, im in zip(conv.images, images or []) if "wide_mode" in im.info]
     return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
                 pixel_values=pixel_values, image_flags=image_flags, truncated=truncated,
-                gpt_first=record["conversations"][0]["from"] == "gpt", wide_images=wide)
+                gpt_first=conv.gpt_first, wide_images=wide)
 
 
 @dataclass
@@ -414,7 +430,8 @@ def _image_sizes(rec, paths, headers):
 # 3: literal image tokens in a record's text are bad samples
 # 4: full_length, need and gpt_first: what --max-length cuts or cannot fit, and dropped leading gpt turns
 # 5: the stamps of the image folders it looked in (a change makes it stale); keyed by the cwd too
-INDEX_VERSION = 5
+# 6: a leading system turn is valid (its tokens counted), no longer a bad sample
+INDEX_VERSION = 6
 _COLUMNS = {"offset": np.int64, "nbytes": np.int64, "line": np.int64, "length": np.int32, "tiles": np.int32,
             "is_image": np.bool_, "full_length": np.int64, "need": np.int64, "gpt_first": np.bool_}
 _SHOWN = 50  # problems listed in the error; the rest are counted
@@ -665,9 +682,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if None in sizes:
                 unread.append(line)
             length, tiles, full, need = self._estimate(si, conv, sizes)
-            gpt_first = rec["conversations"][0]["from"] == "gpt"  # dropped, as the official preprocess does
             for c, v in zip(_COLUMNS, (offset, nbytes, line, length, tiles, bool(conv.images), full, need,
-                                       gpt_first)):
+                                       conv.gpt_first)):
                 cols[c].append(v)
         x = {c: np.array(v, dtype=t) for (c, t), v in zip(_COLUMNS.items(), cols.values())}
         return x | {"records": len(chunk), "bad": bad, "missing": missing, "unread": unread,

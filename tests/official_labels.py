@@ -5,9 +5,14 @@ lengths of separately tokenized prompt fragments. Training uses the net rule (da
 tests check that the two agree wherever the official code is self-consistent, and show where it is not.
 preprocess_internvl2_5 tokenises every turn on its own and concatenates the ids; training uses its rule as it is
 (data.templates.turn_labels).
+
+A leading {"from": "system"} turn: preprocess_internvl2_5 takes its value as the system message
+(official_internvl2_5); preprocess_internlm / _phi3 / _mpt look its role up in {'human', 'gpt'} and raise KeyError
+(official_prompt).
 """
 from data.dataset import conversation_text, parse_record
 from data.templates import IGNORE_INDEX, get_template
+from data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
 
 def official_labels(template, tokenizer, text, ids, bos_per_round=True):
@@ -95,18 +100,76 @@ def internvl2_5_labels(tokenizer, text, ids):
     tokenised turns are `ids`."""
     parts = ["<|im_start|>" + p for p in text.split("<|im_start|>")[1:]]
     assert "".join(parts) == text
+    own_ids, labels = _internvl2_5_turns(tokenizer, parts)
+    return labels, own_ids == list(ids)
+
+
+def _internvl2_5_turns(tokenizer, batches):
+    """preprocess_internvl2_5's tokenisation of its rendered turns: (ids, labels)."""
     add_bos = tokenizer.add_bos
-    pieces = [tokenizer.encode((tokenizer.bos_token if add_bos and k == 0 else "") + p) for k, p in enumerate(parts)]
+    pieces = [tokenizer.encode((tokenizer.bos_token if add_bos and k == 0 else "") + p) for k, p in enumerate(batches)]
     if add_bos:
         pieces = [p[1:] for p in pieces]
     role_len = len(tokenizer.encode("<|im_start|>assistant\n")) - (1 if add_bos else 0)
     labels = []
-    for part, piece in zip(parts, pieces):
+    for part, piece in zip(batches, pieces):
         if part.startswith("<|im_start|>assistant\n"):
             labels += [IGNORE_INDEX] * role_len + piece[role_len:-1] + [IGNORE_INDEX]
         else:
             labels += [IGNORE_INDEX] * len(piece)
-    return labels, [i for p in pieces for i in p] == list(ids)
+    return [i for p in pieces for i in p], labels
+
+
+def official_image_tag(conversations):
+    """multi_modal_get_item (one image): '<image>\n' in front of conversations[0] unless it holds one, whatever
+    its role."""
+    convs = [dict(c) for c in conversations]
+    if "<image>" not in convs[0]["value"]:
+        convs[0]["value"] = "<image>\n" + convs[0]["value"]
+    return convs
+
+
+def official_internvl2_5(conversations, tokenizer, num_image_token_list, system_message, text_only=False):
+    """preprocess_internvl2_5 on a record's conversations (no padding, no truncation): (ids, labels). A leading
+    system turn's value replaces system_message (the template's); the <image> tags of the human turns only
+    become the images' tokens, and there must be one per image (the official assertion)."""
+    convs = [dict(c) for c in conversations]
+    if convs[0]["from"] == "system":
+        system_message, convs = convs[0]["value"], convs[1:]
+    if not text_only:
+        k = 0
+        for c in convs:
+            if c["from"] == "human":
+                for _ in range(c["value"].count("<image>")):
+                    if k == len(num_image_token_list):
+                        break
+                    tokens = IMG_START + IMG_CONTEXT * num_image_token_list[k] + IMG_END
+                    c["value"] = c["value"].replace("<image>", tokens, 1)
+                    k += 1
+        assert k == len(num_image_token_list), f"{k} != {len(num_image_token_list)}"
+    batches = [f"<|im_start|>system\n{system_message}<|im_end|>\n"]
+    for c in convs:
+        role = {"human": "user", "gpt": "assistant"}[c["from"]]  # official: NotImplementedError
+        batches.append(f"<|im_start|>{role}\n{c['value']}<|im_end|>\n")
+    return _internvl2_5_turns(tokenizer, batches)
+
+
+def official_prompt(template, conversations, num_image_token_list, system_message):
+    """The prompt preprocess_internlm / preprocess_phi3 / preprocess_mpt tokenise for a record's conversations:
+    a first turn that is not the human's is skipped (a 'system' one is not in their role table: KeyError),
+    roles must alternate, internlm2-chat strips every value, the template renders (system message, then role +
+    message + sep per turn), and the first len(num_image_token_list) <image> tags become the images' tokens."""
+    t = get_template(template)
+    roles = {"human": t.user, "gpt": t.assistant}
+    if roles[conversations[0]["from"]] != t.user:
+        conversations = conversations[1:]
+    text = t.system_template.format(system_message=system_message) + t.sep
+    for j, c in enumerate(conversations):
+        assert roles[c["from"]] == (t.user, t.assistant)[j % 2], j
+        text += roles[c["from"]] + (c["value"].strip() if t.strip_messages else c["value"]) + t.sep
+    for n in num_image_token_list:
+        text = text.replace("<image>", IMG_START + IMG_CONTEXT * n + IMG_END, 1)
+    return text
 
 
 def sample_official_labels(record, sample, tokenizer, template, system_message=None, bos_per_round=True):

@@ -98,6 +98,16 @@ def test_system_message_resolution(case):
     assert "Be brief." in case["tokenizer"].decode(ids, skip_special_tokens=False)
 
 
+def test_record_system_turn_is_the_prompt_system_message(case):
+    """As in training: a test record's leading system turn is its prompt's system message."""
+    cfg, tok = case["model"].config, case["tokenizer"]
+    rec = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                             {"from": "gpt", "value": "Hello."}]}
+    question, reference, ids, pv = chat.record_prompt(rec, None, tok, cfg, system_message="other")
+    assert (question, reference, pv) == ("Hi", "Hello.", None)
+    assert ids == chat.build_prompt(tok, cfg, "Hi", system_message="Be brief.")[1]
+
+
 def test_cli_once_and_interactive(monkeypatch, capsys):
     d = os.path.join(FIXTURES, "internlm2")
     info = json.load(open(os.path.join(d, "reference.json")))["chat"]

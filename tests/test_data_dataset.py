@@ -264,6 +264,27 @@ def test_lengths_and_tiles_equal_the_built_samples(tmp_path, image_dir):
         assert ds.source_index[0]["unread_headers"] == 0
 
 
+def test_index_counts_the_system_turn(tmp_path, image_dir):
+    """A leading system turn is the sample's system message: the index counts its tokens (lengths equal the built
+    samples'), and a gpt turn after it is dropped and counted as a leading one."""
+    system = {"from": "system", "value": " Answer in one word, please. "}
+    recs = [{"conversations": conv()},
+            {"conversations": [system] + conv()},
+            {"image": "0.jpg", "conversations": [system] + conv()},
+            {"image": ["0.jpg", "1.jpg"], "conversations": [system] + conv(q="<image> and <image>")},
+            {"conversations": [system, {"from": "gpt", "value": "Hi."}] + conv() + conv(q="Again?")},
+            {"conversations": [{"from": "system", "value": ""}] + conv()}]
+    path = write_jsonl(tmp_path / "a.jsonl", recs)
+    for case, template in (("phi3", "phi3-chat"), ("internlm2", "internlm2-chat"), ("qwen2", "internvl2_5"),
+                           ("llama", "Hermes-2")):
+        tok = TOK if case == "phi3" else load_tokenizer(os.path.join(FIX, case))
+        ds = SupervisedDataset([Source(path, str(image_dir))], tok, template, max_num=6)
+        built = [ds[i] for i in range(len(ds))]
+        assert ds.lengths.tolist() == [len(s["input_ids"]) for s in built]
+        assert ds.lengths[1] != ds.lengths[0] and ds.lengths[5] < ds.lengths[1]
+        assert ds.adjusted["a"]["gpt_first"] == 1 and ds.adjusted["a"]["first_gpt_first"].endswith("a.jsonl:5")
+
+
 def test_unreadable_image_headers_fall_back_to_the_cap(tmp_path, image_dir, monkeypatch, caplog):
     """An image whose header cannot be read is charged the cap (+ thumbnail), an upper bound, and counted; the
     build goes on, and the image is reported when its sample is built, like any unreadable image."""

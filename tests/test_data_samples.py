@@ -11,7 +11,8 @@ from data import DEFAULT_SYSTEM_MESSAGE, SampleError, SampleTooLong, build_sampl
 from data.images import dummy_pixel_values
 from data.templates import INTERNVL2_5_SYSTEM_MESSAGE, RELEASE_SYSTEM_MESSAGES, get_template, render
 from model.config import TEMPLATES
-from tests.official_labels import matches_official, official_labels, sample_official_labels
+from tests.official_labels import (matches_official, official_image_tag, official_internvl2_5, official_labels,
+                                   official_prompt, sample_official_labels)
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 CASES = ["internlm2", "phi3", "qwen2", "llama"]
@@ -187,7 +188,13 @@ def test_max_length_never_cuts_an_image_span(case):
 
 @pytest.mark.parametrize("record,message", [
     ({"image": "x.png"}, "missing 'conversations'"),
-    ({"conversations": [human("Q"), {"from": "system", "value": "S"}]}, "unknown role 'system'"),
+    ({"conversations": [human("Q"), {"from": "system", "value": "S"}]}, r"conversations\[1\]: a 'system' turn may "
+                                                                        "only come first"),
+    ({"conversations": [{"from": "user", "value": "Q"}, gpt("A")]}, "unknown role 'user'"),
+    ({"conversations": [{"from": "system", "value": "<image>\nS"}, human("Q"), gpt("A")], "image": "x.png"},
+     r"conversations\[0\] \(system\) holds <image>: images go in human turns"),
+    ({"conversations": [{"from": "system", "value": "S"}]}, "no answer turn"),
+    ({"conversations": [{"from": "system", "value": 3}, human("Q"), gpt("A")]}, "'value' must be a string"),
     ({"conversations": [human("Q")]}, "no answer turn"),
     ({"conversations": [human("Q"), gpt("A"), human("Q2")]}, r"conversations\[2\] \(human\) has no answer"),
     ({"conversations": [human("Q"), human("Q2"), gpt("A")]}, "turns must alternate"),
@@ -274,3 +281,81 @@ def test_qwen2_exclamation_marks_are_attended():
     assert (batch["input_ids"][1] == 0).sum() == 4
     packed = collate_packed([a, b])
     assert packed["attention_mask"][0].tolist() == [1] * n_a + [2] * n_b
+
+
+# ---- a leading system turn: the sample's own system message
+
+def system(v):
+    return {"from": "system", "value": v}
+
+
+@pytest.mark.parametrize("case", ["qwen2", "internlm2"])
+def test_system_turn_internvl2_5_is_official(case):
+    """preprocess_internvl2_5 takes a leading system turn's value as the system message, unstripped, all of it
+    -100: ids and labels equal the official ones token for token, text-only and with several images."""
+    tok = TOK[case]
+    text_only = {"conversations": [system("  Be brief!\n"), human("Q1 !"), gpt("\nA1!\n"), human(" Q2"), gpt(" A2  ")]}
+    s = build_sample(text_only, tok, "internvl2_5")
+    ids, labels = official_internvl2_5(text_only["conversations"], tok, [], INTERNVL2_5_SYSTEM_MESSAGE, text_only=True)
+    assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
+    assert s["input_ids"].tolist() == tok.encode("<|im_start|>system\n  Be brief!\n<|im_end|>\n<|im_start|>user\nQ1 !"
+                                                 "<|im_end|>\n<|im_start|>assistant\n\nA1!\n<|im_end|>\n<|im_start|>user"
+                                                 "\n Q2<|im_end|>\n<|im_start|>assistant\n A2  <|im_end|>\n")
+    plain = build_sample({"conversations": text_only["conversations"][1:]}, tok, "internvl2_5")
+    assert len(plain["input_ids"]) != len(s["input_ids"])  # not the template's system message
+    assert torch.equal(s["labels"][s["labels"] != -100], plain["labels"][plain["labels"] != -100])
+    imgs = [Image.new("RGB", (896, 448), (200, 10, 10)), Image.new("RGB", (300, 300), (0, 0, 255))]
+    multi = {"image": ["a.png", "b.png"],
+             "conversations": [system("你是一个助手。"), human("First <image>\nsecond <image>\nsame?"), gpt("No.")]}
+    s = build_sample(multi, tok, "internvl2_5", images=imgs, max_num=6)  # 3 + 1 tiles
+    ids, labels = official_internvl2_5(multi["conversations"], tok, [256 * 3, 256], INTERNVL2_5_SYSTEM_MESSAGE)
+    assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
+
+
+@pytest.mark.parametrize("case", ["qwen2", "internlm2"])
+def test_system_turn_single_image_tag_goes_before_the_question(case):
+    """One image without a tag: the official code puts '<image>\n' in front of conversations[0], here the system
+    turn, so it becomes literal system text (or, with no tag in a human turn, fails its image-count assertion).
+    Here it goes in front of the first question, as without a system turn: the official labels of that record."""
+    tok, img = TOK[case], Image.open(os.path.join(FIX, case, "image.png"))
+    convs = [system("Look closely."), human("Describe the picture."), gpt("A gradient.")]
+    with pytest.raises(AssertionError, match="0 != 1"):
+        official_internvl2_5(official_image_tag(convs), tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
+    s = build_sample({"image": "x.png", "conversations": convs}, tok, "internvl2_5", images=[img], max_num=6)
+    tagged = [convs[0], human("<image>\nDescribe the picture."), convs[2]]
+    ids, labels = official_internvl2_5(tagged, tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
+    assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
+    literal, _ = official_internvl2_5(official_image_tag(tagged), tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
+    assert literal != ids and "<image>" in tok.decode(literal[:20], skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("case,template", [(c, TEMPLATES[c]) for c in CASES] + [("qwen2", "Hermes-2"),
+                                                                             ("internlm2", "internvl2_5")])
+def test_system_turn_replaces_the_system_message_in_every_template(case, template):
+    """preprocess_internlm / _phi3 / _mpt raise KeyError on a 'system' role. Here the turn is the sample's system
+    message (stripped where the template strips values): the official prompt and labels with that message set."""
+    tok = TOK[case]
+    convs = [system(" You are terse. "), human("Q1"), gpt("A gradient."), human("again"), gpt("A smooth gradient.")]
+    rec = {"conversations": convs}
+    s = build_sample(rec, tok, template, system_message="ignored")
+    if template == "internvl2_5":
+        ids, labels = official_internvl2_5(convs, tok, [], INTERNVL2_5_SYSTEM_MESSAGE, text_only=True)
+        assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
+        return
+    with pytest.raises(KeyError, match="system"):
+        official_prompt(template, convs, [], DEFAULT_SYSTEM_MESSAGE)
+    value = convs[0]["value"].strip() if get_template(template).strip_messages else convs[0]["value"]
+    text = official_prompt(template, convs[1:], [], value)
+    assert s["input_ids"].tolist() == tok.encode(text)
+    labels, consistent = official_labels(template, tok, text, s["input_ids"].tolist(), bos_per_round=case != "llama")
+    assert consistent and s["labels"].tolist() == labels
+    as_option = build_sample({"conversations": convs[1:]}, tok, template, system_message=value)
+    assert torch.equal(s["input_ids"], as_option["input_ids"]) and torch.equal(s["labels"], as_option["labels"])
+
+
+def test_system_turn_then_a_leading_gpt_turn_is_dropped_and_counted():
+    tok = TOK["phi3"]
+    rec = {"conversations": [system("S"), gpt("(dropped)"), human("Q"), gpt("A gradient.")]}
+    s = build_sample(rec, tok, "phi3-chat")
+    t = build_sample({"conversations": [system("S"), human("Q"), gpt("A gradient.")]}, tok, "phi3-chat")
+    assert s["gpt_first"] and not t["gpt_first"] and torch.equal(s["input_ids"], t["input_ids"])
