@@ -21,10 +21,10 @@ from .config import LLMConfig
 from .loss import OutputHead
 from .norm import RMSNorm
 
-try:  # variable-length flash attention (torch >= 2.10, CUDA); SDPA per run is the fallback
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
+# torch's variable-length flash attention (torch >= 2.10, CUDA; SDPA per run is the fallback), imported on
+# first CUDA use by varlen_available: importing it loads torch._dynamo, seconds at every start of every command.
+varlen_attn = None
+_varlen_imported = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,8 +235,17 @@ class Varlen:
 
 
 def varlen_available(x: torch.Tensor) -> bool:
-    """torch's varlen flash attention: CUDA, fp16/bf16."""
-    return varlen_attn is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    """torch's varlen flash attention: CUDA, fp16/bf16 (imported here, once)."""
+    global varlen_attn, _varlen_imported
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if not _varlen_imported:
+        _varlen_imported = True
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # torch < 2.10
+            varlen_attn = None
+    return varlen_attn is not None
 
 
 class Decoder(nn.Module):

@@ -489,6 +489,17 @@ def test_model_imports_nothing_from_data():
                 assert not any(n == "data" or n.startswith("data.") for n in names), (fname, names)
 
 
+def test_commands_start_without_torch_dynamo():
+    """Importing torch's varlen attention loads torch._dynamo (seconds at every start of every command): the
+    model imports it on first CUDA use only."""
+    import subprocess
+    import sys
+    code = "import sys, train, chat, convert, evaluate; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(os.path.dirname(FIXTURES), ".."),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False"), out
+
+
 def test_load_fills_from_files_in_requested_dtype():
     m = load_pretrained(os.path.join(FIXTURES, "phi3"))
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
