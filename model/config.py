@@ -335,8 +335,8 @@ RELEASES: dict[str, InternVLConfig] = {
     "InternVL2_5-8B": _release(_VIT_300M, "internvl2_5", "internlm2", vocab=92553, hidden=4096, layers=32,
                                heads=32, kv=8, inter=14336, scaling=_NTK2, ctx=92546),  # internlm2_5-7b-chat
     "InternVL2_5-26B": _release(_VIT_6B, "internvl2_5", "internlm2", vocab=92553, hidden=6144, layers=48,
-                                heads=48, kv=8, inter=16384, theta=5e7, scaling={"type": "dynamic", "factor": 2.5},
-                                ctx=92546),  # internlm2_5-20b-chat
+                                heads=48, kv=8, inter=16384, theta=5e7, ctx=92546,
+                                scaling={"type": "dynamic", "factor": 2.5}),  # internlm2_5-20b-chat
     "InternVL2_5-38B": _release(_VIT_6B, "internvl2_5", vocab=151674, hidden=5120, layers=64, heads=40, kv=8,
                                 inter=27648, ctx=151667, **_QWEN2),  # Qwen2.5-32B-Instruct
     "InternVL2_5-78B": _release(_VIT_6B, "internvl2_5", vocab=151674, hidden=8192, layers=80, heads=64, kv=8,

@@ -22,7 +22,7 @@ from .loss import OutputHead
 from .norm import RMSNorm
 
 # torch's variable-length flash attention (torch >= 2.10, CUDA; SDPA per run is the fallback), imported on
-# first CUDA use by varlen_available: importing it loads torch._dynamo, seconds at every start of every command.
+# first CUDA use by varlen_available: importing it loads torch._dynamo, seconds at every command's start.
 varlen_attn = None
 _varlen_imported = False
 
