@@ -326,6 +326,7 @@ def check_sample(base: str, config) -> dict:
                                  "gradient."}]}
     return build_sample(record, load_tokenizer(base), config.template, max_num=config.max_dynamic_patch,
                         system_message=config.system_message, images=[check_image()],
+                        image_size=config.force_image_size, tile_tokens=config.num_image_token,
                         use_thumbnail=config.use_thumbnail)
 
 

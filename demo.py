@@ -2,9 +2,10 @@
 
 `make_demo(root)` writes, once, under `root`:
   base/   an official-format InternVL 1.5 directory (the "demo" size preset: InternLM2 LLM + InternViT-300M
-          style ViT, both tiny, random weights): config.json, generation_config.json, model.safetensors (bf16,
-          official names), and a slow InternLM2-layout tokenizer (tokenizer.model, tokenizer_config.json,
-          special_tokens_map.json, added_tokens.json) that data.load_tokenizer reads like a released one.
+          style ViT, both tiny, random weights, 224 px tiles): config.json, generation_config.json,
+          model.safetensors (bf16, official names), and a slow InternLM2-layout tokenizer (tokenizer.model,
+          tokenizer_config.json, special_tokens_map.json, added_tokens.json) that data.load_tokenizer reads
+          like a released one.
   data/   images/*.png (a coloured shape at a position on a light background) and train.jsonl in LLaVA
           format: captions and questions about colour, shape and position, a few multi-turn, plus text-only
           samples. eval.jsonl + images/eval_*.png: a held-out set from the same generator with other draws
@@ -221,7 +222,7 @@ def write_model(out: str, config: InternVLConfig, seed: int) -> None:
         json.dump({"_from_model_config": True, "transformers_version": "4.44.2"}, f, indent=2)
 
 
-def make_demo(root: str, n_images: int = 480, text_only: int = 96, seed: int = 0) -> tuple[str, str, str]:
+def make_demo(root: str, n_images: int = 960, text_only: int = 192, seed: int = 0) -> tuple[str, str, str]:
     """Write the demo base model and data under `root` once; returns (model_dir, annotation, image_folder).
 
     Written into a temporary directory and renamed when complete, so an interrupted first run is redone.

@@ -83,7 +83,8 @@ def shared_dataset(args, config, tokenizer, sources, what=""):
     from data.dataset import default_cache_dir
     make = partial(SupervisedDataset, sources, tokenizer, config.template, config.system_message,
                    max_num=args.max_tiles, min_num=args.min_tiles, use_thumbnail=args.thumbnail,
-                   image_size=config.force_image_size, max_length=args.max_length, seed=args.seed,
+                   image_size=config.force_image_size, tile_tokens=config.num_image_token,
+                   max_length=args.max_length, seed=args.seed,
                    skip_bad_samples=args.skip_bad_samples, cache_dir=default_cache_dir(),
                    index_workers=args.index_workers)
     master, payload = dist.get_rank() == 0, [None]

@@ -120,10 +120,11 @@ def parse_record(record):
     return Conversation(images, turns, system, gpt_first)
 
 
-def conversation_text(conv, template, tiles_per_image, system_message):
-    """Rendered prompt with image tokens, and the char spans of the supervised answers. The record's system
-    turn, where it has one, replaces system_message (as preprocess_internvl2_5 does; for the other templates
-    as their official code would with that system message set: it stops at the unknown role)."""
+def conversation_text(conv, template, tiles_per_image, system_message, tile_tokens=NUM_IMAGE_TOKENS):
+    """Rendered prompt with image tokens (`tile_tokens` <IMG_CONTEXT> per tile: the model's num_image_token),
+    and the char spans of the supervised answers. The record's system turn, where it has one, replaces
+    system_message (as preprocess_internvl2_5 does; for the other templates as their official code would with
+    that system message set: it stops at the unknown role)."""
     t = get_template(template)
     turns = [list(pair) for pair in conv.turns]
     if len(conv.images) == 1 and not any(IMAGE_TAG in v for pair in turns for v in pair):
@@ -139,13 +140,14 @@ def conversation_text(conv, template, tiles_per_image, system_message):
     for pair in turns:  # each <image>, in order, becomes the tokens of the next image
         for side in range(2):
             while IMAGE_TAG in pair[side]:
-                pair[side] = pair[side].replace(IMAGE_TAG, image_tokens(tiles_per_image[k]), 1)
+                pair[side] = pair[side].replace(IMAGE_TAG, image_tokens(tiles_per_image[k], tile_tokens), 1)
                 k += 1
     return render(t, [tuple(p) for p in turns], system_message)
 
 
 def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max_length=None,
-                 system_message=None, *, min_num=1, image_size=IMAGE_SIZE, use_thumbnail=True, images=None):
+                 system_message=None, *, min_num=1, image_size=IMAGE_SIZE, tile_tokens=NUM_IMAGE_TOKENS,
+                 use_thumbnail=True, images=None):
     """One LLaVA record -> dict(input_ids, labels, pixel_values, image_flags, truncated). `images` (PIL)
     replaces loading from disk. Raises SampleError (bad record), SampleTooLong, ImageLoadError."""
     conv = parse_record(record)
@@ -158,7 +160,7 @@ def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max
         pixel_values, tiles = dummy_pixel_values(image_size), []
         image_flags = torch.zeros(1, dtype=torch.long)
     system_message = resolve_system_message(override=system_message, template=get_template(template).name)
-    text, spans = conversation_text(conv, template, tiles, system_message)
+    text, spans = conversation_text(conv, template, tiles, system_message, tile_tokens)
     ids, starts = tokenizer.encode_with_offsets(text)
     labels = make_labels(template, tokenizer, ids, starts, spans)
     truncated = max_length is not None and len(ids) > max_length
@@ -460,8 +462,8 @@ def _batched(items, n):
 class SupervisedDataset(torch.utils.data.Dataset):
     """Samples from several sources. After construction:
       len(ds)            samples per epoch after repeat ratios
-      ds.lengths[i]      tokens of sample i (numpy): the built sample's length (text counted, + 256 per
-                         tile, capped at max_length), or above it where an image header was unreadable
+      ds.lengths[i]      tokens of sample i (numpy): the built sample's length (text counted, + tile_tokens
+                         per tile, capped at max_length), or above it where an image header was unreadable
       ds.is_image[i]     modality for the sampler (True = has images)
       ds.tiles[i]        image tiles (0 for text-only), from `image_wh` or else each image file's header; the
                          cap (+ thumbnail) for an image whose header cannot be read (an upper bound)
@@ -479,7 +481,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, sources, tokenizer, template, system_message=None, max_num=12, max_length=None,
-                 min_num=1, use_thumbnail=True, image_size=IMAGE_SIZE, seed=0, skip_bad_samples=False,
+                 min_num=1, use_thumbnail=True, image_size=IMAGE_SIZE, tile_tokens=NUM_IMAGE_TOKENS, seed=0,
+                 skip_bad_samples=False,
                  max_image_failure_rate=0.01, image_failure_grace=10, max_replacements=10, cache_dir=None,
                  index=None, index_workers=None):
         self.sources = list(sources)
@@ -488,6 +491,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.system_message = resolve_system_message(override=system_message, template=self.template.name)
         self.max_num, self.max_length, self.min_num = max_num, max_length, min_num
         self.use_thumbnail, self.image_size, self.seed = use_thumbnail, image_size, seed
+        self.tile_tokens = tile_tokens  # <IMG_CONTEXT> per tile: the model's num_image_token
         self.max_image_failure_rate, self.image_failure_grace = max_image_failure_rate, image_failure_grace
         self.max_replacements = max_replacements
         self.index_workers = index_workers
@@ -571,7 +575,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         key = [INDEX_VERSION, file_fingerprint(s.annotation),  # image paths resolve against the folder or cwd
                os.path.abspath(s.image_folder or "."), h.hexdigest(), self.template.name,
                self.system_message, self._max_num(si), self.min_num,
-               self.image_size, self.use_thumbnail, self.max_length]
+               self.image_size, self.tile_tokens, self.use_thumbnail, self.max_length]
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()
 
     def _load_index(self, si, cache_dir):
@@ -708,10 +712,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     {n: c["bad"] for n, c in self.source_counts.items() if c["bad"]})
 
     def _estimate(self, si, conv, sizes):
-        """(tokens capped at max_length, tiles, tokens, need): the exact token count of the text + 256 per
-        tile, where `sizes` holds each image's (width, height), or None where its header could not be read.
-        need (0 when the sample fits): the smallest max_length that keeps its images whole and one answer
-        token."""
+        """(tokens capped at max_length, tiles, tokens, need): the exact token count of the text +
+        tile_tokens per tile, where `sizes` holds each image's (width, height), or None where its header could
+        not be read. need (0 when the sample fits): the smallest max_length that keeps its images whole and
+        one answer token."""
         per_image = []
         cap = per_image_cap(self._max_num(si), len(sizes))
         for wh in sizes:
@@ -725,13 +729,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
             per_image.append(self._tiles_memo[(*wh, cap)])
         tiles = sum(per_image)
         text, spans = conversation_text(conv, self.template, [0] * len(conv.images), self.system_message)
-        n = self.tokenizer.count_tokens(text) + NUM_IMAGE_TOKENS * tiles
+        n = self.tokenizer.count_tokens(text) + self.tile_tokens * tiles
         if self.max_length is None or n <= self.max_length:
             return n, tiles, n, 0
 
         def tokens_before(end):  # the prefix's tokens, its images' included
             return (self.tokenizer.count_tokens(text[:end])
-                    + NUM_IMAGE_TOKENS * sum(per_image[:text.count(IMG_END, 0, end)]))
+                    + self.tile_tokens * sum(per_image[:text.count(IMG_END, 0, end)]))
         need = tokens_before(spans[0][0]) + 1  # the first answer token
         if per_image:
             need = max(need, tokens_before(text.rindex(IMG_END) + len(IMG_END)))
@@ -772,7 +776,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             images = [jpeg_degrade(load_image(os.path.join(s.image_folder or "", p)), rng) for p in paths]
         return build_sample(rec, self.tokenizer, self.template, s.image_folder, self._max_num(si),
                             self.max_length, self.system_message, min_num=self.min_num,
-                            image_size=self.image_size, use_thumbnail=self.use_thumbnail, images=images)
+                            image_size=self.image_size, tile_tokens=self.tile_tokens,
+                            use_thumbnail=self.use_thumbnail, images=images)
 
     def _replacement(self, i, failed, attempt):
         """A seeded sample of the same modality, no longer and with no more tiles than sample i when there is

@@ -172,18 +172,20 @@ def official_prompt(template, conversations, num_image_token_list, system_messag
     return text
 
 
-def sample_official_labels(record, sample, tokenizer, template, system_message=None, bos_per_round=True):
+def sample_official_labels(record, sample, tokenizer, template, system_message=None, bos_per_round=True,
+                           tile_tokens=256):
     """(labels, consistent) of the official procedure for build_sample's output for `record` (<= 1 image);
-    system_message None: the template's default."""
+    system_message None: the template's default; tile_tokens: the model's num_image_token."""
     conv = parse_record(record)
     tiles = [len(sample["pixel_values"])] if conv.images else []
     system_message = get_template(template).system_message if system_message is None else system_message
-    text, _ = conversation_text(conv, template, tiles, system_message)
+    text, _ = conversation_text(conv, template, tiles, system_message, tile_tokens)
     return official_labels(template, tokenizer, text, sample["input_ids"].tolist(), bos_per_round)
 
 
-def matches_official(record, sample, tokenizer, template, system_message=None, bos_per_round=True):
+def matches_official(record, sample, tokenizer, template, system_message=None, bos_per_round=True,
+                     tile_tokens=256):
     """Whether the sample's labels are exactly the official ones."""
     official, consistent = sample_official_labels(record, sample, tokenizer, template, system_message,
-                                                  bos_per_round)
+                                                  bos_per_round, tile_tokens)
     return consistent and official == sample["labels"].tolist()

@@ -45,7 +45,7 @@ def demo_src(workdir):
     """One demo base + data, copied into every run; the base also carries remote-code files and LoRA flags set,
     so the export must copy the former unchanged and reset the latter."""
     from demo import make_demo
-    base, _, _ = make_demo(str(workdir / "demo_src" / "demo"))
+    base, _, _ = make_demo(str(workdir / "demo_src" / "demo"), n_images=24, text_only=8)
     for name in REMOTE_CODE:
         Path(base, name).write_text(f"# stand-in for the official {name}\n")
     Path(base, "README.md").write_text("demo base model\n")
@@ -164,7 +164,8 @@ def step_loss(model, run, step):
     args, meta, cfg = run["meta"]["args"], run["meta"], run["config"]
     dataset = SupervisedDataset([Source.parse(s) for s in args["data"]], load_tokenizer(run["base"]), cfg.template,
                                 cfg.system_message, max_num=args["max_tiles"], max_length=args["max_length"],
-                                seed=args["seed"], skip_bad_samples=args["skip_bad_samples"])
+                                seed=args["seed"], skip_bad_samples=args["skip_bad_samples"],
+                                image_size=cfg.force_image_size, tile_tokens=cfg.num_image_token)
     sampler = LengthGroupedSampler(dataset.lengths, dataset.is_image, batch_size=args["batch_size"],
                                    world_size=meta["world_size"], seed=args["seed"])
     steps = sampler.steps(0)

@@ -252,12 +252,19 @@ def test_lengths_and_tiles_equal_the_built_samples(tmp_path, image_dir):
             {"image": "2.jpg", "conversations": conv(a="word " * 2500)},  # cut at max_length
             {"image": "big.png", "conversations": conv(a="Big.")}]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
-    for tok, template in ((TOK, TEMPLATE), (load_tokenizer(os.path.join(FIX, "internlm2")), "internlm2-chat")):
-        ds = SupervisedDataset([Source(path, str(image_dir))], tok, template, max_num=6, max_length=2100)
+    small = dict(image_size=224, tile_tokens=64)  # a model of 224 px tiles: 64 <IMG_CONTEXT> each
+    for tok, template, kw in ((TOK, TEMPLATE, {}), (load_tokenizer(os.path.join(FIX, "internlm2")), "internlm2-chat",
+                                                   {}), (TOK, TEMPLATE, small)):
+        ds = SupervisedDataset([Source(path, str(image_dir))], tok, template, max_num=6, max_length=2100, **kw)
         built = [ds[i] for i in range(len(ds))]
+        assert [int((s["input_ids"] == tok.img_context_id).sum()) for s in built if not s["meta"]["truncated"]] == \
+            [kw.get("tile_tokens", 256) * int(s["image_flags"].sum()) for s in built if not s["meta"]["truncated"]]
+        assert {tuple(s["pixel_values"].shape[-2:]) for s in built} == {(kw.get("image_size", 448),) * 2}
         assert [s["meta"]["id"] for s in built] == [f"a:{k}" for k in range(1, 10)]  # none replaced
         # 300x900: 1x3 + thumbnail (the cap would say 7); 3 images share 6 (cap 2 each): 1 + 3 + 3
-        assert ds.tiles.tolist() == [int(s["image_flags"].sum()) for s in built] == [7, 4, 7, 0, 5, 7, 6, 1, 7]
+        assert ds.tiles.tolist() == [int(s["image_flags"].sum()) for s in built]
+        # at 224 px the 448x448 image is 2x2 tiles + thumbnail (the official tie-break prefers the larger grid)
+        assert ds.tiles.tolist() == [7, 4, 7, 0, 5, 7, 6, 5 if kw else 1, 7]
         assert ds.lengths.tolist() == [len(s["input_ids"]) for s in built]
         assert [s["meta"]["truncated"] for s in built] == [False] * 7 + [True, False] and ds.lengths[7] == 2100
         assert ds.is_image.tolist() == [True, True, True, False, True, True, True, True, True]
@@ -427,19 +434,20 @@ def test_index_cache_is_reused_and_rebuilt_when_anything_changes(tmp_path, image
     assert warm[5]["input_ids"].tolist() == cold[5]["input_ids"].tolist()
     SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache, max_num=4)  # another tile cap
     SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache, system_message="Hi.")
+    SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache, tile_tokens=64)
     SupervisedDataset([Source(path, str(image_dir))], load_tokenizer(os.path.join(FIX, "internlm2")), "internlm2-chat",
                       cache_dir=cache)
-    assert len(scans) == 4
+    assert len(scans) == 5
     with open(path, "a") as f:  # the same path, new content: rebuilt, never reused
         f.write(json.dumps({"conversations": conv(a="One more.")}) + "\n")
     changed = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache)
-    assert len(scans) == 5 and len(changed) == 201
+    assert len(scans) == 6 and len(changed) == 201
     other_rank = SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, index=changed.source_index)
-    assert len(scans) == 5 and other_rank.lengths.tolist() == changed.lengths.tolist()
+    assert len(scans) == 6 and other_rank.lengths.tolist() == changed.lengths.tolist()
     from data import dataset
     monkeypatch.setattr(dataset, "INDEX_VERSION", dataset.INDEX_VERSION - 1)  # a cache an older version wrote
     SupervisedDataset([Source(path, str(image_dir))], TOK, TEMPLATE, cache_dir=cache)
-    assert len(scans) == 6  # another key: an index built another way is never read back
+    assert len(scans) == 7  # another key: an index built another way is never read back
 
 
 def test_index_cache_follows_the_image_files(tmp_path, image_dir, monkeypatch):

@@ -47,12 +47,13 @@ def test_base_loads_strictly_and_data_match_the_official_labels(demo):
     assert model.config.img_context_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert model.llm.head.weight.std().item() == pytest.approx(0.1, rel=0.1)  # a head that can express answers
     ds = SupervisedDataset([Source(annotation, folder)], tok, model.config.template, model.config.system_message,
-                           max_num=1, max_length=512)
+                           max_num=1, max_length=512, image_size=model.config.force_image_size,
+                           tile_tokens=model.config.num_image_token)
     assert len(ds) == 32 and sum(ds.is_image) == 24
     samples = [ds[i] for i in range(len(ds))]
     assert not any(s["meta"]["skipped"] for s in samples)
-    assert all(matches_official(ds.record(i), s, tok, model.config.template, model.config.system_message)
-               for i, s in enumerate(samples))  # fragment counts = whole-text tokens
+    assert all(matches_official(ds.record(i), s, tok, model.config.template, model.config.system_message,
+                                tile_tokens=model.config.num_image_token) for i, s in enumerate(samples))  # fragment counts = whole-text tokens
     assert {int(s["pixel_values"].shape[0]) for s in samples} == {1}  # one tile per sample
     image = next(s for s in samples if s["image_flags"].sum() == 1)
     answer = tok.decode([t for t in image["labels"].tolist() if t != -100])

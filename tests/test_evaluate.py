@@ -161,7 +161,8 @@ def test_eval_sample_prompts_are_tiled_as_the_run(demo, tmp_path):  # noqa: F811
 
     def build(sources):  # train.py's shared_dataset, in one process
         return SupervisedDataset(sources, tokenizer, config.template, config.system_message, max_num=2, min_num=2,
-                                 use_thumbnail=False, max_length=1024)
+                                 use_thumbnail=False, max_length=1024, image_size=config.force_image_size,
+                                 tile_tokens=config.num_image_token)
     ev = evaluate.setup(args, config, tokenizer, 1, 0, 1, lambda *a: None, lambda values: values, build)
     tiles = {pid: pv.shape[0] for pid, _, _, _, pv in ev.prompts if pv is not None}
     assert tiles and set(tiles.values()) == {2}

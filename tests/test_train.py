@@ -442,7 +442,7 @@ def test_tiling_follows_config_json_unless_a_flag_says_otherwise(tiled):
     rows_a, meta_a, _ = tiled["a"]
     rows_b, meta_b, _ = tiled["b"]
     assert meta_a["tiling"] == {"min_dynamic_patch": 2, "max_dynamic_patch": 2, "use_thumbnail": False,
-                                "force_image_size": 448}
+                                "force_image_size": 224}  # the demo base's
     assert meta_b["tiling"]["use_thumbnail"] is True
     assert any(r["image_tiles"] for r in rows_a) and any(r["image_tiles"] for r in rows_b)
     assert all(r["image_tiles"] in (0, 2 * r["samples"]) for r in rows_a)  # min = max = 2, no thumbnail
@@ -931,9 +931,9 @@ def test_data_problems_are_one_clean_error_before_the_model_loads(demo, tmp_path
              rf"(?s)^error: {n_images} bad sample\(s\).*missing image files: .*{n_images} of {len(lines)} records"
              rf".*train.jsonl:\d+: image file not found: ")
     _refused([*common_args, "--data", f"{annotation},{tmp_path / 'nowhere'}"], r"image folder .*nowhere does not exist")
-    n_images = sum('"image"' in line for line in lines)  # 1 tile (256 tokens) each: none fits 200
-    _refused([*common_args, "--data", data, "--max-tiles", "1", "--max-length", "200"],
-             rf"^error: {n_images} of {len(lines)} samples cannot fit --max-length 200 even cut: .*first: .*train.jsonl:"
+    n_images = sum('"image"' in line for line in lines)  # 1 tile (64 tokens) each: none fits 60
+    _refused([*common_args, "--data", data, "--max-tiles", "1", "--max-length", "60"],
+             rf"^error: {n_images} of {len(lines)} samples cannot fit --max-length 60 even cut: .*first: .*train.jsonl:"
              rf"\d+, which needs \d+\); --max-length \d+ fits them all, fewer tiles \(--max-tiles\)")
     assert not out.exists()
 
