@@ -409,6 +409,7 @@ def computing_in(model, dtype: torch.dtype):
         for m in model.modules():
             if isinstance(m, OutputHead):
                 m.compute_dtype = None
+        trim_heap()  # the float32 copies and activations are freed: give the heap back before the next step
 
 
 def release_memory() -> None:

@@ -395,6 +395,49 @@ def test_no_supervised_token_gives_zero_loss_and_count():
     assert hidden.grad is not None
 
 
+def _allocated_bytes(fn):
+    """fn()'s result and the bytes of every storage its aten ops created (views and in-place ops create none)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.created = []  # every new storage's bytes (an address may be reused once freed: not a key)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                    if isinstance(a, torch.Tensor)}
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    self.created.append(t.untyped_storage().nbytes())
+            return out
+
+    with Record() as rec:
+        out = fn()
+    return out, sum(rec.created)
+
+
+def test_head_in_compute_dtype_casts_into_one_reused_slice():
+    """convert.py's float32 logits of a bf16 head: the numbers of a float32 cast of each VOCAB_SLICE rows, and
+    every slice cast into ONE buffer, the logits into one output: what it allocates is one slice + the logits
+    (+ each slice's own small product), whatever the vocabulary. A cast per slice, interleaved with its output,
+    left glibc's heap fragmented: at 151,674 x 896 each call kept 0.4 GiB resident."""
+    from model.loss import VOCAB_SLICE
+    torch.manual_seed(0)
+    vocab, hidden_size = 4 * VOCAB_SLICE + 5, 64
+    head = OutputHead(hidden_size, vocab, bias=False).to(torch.bfloat16)
+    head.compute_dtype = torch.float32
+    hidden = torch.randn(2, 3, hidden_size)
+    with torch.no_grad():
+        got, allocated = _allocated_bytes(lambda: head(hidden))
+        want = torch.cat([torch.nn.functional.linear(hidden, w.float()) for w in head.weight.split(VOCAB_SLICE)],
+                         dim=-1)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    logits = 4 * hidden[..., 0].numel() * vocab
+    assert allocated <= 4 * VOCAB_SLICE * hidden_size + 2 * logits, allocated  # a cast per slice: 4x the weight
+
+
 # --- errors ---
 
 def test_image_token_count_mismatch_is_an_error(case):
