@@ -449,9 +449,11 @@ def _split_trained(trainable: dict[str, torch.Tensor], lora: LoRAConfig | None, 
 
 def merge_checkpoint(base_dir: str | Path, trainable: dict[str, torch.Tensor], lora: LoRAConfig | None,
                      config=None, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream the merged model as (internal name, tensor), one tensor at a time, in the base checkpoint's
-    dtype or in `dtype` (convert.py asks for float32 and casts once when writing, so a float32 export keeps
-    the float32 merge).
+    """Stream the merged model as (internal name, tensor), one tensor at a time. The tensors it computes
+    (trained, merged) come in `dtype` if given (convert.py asks for float32 and casts once when writing, so a
+    float32 export keeps the float32 merge), else in the base checkpoint's; every other tensor comes as the
+    checkpoint stores it: the writer's one cast from there gives the same bytes as one through float32, and no
+    float32 copy of an untouched embedding or head is made (0.5 GiB at 151,674 x 896).
 
     Base tensors are read from `base_dir` (the bf16 checkpoint, never a 4-bit model); each trained non-LoRA
     tensor replaces the base one, then each adapted weight W (base or trained) becomes merged_weight(W, A, B).
@@ -460,11 +462,11 @@ def merge_checkpoint(base_dir: str | Path, trainable: dict[str, torch.Tensor], l
     adapters, replaced = _split_trained(trainable, lora, config)
     used = set()
     for name, tensor in iter_checkpoint(str(base_dir), config):
-        if dtype is not None:
-            tensor = tensor.to(dtype)
         if name in replaced:  # trained; if also adapted (a ViT layer unfrozen under LoRA), merged onto below
-            tensor = replaced[name].detach().to(device=tensor.device, dtype=tensor.dtype)
+            tensor = replaced[name].detach().to(device=tensor.device, dtype=dtype or tensor.dtype)
             used.add(name)
+        elif name in adapters and dtype is not None:
+            tensor = tensor.to(dtype)
         if name in adapters:
             tensor = merged_weight(tensor, *adapters[name], lora.scale)
             used.add(name)

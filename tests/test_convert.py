@@ -493,3 +493,39 @@ def test_a_qwen2_lora_run_converts_end_to_end(tmp_path):
     assert any(line.startswith("self-check:") and line.endswith("-> OK") for line in lines), lines
     assert set(read_headers(checkpoint_files(str(tmp_path / "out")))) == set(read_headers(checkpoint_files(str(base))))
     load_pretrained(str(tmp_path / "out"), dtype=torch.float32)  # strict
+
+
+def test_merge_casts_only_what_it_computes_and_exports_the_same_bytes(tmp_path):
+    """convert.py merges in float32 and casts once when writing. Tensors the merge does not touch come as the
+    bf16 base stores them (before, every tensor was copied to float32 first: 0.5 GiB for a 151,674 x 896
+    embedding and again for its tied head); the bf16 and float32 exports are byte for byte those of the
+    all-float32 stream."""
+    import lora
+    from safetensors.torch import load_file
+    from model.weights import save_safetensors
+    base = tmp_path / "base"
+    shutil.copytree(REPO / "tests" / "fixtures" / "qwen2", base, ignore=shutil.ignore_patterns("reference*"))
+    save_safetensors({k: v.to(torch.bfloat16) for k, v in load_file(base / "model.safetensors").items()},
+                     str(base / "model.safetensors"))
+    cfg = lora.LoRAConfig(r=4, alpha=8)
+    model = load_pretrained(str(base), dtype=torch.float32)
+    lora.inject_lora(model, cfg)
+    lora.mark_trainable(model, "lora")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.lora_B.normal_(0, 0.05)
+    trained = lora.trainable_state_dict(model)
+    computed = {k.removesuffix(".lora_A") + ".weight" for k in trained if k.endswith(".lora_A")}
+    computed |= {k for k in trained if not k.endswith((".lora_A", ".lora_B"))}
+    stream = list(lora.merge_checkpoint(str(base), trained, cfg, dtype=torch.float32))
+    dtypes = {name: t.dtype for name, t in stream}
+    assert dtypes["llm.embed.weight"] == dtypes["llm.head.weight"] == torch.bfloat16
+    assert {n for n, d in dtypes.items() if d == torch.float32} == computed and len(computed) < len(dtypes)
+    config = load_config(str(base))
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, tensors in (("now", stream), ("all_float32", [(n, t.float()) for n, t in stream])):
+            (tmp_path / f"{name}_{dtype}").mkdir()
+            convert.write_weights(str(tmp_path / f"{name}_{dtype}"), str(base), tensors, config, dtype, 1 << 30)
+        read = lambda name: (tmp_path / f"{name}_{dtype}" / "model-00001-of-00001.safetensors").read_bytes()  # noqa: E731
+        assert read("now") == read("all_float32")
