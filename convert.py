@@ -319,15 +319,18 @@ def check_image():
 
 
 def check_sample(base: str, config) -> dict:
-    """The fixed input, built by the data pipeline exactly as training builds samples."""
+    """The fixed input, built by the data pipeline exactly as training builds samples. The tokenizer is
+    dropped and its heap handed back before a model loads (at 151,674 ids it left 0.05-0.09 GiB resident)."""
     record = {"image": "self-check.png", "conversations": [
         {"from": "human", "value": "<image>\nDescribe the picture in one sentence."},
         {"from": "gpt", "value": "A red circle, a blue rectangle and a yellow triangle on a colourful "
                                  "gradient."}]}
-    return build_sample(record, load_tokenizer(base), config.template, max_num=config.max_dynamic_patch,
-                        system_message=config.system_message, images=[check_image()],
-                        image_size=config.force_image_size, tile_tokens=config.num_image_token,
-                        use_thumbnail=config.use_thumbnail)
+    sample = build_sample(record, load_tokenizer(base), config.template, max_num=config.max_dynamic_patch,
+                          system_message=config.system_message, images=[check_image()],
+                          image_size=config.force_image_size, tile_tokens=config.num_image_token,
+                          use_thumbnail=config.use_thumbnail)
+    release_memory()
+    return sample
 
 
 def trained_model(base: str, trained: dict[str, torch.Tensor], lora_cfg, dtype, device, nf4: bool = False,
