@@ -254,7 +254,11 @@ class Decoder(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        # Built on the meta device (every load), the embedding is given its (empty) weight, so it runs no
+        # normal_: on meta that goes through torch._refs, which imports torch._dynamo (0.07 GiB, seconds).
+        on_meta = torch.empty(0).is_meta  # the device the model is being built on (build_model's context)
+        weight = {"_weight": torch.empty(cfg.vocab_size, cfg.hidden_size)} if on_meta else {}
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id, **weight)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = OutputHead(cfg.hidden_size, cfg.vocab_size, bias=False)

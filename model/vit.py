@@ -69,10 +69,10 @@ class VisionLayer(nn.Module):
         c = cfg.hidden_size
         self.norm1 = vit_norm(cfg, c)
         self.attn = VisionAttention(cfg)
-        self.ls1 = nn.Parameter(cfg.initializer_factor * torch.ones(c))
+        self.ls1 = nn.Parameter(torch.full((c,), float(cfg.initializer_factor)))
         self.norm2 = vit_norm(cfg, c)
         self.mlp = VisionMLP(cfg)
-        self.ls2 = nn.Parameter(cfg.initializer_factor * torch.ones(c))
+        self.ls2 = nn.Parameter(torch.full((c,), float(cfg.initializer_factor)))
         self.drop_path_rate = drop_path_rate
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -81,14 +81,21 @@ class VisionLayer(nn.Module):
         return h
 
 
+def _randn(*shape: int) -> torch.Tensor:
+    """torch.randn, except that nothing is drawn on the meta device (every load builds there): torch.randn on
+    meta runs through torch._refs, which imports sympy (0.04 GiB of every load's RSS)."""
+    t = torch.empty(*shape)
+    return t if t.is_meta else t.normal_()
+
+
 class InternViT(nn.Module):
     def __init__(self, cfg: VisionConfig, drop_path_rate: float | None = None):
         super().__init__()
         self.cfg = cfg
         c = cfg.hidden_size
-        self.class_embedding = nn.Parameter(torch.randn(1, 1, c))
+        self.class_embedding = nn.Parameter(_randn(1, 1, c))
         self.patch_embed = nn.Conv2d(3, c, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid ** 2 + 1, c))
+        self.pos_embed = nn.Parameter(_randn(1, cfg.grid ** 2 + 1, c))
         rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         self.layers = nn.ModuleList(VisionLayer(cfg, r) for r in _linspace(rate, cfg.num_layers))
         self.gradient_checkpointing = False
