@@ -114,6 +114,8 @@ BAD = [
      "conversations[1] (gpt) holds <IMG_CONTEXT> literally"),
     ({"conversations": conv(q="What does <img> do in HTML?")}, "conversations[0] (human) holds <img> literally"),
     ({"image": "0.jpg", "conversations": conv(q="<image>\nClose it: </img>")}, "holds </img> literally"),
+    ({"conversations": conv() + [{"from": "system", "value": "S"}]},
+     "conversations[2]: a 'system' turn may only come first"),
 ]
 
 
@@ -123,7 +125,7 @@ def test_bad_inputs_reported_together_with_file_line(tmp_path):
     with pytest.raises(DataError) as err:
         SupervisedDataset([Source(path)], TOK, TEMPLATE)
     msg = str(err.value)
-    assert msg.startswith("8 bad sample(s) (use --skip-bad-samples to skip them)")
+    assert msg.startswith("9 bad sample(s) (use --skip-bad-samples to skip them)")
     for line, (_, reason) in enumerate(BAD, start=2):
         assert f"bad.jsonl:{line}: " in msg and reason in msg.splitlines()[line - 1]
 
@@ -131,8 +133,8 @@ def test_bad_inputs_reported_together_with_file_line(tmp_path):
 def test_skip_bad_samples_counts_them(tmp_path, caplog):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": conv()}] + [b for b, _ in BAD])
     ds = SupervisedDataset([Source(path)], TOK, TEMPLATE, skip_bad_samples=True)
-    assert ds.source_counts["bad"] == {"records": 9, "bad": 8, "missing_images": 0, "valid": 1, "sampled": 1}
-    assert "skipped 8 bad samples" in caplog.text and "bad.jsonl:3: missing 'conversations'" in caplog.text
+    assert ds.source_counts["bad"] == {"records": 10, "bad": 9, "missing_images": 0, "valid": 1, "sampled": 1}
+    assert "skipped 9 bad samples" in caplog.text and "bad.jsonl:3: missing 'conversations'" in caplog.text
 
 
 def test_malformed_json_array_is_fatal(tmp_path):
