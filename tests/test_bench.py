@@ -236,12 +236,14 @@ def test_demo_threads_bench_json(tmp_path):
 def test_tokenizer_bench_json(tmp_path):
     from bench import tokenizer as tokenizer_bench
     out = tmp_path / "tok.json"
-    tokenizer_bench.main(["--records", "5", "--runs", "1", "--json", str(out)])
+    tokenizer_bench.main(["--records", "5", "--runs", "1", "--index", "4", "--json", str(out)])
     r = json.loads(out.read_text())["tokenizers"]
     assert set(r) == {"internlm2", "phi3", "llama", "qwen2"} and r["internlm2"]["encode_vs_internlm2"] == 1.0
+    assert r["internlm2"]["index_vs_internlm2"] == 1.0
     for row in r.values():
         assert row["tokens"] > 0 and all(real(row[k]) and row[k] > 0 for k in (
-            "encode_tokens_per_s", "count_tokens_per_s", "encode_vs_internlm2", "count_vs_internlm2"))
+            "encode_tokens_per_s", "count_tokens_per_s", "encode_vs_internlm2", "count_vs_internlm2",
+            "index_cpu_s", "index_vs_internlm2"))
 
 
 def test_realsize_grows_the_qwen2_tokenizer_without_a_gap(tmp_path):
