@@ -165,9 +165,10 @@ def write_data(out: str, n: int = 64) -> str:
 
 
 def child(code: str) -> dict:
-    """Run `code` in a fresh Python; it prints one JSON line last; its own peak RSS is added."""
-    wrapped = code + "\nimport resource, json as _j\nprint(_j.dumps(dict(peak_rss_gib=" \
-                     "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **RESULT)))"
+    """Run `code` in a fresh Python; it prints one JSON line last; its own peak RSS is added (VmHWM: getrusage's
+    ru_maxrss keeps the peak of the process before exec, here this one's, which can be the larger)."""
+    wrapped = code + "\nimport json as _j\nprint(_j.dumps(dict(peak_rss_gib=next(int(line.split()[1]) for line " \
+                     "in open('/proc/self/status') if line.startswith('VmHWM')) / 2**20, **RESULT)))"
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", wrapped], cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:

@@ -262,3 +262,14 @@ def test_realsize_grows_the_qwen2_tokenizer_without_a_gap(tmp_path):
     ids = torch.randint(0, 856 + 66_009, (2000,), generator=torch.Generator().manual_seed(0)).tolist()
     assert isinstance(tok.decode(ids), str)
     assert tok.encode("<|im_start|>user\nHi<|im_end|><IMG_CONTEXT>")[-1] == added["<IMG_CONTEXT>"]
+
+
+def test_realsize_child_reports_its_own_peak_rss():
+    """bench/realsize.py's child process reports its own peak RSS, not the one it inherits at exec (getrusage's
+    ru_maxrss kept the parent's: 1.72 GiB for a process that only imports convert.py, after a 2B write)."""
+    from bench import realsize
+    held = bytearray(512 * 2**20)  # the parent holds 0.5 GiB, touched
+    held[::4096] = b"\x01" * len(held[::4096])
+    r = realsize.child("RESULT = {}")
+    assert 0 < r["peak_rss_gib"] < 0.25, r
+    del held
