@@ -124,11 +124,12 @@ def decode_answer(tokenizer, ids, sep: str) -> str:
 
 
 def record_prompt(record, image_folder, tokenizer, config: InternVLConfig, system_message=None, max_num=None):
-    """A LLaVA record -> (question, reference, prompt ids, pixel values or None): the first human turn and the
-    first gpt turn (a leading gpt turn is dropped), the image tag in front of the question when it has none,
-    several images sharing the tile cap, and a leading system turn as the system message, all as in training.
+    """A LLaVA record -> (question, reference, prompt ids, pixel values or None): the first human turn and
+    the gpt turn after it (a leading gpt turn is not asked for), the image tag in front of the question when
+    it has none, several images sharing the tile cap, and a leading system turn as the system message, as in
+    training.
     Raises SampleError, ImageLoadError or ValueError."""
-    conv = parse_record(record)
+    conv = parse_record(record, config.template)
     question, reference = conv.turns[0]
     pixel_values, patches = None, []
     if conv.images:

@@ -56,13 +56,17 @@ class DataError(ValueError):
 @dataclass
 class Conversation:
     images: list  # image paths as written in the record; [] for text-only
-    turns: list  # [(human value, gpt value)], a leading gpt turn dropped
+    turns: list  # [(human value, gpt value)]
     system: str = None  # a leading system turn's value: the sample's system message; None: the run's
-    gpt_first: bool = False  # a leading gpt turn (after the system turn) was dropped
+    gpt_first: bool = False  # a leading gpt turn (after the system turn) was dropped (not a by_role template)
+    lead: str = None  # that turn's value where the template keeps it (by_role): an answer before the question
 
 
-def parse_record(record):
-    """Check one LLaVA record and return its Conversation; raise SampleError saying what is wrong."""
+def parse_record(record, template):
+    """Check one LLaVA record and return its Conversation under `template` (whose official code keeps or drops
+    a leading gpt turn, and reads image tags in every turn or in human turns only); raise SampleError saying
+    what is wrong."""
+    t = get_template(template)
     if not isinstance(record, dict):
         raise SampleError(f"record is a {type(record).__name__}, expected a JSON object")
     image = record.get("image")
@@ -99,8 +103,9 @@ def parse_record(record):
                                   f"image's own tokens may be {token} (write {IMAGE_TAG} for an image)")
     system = convs[0]["value"] if convs[0]["from"] == "system" else None
     first = 0 if system is None else 1
-    gpt_first = first < len(convs) and convs[first]["from"] == "gpt"
-    first += gpt_first  # official: skip one leading gpt turn
+    leading = first < len(convs) and convs[first]["from"] == "gpt"
+    lead = convs[first]["value"] if leading and t.by_role else None  # official: kept as an answer, or skipped
+    first += leading
     rest = convs[first:]
     for k, turn in enumerate(rest):
         if turn["from"] != ROLES[k % 2]:
@@ -111,13 +116,22 @@ def parse_record(record):
     if len(rest) % 2:
         raise SampleError(f"conversations[{len(convs) - 1}] (human) has no answer")
     turns = [(rest[k]["value"], rest[k + 1]["value"]) for k in range(0, len(rest), 2)]
-    tags = sum(v.count(IMAGE_TAG) for pair in turns for v in pair)
+    tags = sum(pair[side].count(IMAGE_TAG) for pair in turns for side in _image_sides(t))
     if tags > len(images):
         raise SampleError(f"{tags} {IMAGE_TAG} tags but {len(images)} image(s)")
     if len(images) > 1 and tags != len(images):
+        in_answers = sum(a.count(IMAGE_TAG) for _, a in turns) + (lead or "").count(IMAGE_TAG)
+        why = (f"; under {t.name} only human turns' tags are images (a gpt turn's {in_answers} stay text, "
+               "and the official code drops the sample)" if t.by_role and in_answers else "")
         raise SampleError(f"{len(images)} images but {tags} {IMAGE_TAG} tags "
-                          "(multi-image samples need one each)")
-    return Conversation(images, turns, system, gpt_first)
+                          f"(multi-image samples need one each){why}")
+    return Conversation(images, turns, system, leading and not t.by_role, lead)
+
+
+def _image_sides(template):
+    """Which side of a (question, answer) pair holds image tags: preprocess_internvl2_5 replaces the human
+    turns' only (a gpt turn's tag stays text), the others replace the tags anywhere in the text."""
+    return (0,) if template.by_role else (0, 1)
 
 
 def conversation_text(conv, template, tiles_per_image, system_message, tile_tokens=NUM_IMAGE_TOKENS):
@@ -126,11 +140,11 @@ def conversation_text(conv, template, tiles_per_image, system_message, tile_toke
     system_message (as preprocess_internvl2_5 does; for the other templates as their official code would with
     that system message set: it stops at the unknown role)."""
     t = get_template(template)
-    turns = [list(pair) for pair in conv.turns]
-    if len(conv.images) == 1 and not any(IMAGE_TAG in v for pair in turns for v in pair):
-        # official: in front of conversations[0]; where that is a system turn, the official tag becomes
-        # literal system text (or, with no tag in a human turn, fails an assertion): here it goes before the
-        # question
+    turns, sides = [list(pair) for pair in conv.turns], _image_sides(t)
+    if len(conv.images) == 1 and not any(IMAGE_TAG in pair[side] for pair in turns for side in sides):
+        # official: in front of conversations[0]; where that is a system or (internvl2_5) a leading gpt turn,
+        # the official tag becomes literal text there (or, with no tag in a human turn, fails an assertion):
+        # here it goes before the question
         turns[0][0] = IMAGE_TAG + "\n" + turns[0][0]
     if conv.system is not None:
         system_message = conv.system.strip() if t.strip_messages else conv.system
@@ -138,11 +152,11 @@ def conversation_text(conv, template, tiles_per_image, system_message, tile_toke
         turns = [[v.strip() for v in pair] for pair in turns]
     k = 0
     for pair in turns:  # each <image>, in order, becomes the tokens of the next image
-        for side in range(2):
+        for side in sides:
             while IMAGE_TAG in pair[side]:
                 pair[side] = pair[side].replace(IMAGE_TAG, image_tokens(tiles_per_image[k], tile_tokens), 1)
                 k += 1
-    return render(t, [tuple(p) for p in turns], system_message)
+    return render(t, [tuple(p) for p in turns], system_message, conv.lead)
 
 
 def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max_length=None,
@@ -150,7 +164,7 @@ def build_sample(record, tokenizer, template, image_folder=None, max_num=12, max
                  use_thumbnail=True, images=None):
     """One LLaVA record -> dict(input_ids, labels, pixel_values, image_flags, truncated). `images` (PIL)
     replaces loading from disk. Raises SampleError (bad record), SampleTooLong, ImageLoadError."""
-    conv = parse_record(record)
+    conv = parse_record(record, template)
     if conv.images:
         if images is None:
             images = [load_image(os.path.join(image_folder or "", p)) for p in conv.images]
@@ -669,7 +683,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             try:
                 if isinstance(rec, Exception):
                     raise rec
-                conv = parse_record(rec)
+                conv = parse_record(rec, self.template)
                 paths = [os.path.join(s.image_folder or "", p) for p in conv.images]
                 lost = [p for p in paths if not _exists(p, memo["listings"])]
                 folders.update((f, memo["listings"][f][1]) for f in {os.path.dirname(p) for p in paths})

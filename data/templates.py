@@ -46,6 +46,10 @@ class Template:
     # How labels are made: "spans" (net_labels: every token that starts in an answer or its terminator) or
     # "turns" (preprocess_internvl2_5: turn_labels)
     labels: str = "spans"
+    # preprocess_internvl2_5 renders each turn by its role: a leading gpt turn is an answer like any other
+    # (the others skip a first turn that is not the human's), and only the human turns' <image> tags become
+    # images (the others replace the tags anywhere in the text)
+    by_role: bool = False
 
     @property
     def stop(self):
@@ -61,7 +65,7 @@ TEMPLATES = {
                           "<|end|>", strip_messages=False, never_supervised=("<|endoftext|>",)),
     "Hermes-2": Template("Hermes-2", **_CHATML, sep="<|im_end|>", strip_messages=False),
     "internvl2_5": Template("internvl2_5", **_CHATML, sep="<|im_end|>\n", strip_messages=False,
-                            system_message=INTERNVL2_5_SYSTEM_MESSAGE, labels="turns"),
+                            system_message=INTERNVL2_5_SYSTEM_MESSAGE, labels="turns", by_role=True),
 }
 
 
@@ -113,9 +117,10 @@ def resolve_system_message(config=None, override=None, model_dir=None, template=
     return get_template(template).system_message if template else DEFAULT_SYSTEM_MESSAGE
 
 
-def render(template, turns, system_message=None):
+def render(template, turns, system_message=None, lead=None):
     """Training prompt for [(question, answer), ...] and the char spans of every answer + sep. system_message
-    None: the template's default.
+    None: the template's default; lead: an answer before the first question (a by_role template's leading gpt
+    turn).
 
     An empty message renders as the bare role (official get_prompt); callers reject empty turns
     before training, so here only a final answer of None gives a generation prompt."""
@@ -123,6 +128,10 @@ def render(template, turns, system_message=None):
     system_message = t.system_message if system_message is None else system_message
     text = t.system_template.format(system_message=system_message) + t.sep
     spans = []
+    if lead is not None:
+        text += t.assistant
+        spans.append((len(text), len(text) + len(lead) + len(t.sep)))
+        text += lead + t.sep
     for question, answer in turns:
         text += t.user + question + t.sep if question else t.user
         text += t.assistant

@@ -176,7 +176,7 @@ def sample_official_labels(record, sample, tokenizer, template, system_message=N
                            tile_tokens=256):
     """(labels, consistent) of the official procedure for build_sample's output for `record` (<= 1 image);
     system_message None: the template's default; tile_tokens: the model's num_image_token."""
-    conv = parse_record(record)
+    conv = parse_record(record, template)
     tiles = [len(sample["pixel_values"])] if conv.images else []
     system_message = get_template(template).system_message if system_message is None else system_message
     text, _ = conversation_text(conv, template, tiles, system_message, tile_tokens)

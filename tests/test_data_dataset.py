@@ -291,7 +291,36 @@ def test_index_counts_the_system_turn(tmp_path, image_dir):
         built = [ds[i] for i in range(len(ds))]
         assert ds.lengths.tolist() == [len(s["input_ids"]) for s in built]
         assert ds.lengths[1] != ds.lengths[0] and ds.lengths[5] < ds.lengths[1]
-        assert ds.adjusted["a"]["gpt_first"] == 1 and ds.adjusted["a"]["first_gpt_first"].endswith("a.jsonl:5")
+        if template == "internvl2_5":  # its official code keeps the gpt turn: nothing dropped
+            assert ds.adjusted["a"]["gpt_first"] == 0 and ds.adjusted["a"]["first_gpt_first"] is None
+        else:
+            assert ds.adjusted["a"]["gpt_first"] == 1 and ds.adjusted["a"]["first_gpt_first"].endswith("a.jsonl:5")
+
+
+def test_index_counts_a_leading_gpt_turn_where_it_is_kept(tmp_path, image_dir):
+    """internvl2_5 trains on a leading gpt turn (after an optional system turn): the index counts its tokens
+    (lengths equal the built samples', cut at max_length too) and counts none dropped; the other templates drop
+    it and count it."""
+    hi = {"from": "gpt", "value": "Hi! Ask me anything."}
+    recs = [{"conversations": [hi] + conv()},
+            {"image": "0.jpg", "conversations": [hi] + conv()},
+            {"conversations": [{"from": "system", "value": "Be brief."}, hi] + conv() + conv(q="Again?")},
+            {"image": "0.jpg", "conversations": [hi] + conv(q="<image>\nTag?", a="A literal <image> tag.")},
+            {"conversations": [{"from": "gpt", "value": "word " * 2500}] + conv()},  # kept: cut at max_length
+            {"conversations": conv()}]
+    for case, template in (("qwen2", "internvl2_5"), ("internlm2", "internvl2_5"), ("phi3", "phi3-chat")):
+        tok = TOK if case == "phi3" else load_tokenizer(os.path.join(FIX, case))
+        if template != "internvl2_5":  # the answer's tag is an image there: one too many
+            recs[3]["conversations"][-1]["value"] = "No tag."
+        path = write_jsonl(tmp_path / "a.jsonl", recs)
+        ds = SupervisedDataset([Source(path, str(image_dir))], tok, template, max_num=6, max_length=2100)
+        built = [ds[i] for i in range(len(ds))]
+        assert ds.lengths.tolist() == [len(s["input_ids"]) for s in built]
+        kept = template == "internvl2_5"
+        assert (ds.lengths[0] > ds.lengths[5]) == kept and (ds.lengths[4] == 2100) == kept
+        assert [s["meta"]["truncated"] for s in built] == [False] * 4 + [kept, False]
+        assert [s["meta"]["gpt_first"] for s in built] == [not kept] * 5 + [False]
+        assert ds.adjusted["a"]["gpt_first"] == (0 if kept else 5)
 
 
 def test_unreadable_image_headers_fall_back_to_the_cap(tmp_path, image_dir, monkeypatch, caplog):

@@ -134,11 +134,83 @@ def test_image_tag_prepended_to_first_human_turn(case):
     tok = TOK[case]
     img = Image.open(os.path.join(FIX, case, "image.png"))
     with_tag = {"image": "x.png", "conversations": [human("<image>\nDescribe the picture."), gpt("A gradient.")]}
-    without = {"image": "x.png", "conversations": [gpt("(leading gpt turn is dropped)"),
-                                                   human("Describe the picture."), gpt("A gradient.")]}
+    without = {"image": "x.png", "conversations": [human("Describe the picture."), gpt("A gradient.")]}
     a = build_sample(with_tag, tok, TEMPLATES[case], images=[img], max_num=6)
     b = build_sample(without, tok, TEMPLATES[case], images=[img], max_num=6)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+@pytest.mark.parametrize("case,template", [(c, TEMPLATES[c]) for c in CASES if TEMPLATES[c] != "internvl2_5"]
+                         + [("qwen2", "Hermes-2")])
+def test_leading_gpt_turn_is_dropped_and_counted(case, template):
+    """preprocess_internlm / _phi3 / _mpt skip a first turn that is not the human's: the sample without it."""
+    tok, img = TOK[case], Image.open(os.path.join(FIX, case, "image.png"))
+    convs = [human("<image>\nDescribe the picture."), gpt("A gradient.")]
+    a = build_sample({"image": "x.png", "conversations": convs}, tok, template, images=[img], max_num=6)
+    b = build_sample({"image": "x.png", "conversations": [gpt("(dropped)")] + convs}, tok, template,
+                     images=[img], max_num=6)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert b["gpt_first"] and not a["gpt_first"]
+    text = official_prompt(template, official_image_tag([gpt("(dropped)")] + convs), [256 * len(a["pixel_values"])],
+                           get_template(template).system_message)
+    assert b["input_ids"].tolist() == tok.encode(text)
+
+
+@pytest.mark.parametrize("case", ["qwen2", "internlm2"])
+def test_leading_gpt_turn_internvl2_5_is_an_answer(case):
+    """preprocess_internvl2_5 renders a leading gpt turn (after an optional system turn) as an assistant turn and
+    supervises it like the others: ids and labels equal the official ones token for token; nothing is dropped."""
+    tok = TOK[case]
+    for convs in ([gpt("Hi! Ask me."), human("Q1 !"), gpt("\nA1!\n"), human(" Q2"), gpt(" A2  ")],
+                  [system("Be brief."), gpt(" Hello "), human("Q"), gpt("A gradient.")]):
+        s = build_sample({"conversations": convs}, tok, "internvl2_5")
+        ids, labels = official_internvl2_5(convs, tok, [], INTERNVL2_5_SYSTEM_MESSAGE, text_only=True)
+        assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels and not s["gpt_first"]
+        lead = next(c["value"] for c in convs if c["from"] == "gpt")
+        assert supervised_text(tok, s).replace(" ", "").startswith((lead + "<|im_end|>").replace(" ", ""))
+    img = Image.open(os.path.join(FIX, case, "image.png"))
+    convs = [gpt("Hello."), human("<image>\nDescribe the picture."), gpt("A gradient.")]
+    s = build_sample({"image": "x.png", "conversations": convs}, tok, "internvl2_5", images=[img], max_num=6)
+    ids, labels = official_internvl2_5(convs, tok, [256 * len(s["pixel_values"])], INTERNVL2_5_SYSTEM_MESSAGE)
+    assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels and not s["gpt_first"]
+
+
+@pytest.mark.parametrize("case", ["qwen2", "internlm2"])
+def test_leading_gpt_turn_internvl2_5_untagged_image_goes_before_the_question(case):
+    """One untagged image: the official code puts '<image>\n' in front of conversations[0], here the leading gpt
+    turn, and fails its image-count assertion (the sample is lost). Here it goes before the first question."""
+    tok, img = TOK[case], Image.open(os.path.join(FIX, case, "image.png"))
+    convs = [gpt("Hello."), human("Describe the picture."), gpt("A gradient.")]
+    with pytest.raises(AssertionError, match="0 != 1"):
+        official_internvl2_5(official_image_tag(convs), tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
+    s = build_sample({"image": "x.png", "conversations": convs}, tok, "internvl2_5", images=[img], max_num=6)
+    tagged = [convs[0], human("<image>\nDescribe the picture."), convs[2]]
+    ids, labels = official_internvl2_5(tagged, tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
+    assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
+
+
+@pytest.mark.parametrize("case", ["qwen2", "internlm2"])
+def test_image_tag_in_a_gpt_turn_internvl2_5(case):
+    """preprocess_internvl2_5 replaces the human turns' tags only: with a human tag per image, a gpt turn's
+    <image> stays text (official, token for token); where the images need it, the official assertion drops the
+    sample, so here it is a SampleError naming it. The other templates replace tags anywhere, as before."""
+    tok, img = TOK[case], Image.open(os.path.join(FIX, case, "image.png"))
+    convs = [human("<image>\nWhat tag?"), gpt("It reads <image> here.")]
+    s = build_sample({"image": "x.png", "conversations": convs}, tok, "internvl2_5", images=[img], max_num=6)
+    ids, labels = official_internvl2_5(convs, tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
+    assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
+    assert "<image>" in supervised_text(tok, s)
+    untagged = [human("What tag?"), convs[1]]  # the tag goes in front of the question, as official
+    s = build_sample({"image": "x.png", "conversations": untagged}, tok, "internvl2_5", images=[img], max_num=6)
+    ids, labels = official_internvl2_5(official_image_tag(untagged), tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
+    assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
+    two = {"image": ["a.png", "b.png"], "conversations": [human("<image>\nsame?"), gpt("No, <image> differs.")]}
+    with pytest.raises(AssertionError, match="1 != 2"):
+        official_internvl2_5(two["conversations"], tok, [256, 256], INTERNVL2_5_SYSTEM_MESSAGE)
+    with pytest.raises(SampleError, match="2 images but 1 <image> tags.*only human turns' tags are images"):
+        build_sample(two, tok, "internvl2_5", images=[img, img], max_num=2)
+    s = build_sample(two, tok, "Hermes-2", images=[img, img], max_num=2)  # preprocess_mpt: both are images
+    assert (s["input_ids"] == tok.img_end_id).sum() == 2
 
 
 @pytest.mark.parametrize("case", CASES)
