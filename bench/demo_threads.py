@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,10 +21,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from demo import make_demo  # noqa: E402
+
 SPIN = "while True: pass"
 
 
-def demo_steps_seconds(steps: int, threads: int | None, out: str) -> float:
+def demo_steps_seconds(steps: int, threads: int | None, out: str, demo_files: str) -> float:
+    """`demo_files`: the demo's base and data, written once and copied in (train.py uses them as they are)."""
+    shutil.copytree(demo_files, os.path.join(out, "demo"))
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)
     if threads is not None:
@@ -45,13 +51,14 @@ def main(argv=None):
     runs = {(b, t): [] for b in args.busy for t in args.threads}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
+        demo_files = os.path.dirname(make_demo(os.path.join(tmp, "demo_files", "demo"))[0])
         for r in range(args.repeats):
             for busy in args.busy:
                 spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(busy)]
                 try:
                     for t in args.threads:
                         out = os.path.join(tmp, f"r{r}_b{busy}_t{t}")
-                        runs[busy, t].append(demo_steps_seconds(args.steps, t or None, out))
+                        runs[busy, t].append(demo_steps_seconds(args.steps, t or None, out, demo_files))
                 finally:
                     for s in spinners:
                         s.kill()

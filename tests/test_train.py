@@ -468,10 +468,10 @@ OBJECT_COLLECTIVES = {"broadcast_object_list", "all_gather_object"}
 
 
 def test_the_collective_timeout_covers_a_slow_index(demo, tmp_path):
-    """Ranks 1.. wait for rank 0's index within --dist-timeout-minutes: 3 s is too short for an 8 s index, the
+    """Ranks 1.. wait for rank 0's index within --dist-timeout-minutes: 1.2 s is too short for a 4 s index, the
     default is not; the memory pre-flight's number is the same on every rank."""
-    slow = ["slow-index", "8"]
-    proc, _ = run(common(demo, 1, "--dist-timeout-minutes", "0.05"), tmp_path / "short", nproc=2, worker=slow,
+    slow = ["slow-index", "4"]
+    proc, _ = run(common(demo, 1, "--dist-timeout-minutes", "0.02"), tmp_path / "short", nproc=2, worker=slow,
                   check=False)
     assert proc.returncode != 0 and re.search(r"[Tt]imed? ?out", proc.stderr), proc.stderr[-3000:]
     proc, _ = run(common(demo, 1), tmp_path / "default", nproc=2, worker=slow)
