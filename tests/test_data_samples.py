@@ -176,17 +176,24 @@ def test_leading_gpt_turn_internvl2_5_is_an_answer(case):
 
 
 @pytest.mark.parametrize("case", ["qwen2", "internlm2"])
-def test_leading_gpt_turn_internvl2_5_untagged_image_goes_before_the_question(case):
-    """One untagged image: the official code puts '<image>\n' in front of conversations[0], here the leading gpt
-    turn, and fails its image-count assertion (the sample is lost). Here it goes before the first question."""
+@pytest.mark.parametrize("lead", ["system", "gpt"])
+def test_untagged_single_image_goes_before_the_question_after_a_leading_turn(case, lead):
+    """One image without a tag: the official code puts '<image>\n' in front of conversations[0], here a system
+    turn or (internvl2_5 keeps it) a leading gpt turn, so it becomes literal text there, and with no tag in a
+    human turn it fails its image-count assertion (the sample is lost). Here it goes in front of the first
+    question, as without that turn: the official labels of the record tagged so."""
     tok, img = TOK[case], Image.open(os.path.join(FIX, case, "image.png"))
-    convs = [gpt("Hello."), human("Describe the picture."), gpt("A gradient.")]
+    convs = [system("Look closely.") if lead == "system" else gpt("Hello."), human("Describe the picture."),
+             gpt("A gradient.")]
     with pytest.raises(AssertionError, match="0 != 1"):
         official_internvl2_5(official_image_tag(convs), tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
     s = build_sample({"image": "x.png", "conversations": convs}, tok, "internvl2_5", images=[img], max_num=6)
     tagged = [convs[0], human("<image>\nDescribe the picture."), convs[2]]
     ids, labels = official_internvl2_5(tagged, tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
     assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
+    if lead == "system":  # the official placement, where a human turn has the tag: literal system text
+        literal, _ = official_internvl2_5(official_image_tag(tagged), tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
+        assert literal != ids and "<image>" in tok.decode(literal[:20], skip_special_tokens=False)
 
 
 @pytest.mark.parametrize("case", ["qwen2", "internlm2"])
@@ -382,23 +389,6 @@ def test_system_turn_internvl2_5_is_official(case):
     s = build_sample(multi, tok, "internvl2_5", images=imgs, max_num=6)  # 3 + 1 tiles
     ids, labels = official_internvl2_5(multi["conversations"], tok, [256 * 3, 256], INTERNVL2_5_SYSTEM_MESSAGE)
     assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
-
-
-@pytest.mark.parametrize("case", ["qwen2", "internlm2"])
-def test_system_turn_single_image_tag_goes_before_the_question(case):
-    """One image without a tag: the official code puts '<image>\n' in front of conversations[0], here the system
-    turn, so it becomes literal system text (or, with no tag in a human turn, fails its image-count assertion).
-    Here it goes in front of the first question, as without a system turn: the official labels of that record."""
-    tok, img = TOK[case], Image.open(os.path.join(FIX, case, "image.png"))
-    convs = [system("Look closely."), human("Describe the picture."), gpt("A gradient.")]
-    with pytest.raises(AssertionError, match="0 != 1"):
-        official_internvl2_5(official_image_tag(convs), tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
-    s = build_sample({"image": "x.png", "conversations": convs}, tok, "internvl2_5", images=[img], max_num=6)
-    tagged = [convs[0], human("<image>\nDescribe the picture."), convs[2]]
-    ids, labels = official_internvl2_5(tagged, tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
-    assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
-    literal, _ = official_internvl2_5(official_image_tag(tagged), tok, [256 * 7], INTERNVL2_5_SYSTEM_MESSAGE)
-    assert literal != ids and "<image>" in tok.decode(literal[:20], skip_special_tokens=False)
 
 
 @pytest.mark.parametrize("case,template", [(c, TEMPLATES[c]) for c in CASES] + [("qwen2", "Hermes-2"),
