@@ -532,30 +532,20 @@ def test_model_imports_nothing_from_data():
                 assert not any(n == "data" or n.startswith("data.") for n in names), (fname, names)
 
 
-def test_commands_start_without_torch_dynamo():
-    """Importing torch's varlen attention loads torch._dynamo (seconds at every start of every command): the
-    model imports it on first CUDA use only."""
+def test_commands_start_and_load_without_torch_dynamo_or_sympy():
+    """torch._dynamo and sympy cost seconds and 0.11 GiB of RSS in every command: importing torch's varlen
+    attention loads them (the model imports it on first CUDA use only), and so does a random init (the
+    embedding's normal_, the ViT's randn) or arithmetic (the ViT's layer scales) on the meta device, where every
+    load builds the model (InternVL2.5-1B's bf16 load: 2.04 GiB = 1.17x its checkpoint with them, 1.97 GiB =
+    1.13x without)."""
     import subprocess
     import sys
-    code = "import sys, train, chat, convert, evaluate; print('torch._dynamo' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(os.path.dirname(FIXTURES), ".."),
-                         capture_output=True, text=True, check=True).stdout
-    assert out.strip().endswith("False"), out
-
-
-def test_a_load_imports_neither_torch_dynamo_nor_sympy():
-    """A load builds the model on the meta device, where a random init (the embedding's normal_, the ViT's
-    randn) or arithmetic (the ViT's layer scales) runs through torch._refs, which imports torch._dynamo and
-    sympy: 0.11 GiB of every load's RSS (InternVL2.5-1B's bf16 load: 2.04 GiB = 1.17x its checkpoint with
-    them, 1.97 GiB = 1.13x without)."""
-    import subprocess
-    import sys
-    code = (f"import sys; from model import load_pretrained; load_pretrained({os.path.join(FIXTURES, 'qwen2')!r}); "
+    code = ("import sys, train, chat, convert, evaluate; from model import load_pretrained; "
+            f"load_pretrained({os.path.join(FIXTURES, 'qwen2')!r}); "
             "print([m for m in ('torch._dynamo', 'sympy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(os.path.dirname(FIXTURES), ".."),
                          capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[]"), out
-
 
 
 def test_load_fills_from_files_in_requested_dtype():
